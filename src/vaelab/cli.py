@@ -1,0 +1,97 @@
+"""``vaelab`` command line: a thin layer over the library; every command maps to one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vaelab.errors import VaelabError
+
+# the quickstart main job: real MNIST, small beta-VAE-style network, a few CPU-minutes
+QUICKSTART = dict(dataset="mnist", model="mnist-small", latent_dim=16, epochs=5, batch_size=128, lr=1e-3, beta=1.0)
+
+
+def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
+    p.add_argument("--config", help="YAML file of config fields (CLI flags override it)")
+    p.add_argument("--dataset", help="mnist | fashion-mnist | cifar10 | imagefolder")
+    p.add_argument("--data-root", "--data_root", dest="data_root", help="folder holding the dataset")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--device", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", "--save_path", "--save-path", dest="out", help="run folder to create")
+    if not full:
+        return
+    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int)
+    p.add_argument("--beta", type=float)
+    p.add_argument("--beta-schedule", "--beta_schedule", dest="beta_schedule", help="constant | linear | cyclical")
+    p.add_argument("--kl-anneal-epochs", "--kl_anneal_epochs", dest="kl_anneal_epochs", type=int)
+    p.add_argument("--recon-likelihood", "--recon_likelihood", dest="recon_likelihood", help="bernoulli | gaussian")
+    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="use the first N train images")
+    p.add_argument("--tsne", action="store_true", default=None, help="also plot t-SNE of the test latents")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaelab", description="Train, sample and evaluate VAEs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model and write a run folder")
+    _train_options(p)
+
+    p = sub.add_parser("run", help="quickstart main job: a short VAE run on real MNIST")
+    _train_options(p, full=False)
+
+    p = sub.add_parser("sample", help="draw prior samples from a trained run into a PNG grid")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace, base: dict | None = None):
+    from vaelab.config import TrainConfig, config_from_dict, load_config, with_overrides
+
+    config = load_config(args.config) if args.config else config_from_dict(base or {})
+    skip = {"command", "config", "resume"}
+    return with_overrides(config, {k: v for k, v in vars(args).items() if k not in skip})
+
+
+def _print_outputs(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    keys = ("test_recon_nats", "test_kl_nats", "test_neg_elbo_nats", "test_mse_per_pixel", "active_units", "train_time_s")
+    print(f"\nrun folder: {run_dir}")
+    print(f"test split of {summary['dataset']}: " + ", ".join(f"{k}={summary[k]:.4g}" for k in keys))
+    for f in sorted(run_dir.glob("*.png")) + [run_dir / "summary.json", run_dir / "metrics.jsonl"]:
+        print(f"  {f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("train", "run"):
+            from vaelab.training import resume, train
+
+            if getattr(args, "resume", None):
+                run_dir = resume(args.resume, epochs=args.epochs, device=args.device)
+            else:
+                run_dir = train(_config_from_args(args, QUICKSTART if args.command == "run" else None))
+            _print_outputs(run_dir)
+        elif args.command == "sample":
+            from vaelab.generation import sample_run
+
+            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device))
+    except VaelabError as exc:
+        print(f"vaelab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The training config: one flat dataclass, read from YAML and/or CLI flags, validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vaelab.data.batches import PIXEL_RANGES
+from vaelab.data.sources import check_dataset_name
+from vaelab.errors import ConfigError, DataError
+from vaelab.losses import BETA_SCHEDULES, RECON_LIKELIHOODS
+from vaelab.models import check_preset
+
+# the seeds' spellings, accepted in YAML files as well as on the command line
+ALIASES = {"save_path": "out", "batch-size": "batch_size", "latent-dim": "latent_dim"}
+
+DEFAULT_MODEL = {"mnist": "mnist-small", "fashion-mnist": "mnist-small", "cifar10": "cifar-seed"}
+DIGIT_LIKE = ("mnist", "fashion-mnist")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. ``None`` means "the default for this dataset/model".
+
+    Data: ``dataset`` (mnist | fashion-mnist | cifar10 | imagefolder), ``data_root``,
+    ``val_fraction`` of train held out (seeded), ``train_subset``/``test_subset`` (first N images,
+    for quick runs), ``augment`` (4-px crop + flip; default on for RGB data, off for digits),
+    ``pixel_range`` ("[0,1]" or "[-1,1]").
+
+    Model: ``model`` preset (default: mnist-small for 28x28 digits, cifar-seed for CIFAR-10, conv
+    otherwise), ``latent_dim``, ``recon_likelihood`` (default bernoulli for digits, gaussian
+    otherwise), ``recon_sigma`` (Gaussian std in pixel units), ``model_args`` (any other model field).
+
+    Optimisation: ``epochs``, ``batch_size``, ``lr``, ``adam_betas``, ``weight_decay``, ``grad_clip``
+    (max gradient norm, null to disable), ``lr_patience``/``lr_factor`` (ReduceLROnPlateau on the
+    validation loss).
+
+    KL weight: ``beta``; ``beta_schedule`` constant | linear | cyclical (default linear when
+    ``kl_anneal_epochs`` or ``kl_anneal_steps`` is set, else constant); ``kl_cycles`` and
+    ``kl_cycle_ratio`` for cyclical.
+
+    Run: ``device`` (auto = cuda -> mps -> cpu), ``seed``, ``out`` (run folder), ``log_every``
+    (steps between progress-bar refreshes), ``tsne`` (also plot t-SNE of the latents).
+    """
+
+    dataset: str = "mnist"
+    data_root: str | None = None
+    val_fraction: float = 0.05
+    train_subset: int | None = None
+    test_subset: int | None = None
+    augment: bool | None = None
+    pixel_range: str = "[0,1]"
+
+    model: str | None = None
+    latent_dim: int | None = None
+    recon_likelihood: str | None = None
+    recon_sigma: float | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = 100.0
+    lr_patience: int = 2
+    lr_factor: float = 0.5
+
+    beta: float = 1.0
+    beta_schedule: str | None = None
+    kl_anneal_epochs: int | None = None
+    kl_anneal_steps: int | None = None
+    kl_cycles: int = 4
+    kl_cycle_ratio: float = 0.5
+
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    log_every: int = 25
+    tsne: bool = False
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # YAML gives lists
+
+    # ------------------------------------------------------------------ resolution
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every dataset/model-dependent default filled in, validated.
+
+        Raises:
+            ConfigError / DataError: the first invalid field, named, with what was expected.
+        """
+        c = dataclasses.replace(self, model_args=dict(self.model_args))
+        check_dataset_name(c.dataset)
+        if c.model is None:
+            c.model = DEFAULT_MODEL.get(c.dataset, "conv")
+        check_preset(c.model)
+        if c.recon_likelihood is None:
+            c.recon_likelihood = "bernoulli" if c.dataset in DIGIT_LIKE else "gaussian"
+        if c.recon_sigma is None:
+            c.recon_sigma = 0.5**0.5
+        if c.augment is None:
+            c.augment = c.dataset not in DIGIT_LIKE
+        if c.beta_schedule is None:
+            c.beta_schedule = "linear" if (c.kl_anneal_epochs or c.kl_anneal_steps) else "constant"
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        def positive(name: str, integer: bool = True) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float))
+            if not ok or v <= 0:
+                kind = "a positive integer" if integer else "a positive number"
+                raise ConfigError(f"{name} must be {kind}, got {v!r}")
+
+        for name in ("epochs", "batch_size", "log_every", "kl_cycles"):
+            positive(name)
+        for name in ("lr", "recon_sigma"):
+            positive(name, integer=False)
+        if self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        if self.latent_dim is not None and (not isinstance(self.latent_dim, int) or self.latent_dim < 1):
+            raise ConfigError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
+        for name in ("train_subset", "test_subset", "kl_anneal_epochs", "kl_anneal_steps"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0 or (v == 0 and "subset" in name)):
+                raise ConfigError(f"{name} must be a {'positive' if 'subset' in name else 'non-negative'} integer, got {v!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be positive or null, got {self.grad_clip}")
+        if self.pixel_range not in PIXEL_RANGES:
+            raise ConfigError(f"pixel_range must be one of {', '.join(PIXEL_RANGES)}, got {self.pixel_range!r}")
+        if self.recon_likelihood not in RECON_LIKELIHOODS:
+            raise ConfigError(f"unknown recon_likelihood {self.recon_likelihood!r}; valid: {', '.join(RECON_LIKELIHOODS)}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"unknown beta_schedule {self.beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
+        if self.beta_schedule == "linear" and not (self.kl_anneal_epochs or self.kl_anneal_steps):
+            raise ConfigError("beta_schedule 'linear' needs kl_anneal_epochs or kl_anneal_steps > 0")
+        if not 0.0 < self.kl_cycle_ratio <= 1.0:
+            raise ConfigError(f"kl_cycle_ratio must be in (0, 1], got {self.kl_cycle_ratio}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
+
+    def model_overrides(self) -> dict[str, Any]:
+        return {
+            **self.model_args,
+            "latent_dim": self.latent_dim,
+            "recon_likelihood": self.recon_likelihood,
+            "recon_sigma": self.recon_sigma,
+            "pixel_range": self.pixel_range,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """Build a ``TrainConfig`` from a dict, accepting the seeds' aliases (``save_path`` -> ``out``).
+
+    Raises:
+        ConfigError: an unknown key (listing the valid ones) or a value of the wrong type.
+    """
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        name = ALIASES.get(key, key.replace("-", "_"))
+        if name not in FIELD_NAMES:
+            raise ConfigError(f"{source}: unknown field {key!r}; valid fields: {', '.join(FIELD_NAMES)}")
+        clean[name] = value
+    try:
+        return TrainConfig(**clean)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a YAML config file (keys are ``TrainConfig`` fields).
+
+    Raises:
+        ConfigError: missing file, invalid YAML, not a mapping, or unknown keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of config fields, got {type(values).__name__}")
+    return config_from_dict(values, source=str(path))
+
+
+def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """``config`` with every non-``None`` entry of ``overrides`` replacing its field."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return config_from_dict({**config.to_dict(), **values})
+
+
+__all__ = ["TrainConfig", "load_config", "config_from_dict", "with_overrides", "ConfigError", "DataError", "FIELD_NAMES"]

@@ -1,0 +1,26 @@
+"""Drawing images from trained models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vaelab.errors import ConfigError
+from vaelab.plots import save_grid
+from vaelab.training import load_run_model, select_device
+
+
+def sample_run(run_dir: str | Path, n: int, out: str | Path, *, seed: int = 0, device: str = "auto", nrow: int | None = None) -> Path:
+    """Draw ``n`` prior samples from the newest checkpoint of ``run_dir`` into a PNG grid at ``out``.
+
+    Raises:
+        ConfigError: ``n`` is not positive. VaelabError: ``run_dir`` has no checkpoint.
+    """
+    if n <= 0:
+        raise ConfigError(f"--n must be a positive integer, got {n}")
+    dev = select_device(device)
+    model = load_run_model(run_dir, device=dev)
+    images = model.sample(n, generator=torch.Generator(device=dev).manual_seed(seed))
+    save_grid(images, out, nrow=nrow or max(1, round(n**0.5)), pixel_range=model.config.pixel_range)
+    return Path(out)

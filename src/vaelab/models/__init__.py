@@ -1,0 +1,118 @@
+"""Model registry: preset names -> (config class, default fields), and weight save/load.
+
+Presets fix the input shape where the architecture is tied to it (``cifar-seed``,
+``mnist-small``); ``conv`` takes its input shape from the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.io import atomic_path, write_json
+from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
+
+# model_type (stored in config.json) -> (config class, model class)
+MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
+    "conv_vae": (ConvVAEConfig, ConvVAE),
+}
+
+# preset name -> (model_type, fixed fields); fields not fixed here come from the dataset/config.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mnist-small": (
+        "conv_vae",
+        dict(in_channels=1, image_size=28, channels=(32, 64, 64), latent_dim=10, fc_hidden=256),
+    ),
+    "cifar-seed": (
+        "conv_vae",
+        dict(in_channels=3, image_size=32, channels=(64, 128, 256, 512), latent_dim=256, fc_hidden=None),
+    ),
+    "conv": ("conv_vae", dict(channels=(32, 64, 128, 256), latent_dim=64, fc_hidden=None)),
+}
+# fields a preset pins to its input shape: a dataset of another shape is an error, not a resize
+SHAPE_FIELDS = ("in_channels", "image_size")
+
+
+def check_preset(name: str) -> None:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(PRESETS)}")
+
+
+def build_config(name: str, *, data_shape: tuple[int, int, int] | None = None, **overrides: Any):
+    """The config of preset ``name`` with ``overrides`` applied (``None`` values are ignored).
+
+    Args:
+        name: a key of ``PRESETS``.
+        data_shape: ``(C, H, W)`` of the dataset; checked against (or filling in) the preset's shape.
+        overrides: config fields, e.g. ``latent_dim=32``, ``recon_likelihood="gaussian"``.
+
+    Raises:
+        ConfigError: unknown preset or field, a shape that does not match the preset, or a field
+            value the architecture cannot take.
+    """
+    check_preset(name)
+    model_type, fixed = PRESETS[name]
+    config_cls = MODEL_TYPES[model_type][0]
+    valid = {f.name for f in fields(config_cls) if f.init}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(f"model {name!r} has no field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    values = {**fixed, **{k: v for k, v in overrides.items() if v is not None}}
+    if data_shape is not None:
+        c, h, w = data_shape
+        if h != w:
+            raise ConfigError(f"model {name!r} needs square images, the dataset has {h}x{w}")
+        for key, actual in (("in_channels", c), ("image_size", h)):
+            if key in fixed and fixed[key] != actual:
+                want = f"{fixed['in_channels']}x{fixed['image_size']}x{fixed['image_size']}"
+                raise ConfigError(
+                    f"model {name!r} expects {want} images but the dataset has {c}x{h}x{w}; "
+                    f"choose a preset for this shape (e.g. --model conv) or another dataset"
+                )
+            values.setdefault(key, actual)
+    return config_cls(**values)
+
+
+def build_model(config) -> nn.Module:
+    """Instantiate the model class that belongs to ``config`` (by its ``model_type``)."""
+    return MODEL_TYPES[config.model_type][1](config)
+
+
+def config_from_dict(d: dict):
+    """Inverse of ``config.to_dict()``; raises ``VaelabError`` for an unknown ``model_type``."""
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise VaelabError(f"unknown model_type {model_type!r} in model config; valid: {', '.join(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type][0](**d)
+
+
+def save_model(model: nn.Module, folder: str | Path) -> None:
+    """Write ``model.safetensors`` (weights and buffers) and ``config.json`` into ``folder``, atomically."""
+    folder = Path(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(folder / "config.json", model.config.to_dict())
+
+
+def load_model(folder: str | Path, *, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild a model saved by ``save_model``; returned in eval mode on ``device``.
+
+    Raises:
+        VaelabError: the folder lacks ``config.json`` or ``model.safetensors``.
+    """
+    folder = Path(folder)
+    for f in ("config.json", "model.safetensors"):
+        if not (folder / f).exists():
+            raise VaelabError(f"{folder} is not a saved model: {f} is missing")
+    model = build_model(config_from_dict(json.loads((folder / "config.json").read_text())))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.to(device).eval()

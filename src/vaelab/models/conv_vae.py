@@ -1,0 +1,176 @@
+"""Convolutional VAE (Kingma & Welling 2013) with configurable widths; its config sits beside it.
+
+Encoder: ``len(channels)`` blocks of Conv2d(k=4, s=2, p=1) + BatchNorm + ReLU, flatten,
+(optional Linear ``fc_hidden`` + ReLU), then ``fc_mu`` and ``fc_logvar``.
+Decoder: the mirror image with ConvTranspose2d(k=4, s=2, p=1); the last layer outputs logits,
+whose ``sigmoid`` is the pixel mean (the seeds' final ``Sigmoid``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from vaelab.data.batches import PIXEL_RANGES
+from vaelab.errors import ConfigError
+from vaelab.losses import RECON_LIKELIHOODS, LossOutput, decoder_mean, kl_normal, recon_nll
+
+
+@dataclass
+class ConvVAEConfig:
+    """Architecture and likelihood of a ``ConvVAE``.
+
+    Attributes:
+        in_channels: image channels ``C`` (1 gray, 3 RGB).
+        image_size: square image side ``H = W`` in pixels; must be at least ``2 ** len(channels)``.
+        channels: encoder widths, one stride-2 conv per entry; the decoder mirrors them.
+        latent_dim: size of ``z``; positive.
+        fc_hidden: width of an extra Linear + ReLU between the conv stack and ``fc_mu``/``fc_logvar``
+            (and before the decoder's reshape); ``None`` for none.
+        batch_norm: BatchNorm after every conv except the decoder's last.
+        recon_likelihood: ``"bernoulli"`` or ``"gaussian"`` (see ``vaelab.losses.recon_nll``).
+        recon_sigma: Gaussian standard deviation in pixel units (``sqrt(0.5)``: summed-MSE loss).
+        pixel_range: ``"[0,1]"`` or ``"[-1,1]"``, the range of inputs and decoder means.
+    """
+
+    in_channels: int = 1
+    image_size: int = 28
+    channels: tuple[int, ...] = (32, 64, 64)
+    latent_dim: int = 10
+    fc_hidden: int | None = 256
+    batch_norm: bool = True
+    recon_likelihood: str = "bernoulli"
+    recon_sigma: float = 0.5**0.5
+    pixel_range: str = "[0,1]"
+    model_type: str = field(default="conv_vae", init=False)
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if not isinstance(self.latent_dim, int) or isinstance(self.latent_dim, bool) or self.latent_dim < 1:
+            raise ConfigError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
+        if not self.channels or min(self.channels) < 1:
+            raise ConfigError(f"channels must be a non-empty list of positive widths, got {list(self.channels)}")
+        if self.in_channels < 1:
+            raise ConfigError(f"in_channels must be positive, got {self.in_channels}")
+        if self.image_size < 2 ** len(self.channels):
+            raise ConfigError(
+                f"image_size {self.image_size} is too small for {len(self.channels)} stride-2 convolutions "
+                f"(needs at least {2 ** len(self.channels)})"
+            )
+        if self.fc_hidden is not None and self.fc_hidden < 1:
+            raise ConfigError(f"fc_hidden must be positive or null, got {self.fc_hidden}")
+        if self.recon_likelihood not in RECON_LIKELIHOODS:
+            raise ConfigError(f"unknown recon_likelihood {self.recon_likelihood!r}; valid: {', '.join(RECON_LIKELIHOODS)}")
+        if self.pixel_range not in PIXEL_RANGES:
+            raise ConfigError(f"pixel_range must be one of {PIXEL_RANGES}, got {self.pixel_range!r}")
+        if self.recon_likelihood == "bernoulli" and self.pixel_range != "[0,1]":
+            raise ConfigError("recon_likelihood 'bernoulli' needs pixel_range '[0,1]'")
+        if self.recon_sigma <= 0:
+            raise ConfigError(f"recon_sigma must be positive, got {self.recon_sigma}")
+
+    def spatial_sizes(self) -> list[int]:
+        """Feature-map side after each encoder conv, starting with the input: ``[H, H//2, ...]``."""
+        sizes = [self.image_size]
+        for _ in self.channels:
+            sizes.append((sizes[-1] + 2 - 4) // 2 + 1)
+        return sizes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+
+def _block(conv: nn.Module, out_ch: int, batch_norm: bool) -> list[nn.Module]:
+    return [conv, *([nn.BatchNorm2d(out_ch)] if batch_norm else []), nn.ReLU(inplace=True)]
+
+
+class ConvVAE(nn.Module):
+    """Gaussian-latent VAE with a convolutional encoder and decoder.
+
+    Shapes: images ``(B, C, H, W)`` float in ``config.pixel_range``; ``z``, ``mu``, ``logvar``
+    ``(B, latent_dim)`` float32.
+    """
+
+    def __init__(self, config: ConvVAEConfig):
+        super().__init__()
+        self.config = config
+        ch, sizes = config.channels, config.spatial_sizes()
+        self.feature_shape = (ch[-1], sizes[-1], sizes[-1])
+        flat = ch[-1] * sizes[-1] ** 2
+
+        enc: list[nn.Module] = []
+        for c_in, c_out in zip((config.in_channels, *ch[:-1]), ch):
+            enc += _block(nn.Conv2d(c_in, c_out, 4, 2, 1), c_out, config.batch_norm)
+        enc.append(nn.Flatten())
+        head = flat
+        if config.fc_hidden:
+            enc += [nn.Linear(flat, config.fc_hidden), nn.ReLU(inplace=True)]
+            head = config.fc_hidden
+        self.encoder = nn.Sequential(*enc)
+        self.fc_mu = nn.Linear(head, config.latent_dim)
+        self.fc_logvar = nn.Linear(head, config.latent_dim)
+
+        fc: list[nn.Module] = []
+        if config.fc_hidden:
+            fc += [nn.Linear(config.latent_dim, config.fc_hidden), nn.ReLU(inplace=True)]
+        fc.append(nn.Linear(config.fc_hidden or config.latent_dim, flat))
+        self.decoder_input = nn.Sequential(*fc)
+        dec: list[nn.Module] = []
+        outs = (*ch[:-1][::-1], config.in_channels)
+        for i, (c_in, c_out) in enumerate(zip(ch[::-1], outs)):
+            s_in, s_out = sizes[-1 - i], sizes[-2 - i]
+            # output_padding recovers odd sizes the encoder floored away (e.g. 7 -> 3 -> 7)
+            conv = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, output_padding=s_out - 2 * s_in)
+            dec += [conv] if i == len(ch) - 1 else _block(conv, c_out, config.batch_norm)
+        self.decoder = nn.Sequential(*dec)
+
+    # ------------------------------------------------------------------ model contract
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W)`` images -> ``(mu, logvar)``, each ``(B, latent_dim)``."""
+        h = self.encoder(x)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, latent_dim)`` -> ``(B, C, H, W)`` decoder logits."""
+        return self.decoder(self.decoder_input(z).view(-1, *self.feature_shape))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, latent_dim)`` -> ``(B, C, H, W)`` pixel means in ``config.pixel_range``."""
+        return decoder_mean(self.decode_logits(z), self.config.pixel_range)
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)`` (Kingma & Welling 2013, eq. 10)."""
+        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+        return mu + (0.5 * logvar).exp() * eps
+
+    def loss(self, x: torch.Tensor, *, beta: float = 1.0, generator: torch.Generator | None = None) -> LossOutput:
+        """Negative beta-ELBO of a batch with one reparameterised sample of ``z``.
+
+        Steps: 1. encode ``x`` to ``mu, logvar``; 2. sample ``z``; 3. decode; 4. recon NLL and
+        closed-form KL, both summed per image (nats); 5. ``loss = mean(recon + beta * kl)``.
+        """
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar, generator)
+        logits = self.decode_logits(z)
+        cfg = self.config
+        recon, mean = recon_nll(logits, x, cfg.recon_likelihood, sigma=cfg.recon_sigma, pixel_range=cfg.pixel_range)
+        kl = kl_normal(mu, logvar).sum(1)
+        mse = (mean - x).pow(2).flatten(1).mean(1)
+        return LossOutput(loss=(recon + beta * kl).mean(), recon=recon, kl=kl, mse=mse, mu=mu, logvar=logvar)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder mean at the posterior mean ``z = mu``: ``(B, C, H, W)`` in ``pixel_range``."""
+        return self.decode(self.encode(x)[0])
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` images from the prior: ``z ~ N(0, I)``, return the decoder means ``(n, C, H, W)``."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.config.latent_dim, device=device, generator=generator)
+        return self.decode(z)

@@ -1,0 +1,129 @@
+"""Pictures of a run: image grids (torchvision), curves and latent projections (matplotlib, scikit-learn).
+
+Every writer goes through ``vaelab.io.atomic_path``, so a picture is either complete or absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+from vaelab.data import ImageSplit, to_pixels  # noqa: E402
+from vaelab.io import atomic_path  # noqa: E402
+
+
+def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 8, pixel_range: str = "[0,1]", min_side: int = 64) -> None:
+    """Save ``(B, C, H, W)`` float images (in ``pixel_range``) as one PNG grid.
+
+    Images smaller than ``min_side`` pixels are enlarged with nearest-neighbour scaling so a
+    28x28 digit stays readable.
+    """
+    x = images.detach().float().cpu()
+    if pixel_range == "[-1,1]":
+        x = (x + 1.0) / 2.0
+    scale = max(1, -(-min_side // x.shape[-1]))
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    with atomic_path(path) as tmp:
+        save_image(x.clamp(0, 1), str(tmp), nrow=nrow, padding=2, pad_value=1.0)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def training_curves(rows: list[dict], path: str | Path) -> None:
+    """Recon, KL and total loss per epoch, train and validation (nats per image)."""
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(axes, ("recon", "kl", "loss"), ("reconstruction NLL", "KL(q(z|x) || p(z))", "total: recon + beta*KL")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train (running mean over epoch)")
+        ax.plot(epochs, [r[f"val_{key}"] for r in rows], "s-", label="validation (end of epoch)")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats per image")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("training curves")
+    save_figure(fig, path)
+
+
+def latent_scatter(points: np.ndarray, labels: np.ndarray, classes: list[str], path: str | Path, *, title: str, method: str = "pca") -> None:
+    """2-D projection (PCA or t-SNE) of ``(N, D)`` latent statistics, coloured by class."""
+    points = np.asarray(points, dtype=np.float64)
+    if points.shape[1] == 1:
+        xy = np.concatenate([points, np.zeros_like(points)], axis=1)
+        axis_names = ("dim 0", "")
+    elif method == "pca":
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2).fit(points)
+        xy = pca.transform(points)
+        ev = pca.explained_variance_ratio_
+        axis_names = (f"PC1 ({ev[0]:.0%} of variance)", f"PC2 ({ev[1]:.0%} of variance)")
+    else:
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(n_components=2, init="pca", random_state=0, perplexity=min(30, len(points) - 1)).fit_transform(points)
+        axis_names = ("t-SNE 1", "t-SNE 2")
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for c, name in enumerate(classes):
+        m = labels == c
+        if m.any():
+            ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.6, color=cmap(c % cmap.N), label=name)
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.set_title(title, fontsize=10)
+    ax.legend(markerscale=3, fontsize=7, loc="best", ncol=2 if len(classes) > 10 else 1)
+    save_figure(fig, path)
+
+
+@torch.no_grad()
+def interpolations(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """Decode linear paths ``z = (1-t) mu_a + t mu_b`` for ``t`` in ``linspace(0, 1, steps)``.
+
+    Returns ``(P * steps, C, H, W)`` decoder means, row ``p`` holding pair ``p``'s path.
+    """
+    mu_a, mu_b = model.encode(x_a)[0], model.encode(x_b)[0]
+    t = torch.linspace(0, 1, steps, device=mu_a.device)[None, :, None]
+    z = (1 - t) * mu_a[:, None] + t * mu_b[:, None]  # (P, steps, D)
+    return model.decode(z.flatten(0, 1))
+
+
+@torch.no_grad()
+def write_run_pictures(run_dir: Path, model, test: ImageSplit, mu: torch.Tensor, logvar: torch.Tensor, rows: list[dict], config) -> None:
+    """All pictures of a finished VAE run (see ``vaelab.training`` for the list)."""
+    run_dir = Path(run_dir)
+    model.eval()
+    pr = model.config.pixel_range
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    if rows:
+        training_curves(rows, run_dir / "training_curves.png")
+    pick = torch.randperm(len(test), generator=gen)[:20]
+    x = to_pixels(test.images[pick.to(test.images.device)], pr).to(device)
+    save_grid(torch.cat([x[:8], model.reconstruct(x[:8])]), run_dir / "reconstructions.png", nrow=8, pixel_range=pr)
+    z = torch.randn(64, model.config.latent_dim, generator=gen).to(device)
+    save_grid(model.decode(z), run_dir / "samples.png", nrow=8, pixel_range=pr)
+    save_grid(interpolations(model, x[8:14], x[14:20]), run_dir / "interpolation.png", nrow=10, pixel_range=pr)
+    labels = test.labels.cpu().numpy()
+    latent_scatter(mu.numpy(), labels, test.classes, run_dir / "latent_mu_pca.png",
+                   title=f"PCA of posterior means mu ({test.source} test, n={len(labels):,})")
+    latent_scatter((0.5 * logvar).exp().numpy(), labels, test.classes, run_dir / "latent_sigma_pca.png",
+                   title=f"PCA of posterior std exp(0.5*logvar) ({test.source} test, n={len(labels):,})")
+    if config.tsne:
+        n = min(3000, len(labels))
+        latent_scatter(mu[:n].numpy(), labels[:n], test.classes, run_dir / "latent_mu_tsne.png",
+                       title=f"t-SNE of mu ({test.source} test, first {n:,})", method="tsne")
+
