@@ -119,8 +119,8 @@ def evaluate(
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = torch.zeros(4, device=device)  # recon, kl, mse, n
     mus, logvars = [], []
-    for x, _ in batches(split.images, split.labels, batch_size, pixel_range=pixel_range):
-        out = model.loss(x, beta=beta, generator=gen)
+    for x, y in batches(split.images, split.labels, batch_size, pixel_range=pixel_range):
+        out = model.loss(x, beta=beta, y=y if model.conditional else None, generator=gen)
         sums += torch.stack([out.recon.sum(), out.kl.sum(), out.mse.sum(), torch.tensor(float(len(x)), device=device)])
         mus.append(out.mu)
         logvars.append(out.logvar)
@@ -287,10 +287,10 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
         t0 = time.perf_counter()
         sums = torch.zeros(4, device=device)  # loss, recon, kl, n (device-side: no per-step host sync)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
-        for i, (x, _) in enumerate(batches(data.train.images, data.train.labels, config.batch_size, shuffle=True,
+        for i, (x, y) in enumerate(batches(data.train.images, data.train.labels, config.batch_size, shuffle=True,
                                            augment_data=config.augment, pixel_range=config.pixel_range, generator=gen)):
             beta = beta_for(step)
-            out = model.loss(x, beta=beta, generator=gen)
+            out = model.loss(x, beta=beta, y=y if model.conditional else None, generator=gen)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             if config.grad_clip is not None:

@@ -83,6 +83,11 @@ class ConvVAEConfig:
         return d
 
 
+def _reject_labels(y: torch.Tensor | None) -> None:
+    if y is not None:
+        raise ConfigError("this VAE is unconditional and takes no class labels y; train a conditional model for that")
+
+
 def _block(conv: nn.Module, out_ch: int, batch_norm: bool) -> list[nn.Module]:
     return [conv, *([nn.BatchNorm2d(out_ch)] if batch_norm else []), nn.ReLU(inplace=True)]
 
@@ -93,6 +98,8 @@ class ConvVAE(nn.Module):
     Shapes: images ``(B, C, H, W)`` float in ``config.pixel_range``; ``z``, ``mu``, ``logvar``
     ``(B, latent_dim)`` float32.
     """
+
+    conditional = False  # the training loop passes class labels ``y`` only to conditional models
 
     def __init__(self, config: ConvVAEConfig):
         super().__init__()
@@ -148,12 +155,17 @@ class ConvVAE(nn.Module):
         eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
         return mu + (0.5 * logvar).exp() * eps
 
-    def loss(self, x: torch.Tensor, *, beta: float = 1.0, generator: torch.Generator | None = None) -> LossOutput:
+    def loss(
+        self, x: torch.Tensor, *, beta: float = 1.0, y: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> LossOutput:
         """Negative beta-ELBO of a batch with one reparameterised sample of ``z``.
+
+        ``y`` must be ``None``: this model is unconditional (see the conditional VAE for labels).
 
         Steps: 1. encode ``x`` to ``mu, logvar``; 2. sample ``z``; 3. decode; 4. recon NLL and
         closed-form KL, both summed per image (nats); 5. ``loss = mean(recon + beta * kl)``.
         """
+        _reject_labels(y)
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar, generator)
         logits = self.decode_logits(z)
@@ -169,8 +181,9 @@ class ConvVAE(nn.Module):
         return self.decode(self.encode(x)[0])
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, *, y: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` images from the prior: ``z ~ N(0, I)``, return the decoder means ``(n, C, H, W)``."""
+        _reject_labels(y)
         device = next(self.parameters()).device
         z = torch.randn(n, self.config.latent_dim, device=device, generator=generator)
         return self.decode(z)
