@@ -100,6 +100,7 @@ class ConvVAE(nn.Module):
     """
 
     conditional = False  # the training loop passes class labels ``y`` only to conditional models
+    kind = "vae"
 
     def __init__(self, config: ConvVAEConfig):
         super().__init__()
