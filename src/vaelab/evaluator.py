@@ -35,8 +35,8 @@ RECIPE_VERSION = 1
 
 # dataset -> training recipe and architecture of its evaluator (measured numbers in docs/evaluation.md)
 RECIPES: dict[str, dict] = {
-    "mnist": dict(epochs=3, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128)),
-    "fashion-mnist": dict(epochs=10, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128)),
+    "mnist": dict(epochs=2, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128)),
+    "fashion-mnist": dict(epochs=8, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128)),
     "cifar10": dict(epochs=15, batch_size=256, lr=0.1, augment=True, widths=(64, 128, 256)),
 }
 # any other dataset (imagefolder, synthetic sets)
@@ -274,3 +274,12 @@ def get_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
         DataError: unknown or missing dataset.
     """
     return build_evaluator(dataset, data_root=data_root, device=device)[0]
+
+
+def describe_evaluator(info: dict) -> str:
+    """One line for people: test accuracy, data, recipe and training time of an evaluator."""
+    how = "loaded from the cache" if info.get("cached") else "trained"
+    return (f"{info['dataset']} evaluator ({how}): test accuracy {100 * info['test_accuracy']:.2f}% on "
+            f"{info['test_images']:,} {info['test_source']} test images; {info['epochs']} epochs on "
+            f"{info['train_images']:,} train images in {info['train_time_s']:.0f} s on {info['device']} "
+            f"(widths {info['widths']}, batch {info['batch_size']}, peak lr {info['lr']})")
