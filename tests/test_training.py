@@ -138,3 +138,17 @@ def test_seed_config_aliases(tmp_path):
 def test_shipped_configs_resolve(in_repo, name):
     c = load_config(in_repo / "configs" / name).resolved()
     assert c.epochs > 0 and c.latent_dim > 0
+
+
+def test_posterior_collapse_is_warned_about(tmp_path, in_repo, capsys):
+    # beta = 200 makes any information in z too expensive: KL -> 0 within two epochs
+    train(tiny_mnist(tmp_path, epochs=2, beta=200.0, train_subset=1000, test_subset=200))
+    out = capsys.readouterr().out
+    assert "WARNING: posterior collapse" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_kl"] < 0.1 for r in rows)
+
+
+def test_healthy_run_keeps_kl_above_the_collapse_threshold(trained_run):
+    rows = [json.loads(line) for line in (trained_run[1] / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_kl"] > 1.0
