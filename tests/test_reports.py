@@ -26,9 +26,9 @@ RUN_PICTURES = ["training_curves.png", "reconstructions.png", "samples.png", "in
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run(tmp_path_factory, shared_datasets) -> Path:
     out = tmp_path_factory.mktemp("report") / "run"
-    config = TrainConfig(dataset="mnist", train_subset=300, test_subset=200, epochs=2, batch_size=64, latent_dim=4,
+    config = TrainConfig(dataset="mnist", data_root=str(shared_datasets), train_subset=300, test_subset=200, epochs=2, batch_size=64, latent_dim=4,
                          log_every=100, device="cpu", out=str(out))
     return train(config)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +14,11 @@ from vaelab.errors import ConfigError, VaelabError
 from vaelab.sweep import expand_grid, parse_axes, parse_set, plan_sweep, point_name, run_sweep
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def tiny_base(**over) -> TrainConfig:
-    values = dict(dataset="mnist", train_subset=300, test_subset=200, epochs=1, batch_size=64, log_every=100,
+    values = dict(dataset="mnist", data_root=str(REPO.parent / "shared" / "datasets"), train_subset=300, test_subset=200, epochs=1, batch_size=64, log_every=100,
                   tensorboard=False, device="cpu")
     return TrainConfig(**{**values, **over})
 
@@ -79,7 +83,7 @@ def test_cli_unknown_key_exit_code(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory):
+def finished_sweep(tmp_path_factory, shared_datasets):
     out = tmp_path_factory.mktemp("sweep") / "latent"
     run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=out, evaluate=False)
     return out
@@ -126,7 +130,7 @@ def test_a_different_sweep_in_the_same_folder_is_refused(finished_sweep):
         run_sweep(tiny_base(), {"latent_dim": [2, 8]}, out=finished_sweep, evaluate=False)
 
 
-def test_jobs_run_points_as_separate_processes(tmp_path):
+def test_jobs_run_points_as_separate_processes(tmp_path, shared_datasets):
     out = run_sweep(tiny_base(train_subset=200), {"beta": [1, 2]}, out=tmp_path / "jobs", jobs=2, evaluate=False)
     sweep = json.loads((out / "sweep.json").read_text())
     assert len(sweep["points"]) == 2

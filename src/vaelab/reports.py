@@ -74,6 +74,22 @@ CAPTIONS: dict[str, str] = {
         "values). Recon MSE, KL and -ELBO on the {source} test split; FID of prior samples against the test "
         "split in the feature space named in the table; training time on the machine that ran the sweep."
     ),
+    "eval_samples.png": (
+        "64 of the generated images used for the FID/KID and confidence numbers in eval.json (prior samples of "
+        "the model trained on {source})."
+    ),
+    "confidence_hist.png": (
+        "Evaluator classifier's top-1 probability on generated samples and on real {source} test images "
+        "(the threshold line marks a 'confident' prediction; numbers in eval.json)."
+    ),
+    "class_coverage.png": (
+        "Share of generated samples and of real {source} test images that the evaluator classifier assigns to "
+        "each class (mode coverage)."
+    ),
+    "kl_per_dim.png": (
+        "KL(q(z_i|x) || p(z_i)) per latent dimension and the variance of mu_i across the {source} test split; "
+        "dimensions above the threshold count as active units."
+    ),
     "compare_samples.png": (
         "Samples of the compared models side by side, one model per row (settings and numbers in the "
         "comparison tables above)."
@@ -87,7 +103,8 @@ CAPTION_PATTERNS: list[tuple[str, str]] = [
     ("nearest", "Generated images next to their nearest neighbours in the training set."),
 ]
 ORDER = ["sweep_curves.png", "training_curves.png", "reconstructions.png", "samples.png", "interpolation.png",
-         "latent_mu_pca.png", "latent_sigma_pca.png", "latent_mu_tsne.png"]
+         "latent_mu_pca.png", "latent_sigma_pca.png", "latent_mu_tsne.png", "eval_samples.png", "confidence_hist.png",
+         "class_coverage.png", "kl_per_dim.png"]
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1200px;

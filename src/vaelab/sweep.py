@@ -46,6 +46,7 @@ METRICS = [
     ("neg_elbo", "-ELBO (nats)", "test -ELBO (nats / image)"),
     ("active_units", "active units", "active units (test)"),
     ("fid", "FID", "FID"),
+    ("fid_floor", "FID floor (train vs test)", "FID floor: real train vs test"),
     ("train_time_s", "train time (s)", "training time (s)"),
     ("parameters", "parameters", "parameters"),
 ]
@@ -289,6 +290,7 @@ def point_metrics(run_dir: Path) -> dict[str, Any]:
         "latent_dim": summary["latent_dim"],
         "fid": None,
         "fid_feature_space": None,
+        "fid_floor": None,
         "train_time_s": summary["train_time_s"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": summary["epochs"],
@@ -302,9 +304,11 @@ def fid_entry(eval_result: dict) -> dict[str, Any]:
     """``{"fid", "fid_feature_space", "fid_num_samples"}`` from an ``eval.json`` dict (``None`` where absent)."""
     entry = eval_result.get("fid") if isinstance(eval_result, dict) else None
     if isinstance(entry, dict) and entry.get("value") is not None:
+        floor = entry.get("floor")
         return {"fid": entry["value"], "fid_feature_space": entry.get("feature_space"),
-                "fid_num_samples": entry.get("num_samples")}
-    return {"fid": None, "fid_feature_space": None}
+                "fid_num_samples": entry.get("num_samples"),
+                "fid_floor": floor.get("value") if isinstance(floor, dict) else floor}
+    return {"fid": None, "fid_feature_space": None, "fid_floor": None}
 
 
 def summarize_sweep(out: Path, points: list[Point], axes: dict[str, list[Any]], base: TrainConfig) -> dict:
@@ -385,7 +389,8 @@ def sweep_curves(sweep: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     axes_keys = list(sweep["axes"])
-    shown = [(k, t) for k, _, t in METRICS if any(r["metrics"].get(k) is not None for r in sweep["points"])]
+    shown = [(k, t) for k, _, t in METRICS
+             if k != "fid_floor" and any(r["metrics"].get(k) is not None for r in sweep["points"])]
     fig, grid = plt.subplots(len(axes_keys), len(shown), figsize=(3.1 * len(shown), 2.9 * len(axes_keys)), squeeze=False)
     for row_i, key in enumerate(axes_keys):
         xs = sweep["axes"][key]
@@ -400,7 +405,10 @@ def sweep_curves(sweep: dict, path: Path) -> None:
                 rs = sorted(rs, key=lambda r: xs.index(r["values"][key]))
                 pos = [r["values"][key] if numeric else xs.index(r["values"][key]) for r in rs]
                 label = ", ".join(f"{k}={v}" for k, v in zip(others, combo)) or None
-                ax.plot(pos, [r["metrics"].get(metric) for r in rs], "o-", label=label)
+                line = ax.plot(pos, [r["metrics"].get(metric) for r in rs], "o-", label=label)[0]
+                if metric == "fid":  # the FID of real train vs real test images: the best reachable value
+                    ax.plot(pos, [r["metrics"].get("fid_floor") for r in rs], "--", color=line.get_color(),
+                            alpha=0.6, label="floor (real train vs test)" if not others else None)
             if numeric and min(xs) > 0 and max(xs) / min(xs) >= 4:
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(xs, [str(x) for x in xs])
@@ -411,7 +419,7 @@ def sweep_curves(sweep: dict, path: Path) -> None:
             ax.set_title(f"{title}" + (f"\n({space})" if metric == "fid" and space else ""), fontsize=9)
             ax.set_xlabel(key)
             ax.grid(alpha=0.3)
-            if others and col_i == 0:
+            if (others and col_i == 0) or (metric == "fid" and not others):
                 ax.legend(fontsize=7)
     fig.suptitle(f"sweep on {sweep['dataset']} (test split)", fontsize=10)
     fig.tight_layout()

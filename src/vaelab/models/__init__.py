@@ -17,11 +17,13 @@ from torch import nn
 
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.io import atomic_path, write_json
+from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 
 # model_type (stored in config.json) -> (config class, model class)
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "conv_vae": (ConvVAEConfig, ConvVAE),
+    "classifier": (ClassifierConfig, ResNetClassifier),
 }
 
 # preset name -> (model_type, fixed fields); fields not fixed here come from the dataset/config.
