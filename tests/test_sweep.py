@@ -136,3 +136,26 @@ def test_jobs_run_points_as_separate_processes(tmp_path, shared_datasets):
     assert len(sweep["points"]) == 2
     for p in sweep["points"]:
         assert "training mnist-small" in (out / "logs" / f"{p['name']}.log").read_text()
+
+
+def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
+    """The sweep calls ``evaluate_run`` for points without ``eval.json`` and reads FID and its feature space back."""
+    import vaelab.evaluation
+
+    calls = []
+
+    def fake_evaluate_run(run_dir, *, metrics, fid_features, num_samples, device):
+        calls.append((run_dir.name, metrics, fid_features, num_samples))
+        fid = {"metric": "FID", "value": 10.0 * len(calls), "feature_space": "test features", "num_samples": num_samples,
+               "floor": {"value": 1.5}}
+        (run_dir / "eval.json").write_text(json.dumps({"fid": fid, "split": "test"}))
+
+    monkeypatch.setattr(vaelab.evaluation, "evaluate_run", fake_evaluate_run)
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=123)
+    assert calls == [("latent_dim=2", ["fid"], "classifier", 123), ("latent_dim=6", ["fid"], "classifier", 123)]
+    sweep = json.loads((finished_sweep / "sweep.json").read_text())
+    assert [p["metrics"]["fid"] for p in sweep["points"]] == [10.0, 20.0]
+    assert sweep["points"][0]["metrics"]["fid_floor"] == 1.5
+    assert "FID (test features)" in (finished_sweep / "sweep.md").read_text()
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=123)
+    assert len(calls) == 2  # evaluated points are not evaluated again

@@ -114,6 +114,7 @@ h3{margin-top:1.6em}.meta{color:#555;font-size:.9em}nav a{margin-right:1em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.wide{overflow-x:auto;max-width:100%}table.kv td{max-width:760px}table.kv td.num{text-align:left}
 figure{margin:1.2em 0;padding:8px;border:1px solid #e3e3e3;border-radius:4px;display:inline-block;max-width:100%}
 figure img{max-width:100%;height:auto;image-rendering:pixelated;display:block}
 figcaption{font-size:.88em;color:#333;margin-top:6px;max-width:900px}
@@ -263,7 +264,7 @@ def _sweep_table(sweep: dict) -> str:
     for point in points:
         flat = {**point.get("values", {}), **point.get("metrics", {})}
         body.append("<tr>" + "".join(_td(flat.get(c["key"])) for c in columns) + "</tr>")
-    return f"<table><tr>{header}</tr>\n" + "\n".join(body) + "</table>"
+    return _table(f"<tr>{header}</tr>\n" + "\n".join(body))
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -304,8 +305,8 @@ def json_tables(obj: Any) -> str:
     _flatten(obj, "", flat, extra)
     out = ""
     if flat:
-        out += "<table><tr><th>field</th><th>value</th></tr>" + "".join(
-            f"<tr><td>{html.escape(k)}</td>{_td(v)}</tr>" for k, v in flat.items()) + "</table>"
+        out += _table("<tr><th>field</th><th>value</th></tr>" + "".join(
+            f"<tr><td>{html.escape(k)}</td>{_td(v)}</tr>" for k, v in flat.items()), cls="kv")
     for title, table in extra:
         out += f"<p><b>{html.escape(title)}</b></p>{table}"
     return out
@@ -318,7 +319,7 @@ def rows_table(rows: list[dict]) -> str:
         keys += [k for k in r if k not in keys and not isinstance(r[k], (dict, list))]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = "".join("<tr>" + "".join(_td(r.get(k)) for k in keys) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return _table(f"<tr>{head}</tr>{body}")
 
 
 def _flatten(obj: dict, prefix: str, flat: dict, extra: list) -> None:
@@ -344,7 +345,7 @@ def _is_matrix(value: Any) -> bool:
 def _matrix(value: list[list]) -> str:
     head = "<tr><th></th>" + "".join(f"<th>{j}</th>" for j in range(len(value[0]))) + "</tr>"
     body = "".join(f"<tr><th>{i}</th>" + "".join(_td(v) for v in row) + "</tr>" for i, row in enumerate(value))
-    return f"<table>{head}{body}</table>"
+    return _table(head + body)
 
 
 def _is_number(v: Any) -> bool:
@@ -368,6 +369,12 @@ def format_value(v: Any) -> str:
             return f"{len(v)} numbers, min {format_value(min(v))}, mean {format_value(sum(v) / len(v))}, max {format_value(max(v))}"
         return f"list of {len(v)} items"
     return str(v)
+
+
+def _table(rows: str, *, cls: str = "") -> str:
+    """A table in a horizontally scrolling box, so a wide table never widens the page."""
+    attr = f' class="{cls}"' if cls else ""
+    return f'<div class="wide"><table{attr}>{rows}</table></div>'
 
 
 def _td(v: Any) -> str:

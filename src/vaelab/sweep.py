@@ -20,6 +20,7 @@ what is missing.
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import subprocess
 import sys
@@ -276,8 +277,6 @@ def _evaluate_points(points: list[Point], *, fid_features: str, num_samples: int
 
 def point_metrics(run_dir: Path) -> dict[str, Any]:
     """The sweep-table numbers of one finished run folder (test split; FID from ``eval.json`` if any)."""
-    import json
-
     from vaelab.training import load_run_model
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -313,8 +312,6 @@ def fid_entry(eval_result: dict) -> dict[str, Any]:
 
 def summarize_sweep(out: Path, points: list[Point], axes: dict[str, list[Any]], base: TrainConfig) -> dict:
     """Write ``sweep.json``, ``sweep.md``, ``sweep_curves.png`` and the sample strips; return the sweep dict."""
-    import json
-
     from vaelab.training import load_run_model, select_device
 
     rows = []
