@@ -156,6 +156,6 @@ def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
     sweep = json.loads((finished_sweep / "sweep.json").read_text())
     assert [p["metrics"]["fid"] for p in sweep["points"]] == [10.0, 20.0]
     assert sweep["points"][0]["metrics"]["fid_floor"] == 1.5
-    assert "FID (test features)" in (finished_sweep / "sweep.md").read_text()
+    assert "FID [test features] (123 samples vs test)" in (finished_sweep / "sweep.md").read_text()
     run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=123)
     assert len(calls) == 2  # evaluated points are not evaluated again

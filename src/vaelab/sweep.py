@@ -328,7 +328,9 @@ def summarize_sweep(out: Path, points: list[Point], axes: dict[str, list[Any]], 
                      "samples": f"samples/{point.name}.png", "metrics": metrics})
     first = json.loads((points[0].run_dir / "summary.json").read_text())
     spaces = sorted({str(r["metrics"]["fid_feature_space"]) for r in rows if r["metrics"]["fid"] is not None})
-    fid_label = f"FID ({', '.join(spaces)})" if spaces else "FID"
+    counts = sorted({r["metrics"].get("fid_num_samples") for r in rows if r["metrics"].get("fid_num_samples")})
+    fid_label = "FID" + (f" [{'; '.join(spaces)}]" if spaces else "") + (
+        f" ({', '.join(f'{n:,}' for n in counts)} samples vs test)" if counts else "")
     columns = [{"key": k, "label": k} for k in axes] + [
         {"key": k, "label": fid_label if k == "fid" else label} for k, label, _ in METRICS]
     budget = f"{base.epochs} epochs" + (f" on the first {base.train_subset:,} train images" if base.train_subset else "")
@@ -388,8 +390,13 @@ def sweep_curves(sweep: dict, path: Path) -> None:
     axes_keys = list(sweep["axes"])
     shown = [(k, t) for k, _, t in METRICS
              if k != "fid_floor" and any(r["metrics"].get(k) is not None for r in sweep["points"])]
-    fig, grid = plt.subplots(len(axes_keys), len(shown), figsize=(3.1 * len(shown), 2.9 * len(axes_keys)), squeeze=False)
-    for row_i, key in enumerate(axes_keys):
+    ncols = min(4, len(shown))
+    per_key = -(-len(shown) // ncols)  # rows of panels for one swept field
+    fig, panels = plt.subplots(per_key * len(axes_keys), ncols, figsize=(3.6 * ncols, 3.0 * per_key * len(axes_keys)),
+                               squeeze=False)
+    for key_i, key in enumerate(axes_keys):
+        for unused in range(len(shown), per_key * ncols):
+            panels.flat[key_i * per_key * ncols + unused].axis("off")
         xs = sweep["axes"][key]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
         others = [k for k in axes_keys if k != key]
@@ -397,7 +404,7 @@ def sweep_curves(sweep: dict, path: Path) -> None:
         for r in sweep["points"]:
             groups.setdefault(tuple(r["values"][k] for k in others), []).append(r)
         for col_i, (metric, title) in enumerate(shown):
-            ax = grid[row_i][col_i]
+            ax = panels.flat[key_i * per_key * ncols + col_i]
             for combo, rs in groups.items():
                 rs = sorted(rs, key=lambda r: xs.index(r["values"][key]))
                 pos = [r["values"][key] if numeric else xs.index(r["values"][key]) for r in rs]
