@@ -30,7 +30,7 @@ from vaelab.losses import discretized_logistic_nll
 from vaelab.models import MODEL_TYPES, save_model
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
-from vaelab.training import active_units, train
+from vaelab.training import train
 
 
 def _features(n, d=8, shift=0.0, seed=0):
@@ -101,13 +101,6 @@ def test_discretized_logistic_trains_in_conv_vae():
     out.loss.backward()
 
 
-def test_active_units_counts_planted_dead_dim():
-    g = torch.Generator().manual_seed(0)
-    mu = torch.randn(1000, 4, generator=g)
-    mu[:, 2] = 0.3 + 0.001 * torch.randn(1000, generator=g)  # dead: posterior mean ignores x
-    assert active_units(mu) == 3
-
-
 def _tiny_trained_vae():
     torch.manual_seed(0)
     model = ConvVAE(ConvVAEConfig(in_channels=1, image_size=8, channels=(4, 8), latent_dim=2, fc_hidden=16))
@@ -176,21 +169,24 @@ def test_classifier_features_take_uint8():
 # ------------------------------------------------------------------ evaluate_run end to end
 
 
-@pytest.fixture
-def image_folder(tmp_path):
-    """A 3-class 8x8 gray image folder: class c is a bar at rows 2c..2c+1, with noise."""
+def _make_image_folder(root, size=8):
+    """A 3-class gray image folder: class c is a bright bar at rows 2c+1..2c+2, on noise."""
     from torchvision.io import write_png
 
     g = torch.Generator().manual_seed(0)
-    root = tmp_path / "data"
     for split, n in (("train", 60), ("test", 30)):
         for c in range(3):
             (root / split / f"c{c}").mkdir(parents=True)
             for i in range(n // 3):
-                img = torch.randint(0, 60, (1, 8, 8), generator=g, dtype=torch.uint8)
+                img = torch.randint(0, 60, (1, size, size), generator=g, dtype=torch.uint8)
                 img[:, 2 * c + 1 : 2 * c + 3, :] = 230
                 write_png(img, str(root / split / f"c{c}" / f"{i}.png"))
     return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return _make_image_folder(tmp_path / "data")
 
 
 def _tiny_config(root, out, **kw):
@@ -227,7 +223,36 @@ def test_evaluate_run_bad_input(image_folder, tmp_path, monkeypatch):
                           (dict(fid_features="inception", inception_weights=tmp_path / "nope.pth"), "Inception")):
         with pytest.raises(ConfigError, match=match):
             evaluate_run(run, device="cpu", **kwargs)
+    # a dataset whose images have another shape than the model's
+    other = _make_image_folder(tmp_path / "data16", size=16)
+    write_yaml(run / "config.yaml", _tiny_config(other, run).to_dict())
+    with pytest.raises(DataError, match="expects 1x8x8"):
+        evaluate_run(run, device="cpu", metrics="recon")
     assert not (run / "eval.json").exists()
+
+
+def test_cli_evaluate_errors(tmp_path, capsys):
+    from vaelab.cli import main
+
+    assert main(["evaluate", "--run", str(tmp_path)]) == 2
+    assert "vaelab evaluate: error:" in capsys.readouterr().err
+    assert main(["evaluator", "train", "--dataset", "imagenet"]) == 2
+    assert "valid names" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [{"binarize": True, "recon_likelihood": "bernoulli"}, {"recon_likelihood": "discretized_logistic"}])
+def test_discrete_likelihood_runs_report_bits_per_dim(image_folder, tmp_path, overrides):
+    run = train(_tiny_config(image_folder, tmp_path / "run", **overrides))
+    result = evaluate_run(run, metrics="nll,latent", iwae_k=4, device="cpu")
+    nll = result["nll"]
+    assert nll["num_images"] == 30 and nll["iwae_nll_bits_per_dim"] is not None
+    assert nll["iwae_nll_bits_per_dim"] == pytest.approx(nll["iwae_nll_nats"] / (64 * math.log(2)))
+    assert "fid" not in result and not (run / "eval_samples.png").exists()
+
+
+def test_binarize_needs_bernoulli(tmp_path):
+    with pytest.raises(ConfigError, match="binarize"):
+        TrainConfig(binarize=True, recon_likelihood="gaussian").resolved()
 
 
 @dataclass
