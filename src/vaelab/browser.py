@@ -23,9 +23,11 @@ CHROMIUM_ARGS = [
 
 
 def find_chromium() -> str | None:
-    """``$VAELAB_CHROMIUM``, else the first Chromium found among ``CHROMIUM_CANDIDATES``, else ``None``."""
+    """``$VAELAB_CHROMIUM``, else the first Chromium found among ``CHROMIUM_CANDIDATES``, else ``None``
+    (a ``$VAELAB_CHROMIUM`` that is not an executable file counts as not found)."""
     if os.environ.get("VAELAB_CHROMIUM"):
-        return os.environ["VAELAB_CHROMIUM"]
+        path = os.environ["VAELAB_CHROMIUM"]
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
     for name in CHROMIUM_CANDIDATES:
         path = shutil.which(name)
         if path:
@@ -63,8 +65,9 @@ def check_page(
         raise VaelabError("checking a report in a browser needs Playwright: pip install playwright") from exc
     executable = executable or find_chromium()
     if executable is None:
-        raise VaelabError("no Chromium found (tried $VAELAB_CHROMIUM and /usr/bin/chromium); "
-                          "install it with: apt-get install chromium")
+        tried = (f"$VAELAB_CHROMIUM={os.environ['VAELAB_CHROMIUM']!r} is not an executable file"
+                 if os.environ.get("VAELAB_CHROMIUM") else f"tried {', '.join(CHROMIUM_CANDIDATES)}")
+        raise VaelabError(f"no Chromium found ({tried}); install it with: apt-get install chromium")
 
     console_errors: list[str] = []
     blocked: list[str] = []
