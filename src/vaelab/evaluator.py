@@ -37,7 +37,7 @@ RECIPE_VERSION = 1
 RECIPES: dict[str, dict] = {
     "mnist": dict(epochs=2, batch_size=256, lr=0.1, augment=True, flip=False, widths=(32, 64, 128)),
     "fashion-mnist": dict(epochs=8, batch_size=256, lr=0.1, augment=True, flip=False, widths=(32, 64, 128)),
-    "cifar10": dict(epochs=10, batch_size=256, lr=0.1, augment=True, flip=True, widths=(32, 64, 128)),
+    "cifar10": dict(epochs=6, batch_size=256, lr=0.1, augment=True, flip=True, widths=(32, 64, 128)),
 }
 # any other dataset (imagefolder, synthetic sets)
 DEFAULT_RECIPE = dict(epochs=10, batch_size=256, lr=0.1, augment=True, flip=None, widths=(32, 64, 128))
