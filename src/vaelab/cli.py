@@ -23,7 +23,7 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--out", "--save_path", "--save-path", dest="out", help="run folder to create")
     if not full:
         return
-    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv")
+    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | ddpm-28 | ddpm-32")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int)
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion runs: ddpm (T-step ancestral, default) or ddim")
+    p.add_argument("--steps", type=int, help="diffusion runs: denoising steps (ddpm: T, ddim: 50 by default)")
     return parser
 
 
@@ -66,6 +68,8 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None):
 def _print_outputs(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     keys = ("test_recon_nats", "test_kl_nats", "test_neg_elbo_nats", "test_mse_per_pixel", "active_units", "train_time_s")
+    if "test_eps_mse" in summary:  # a diffusion run
+        keys = ("test_eps_mse", "parameters", "train_time_s", "train_images_per_s")
     print(f"\nrun folder: {run_dir}")
     print(f"test split of {summary['dataset']}: " + ", ".join(f"{k}={summary[k]:.4g}" for k in keys))
     for f in sorted(run_dir.glob("*.png")) + [run_dir / "summary.json", run_dir / "metrics.jsonl"]:
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from vaelab.generation import sample_run
 
-            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device))
+            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device, sampler=args.sampler,
+                             steps=args.steps))
     except VaelabError as exc:
         print(f"vaelab {args.command}: error: {exc}", file=sys.stderr)
         return 2

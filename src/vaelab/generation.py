@@ -11,16 +11,35 @@ from vaelab.plots import save_grid
 from vaelab.training import load_run_model, select_device
 
 
-def sample_run(run_dir: str | Path, n: int, out: str | Path, *, seed: int = 0, device: str = "auto", nrow: int | None = None) -> Path:
+def sample_run(
+    run_dir: str | Path,
+    n: int,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    nrow: int | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+) -> Path:
     """Draw ``n`` prior samples from the newest checkpoint of ``run_dir`` into a PNG grid at ``out``.
 
+    ``sampler`` (``"ddpm"`` | ``"ddim"``) and ``steps`` apply to diffusion runs only (see
+    ``vaelab.models.ddpm.DDPM.sample``).
+
     Raises:
-        ConfigError: ``n`` is not positive. VaelabError: ``run_dir`` has no checkpoint.
+        ConfigError: ``n`` is not positive, sampler options on a VAE run, or a bad sampler/steps
+            for a diffusion run (checked before sampling). VaelabError: ``run_dir`` has no checkpoint.
     """
     if n <= 0:
         raise ConfigError(f"--n must be a positive integer, got {n}")
     dev = select_device(device)
     model = load_run_model(run_dir, device=dev)
-    images = model.sample(n, generator=torch.Generator(device=dev).manual_seed(seed))
+    options = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
+    if options and model.kind != "ddpm":
+        raise ConfigError(f"--{' and --'.join(options)} apply to diffusion runs only; {run_dir} holds a {model.kind.upper()}")
+    if model.kind == "ddpm":
+        model.make_scheduler(options.get("sampler", "ddpm"), steps)  # bad steps fail here, before any sampling
+    images = model.sample(n, generator=torch.Generator(device=dev).manual_seed(seed), **options)
     save_grid(images, out, nrow=nrow or max(1, round(n**0.5)), pixel_range=model.config.pixel_range)
     return Path(out)

@@ -127,3 +127,67 @@ def write_run_pictures(run_dir: Path, model, test: ImageSplit, mu: torch.Tensor,
         latent_scatter(mu[:n].numpy(), labels[:n], test.classes, run_dir / "latent_mu_tsne.png",
                        title=f"t-SNE of mu ({test.source} test, first {n:,})", method="tsne")
 
+
+
+# ---------------------------------------------------------------------------- diffusion runs
+
+DDPM_PICTURES = {
+    "samples.png": "64 samples from the EMA weights, DDIM sampler with min(50, T) steps",
+    "denoising_steps.png": "one sample of the full T-step DDPM sampler (EMA weights): the state x_t (top) and "
+                           "the model's estimate of x_0 (bottom) at 11 timesteps from noise to image",
+    "training_curves.png": "epsilon-MSE per pixel per epoch, train (running mean) and validation",
+}
+
+
+def loss_curves(rows: list[dict], path: str | Path, *, ylabel: str) -> None:
+    """One panel: train and validation loss per epoch."""
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train (running mean over epoch)")
+    ax.plot(epochs, [r["val_loss"] for r in rows], "s-", label="validation (end of epoch)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("training curves")
+    save_figure(fig, path)
+
+
+def denoising_figure(states: list[tuple[int, torch.Tensor, torch.Tensor]], path: str | Path, *, pixel_range: str, title: str) -> None:
+    """Columns = timesteps; rows = the state ``x_t`` and the estimate ``x0_hat`` of one image.
+
+    ``states`` as returned by ``DDPM.denoise(1, snapshots=K)``: ``(t, x_t, x0_hat)`` with ``(1, C, H, W)``
+    tensors in ``pixel_range``.
+    """
+    fig, axes = plt.subplots(2, len(states), figsize=(1.3 * len(states), 3.2), squeeze=False)
+    for col, (t, x_t, x0) in enumerate(states):
+        for row, img in enumerate((x_t, x0)):
+            a = img[0].detach().float().cpu()
+            a = ((a + 1) / 2 if pixel_range == "[-1,1]" else a).clamp(0, 1).permute(1, 2, 0).numpy()
+            ax = axes[row, col]
+            ax.imshow(a[..., 0] if a.shape[-1] == 1 else a, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(f"t={t}", fontsize=8)
+    axes[0, 0].set_ylabel("x_t", fontsize=8)
+    axes[1, 0].set_ylabel("x0 estimate", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+@torch.no_grad()
+def write_ddpm_pictures(run_dir: Path, model, rows: list[dict], config) -> None:
+    """The pictures of a finished diffusion run (``DDPM_PICTURES``)."""
+    run_dir = Path(run_dir)
+    model.eval()
+    pr = model.config.pixel_range
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    if rows:
+        loss_curves(rows, run_dir / "training_curves.png", ylabel="epsilon-MSE per pixel")
+    T = model.config.num_train_timesteps
+    images = model.sample(64, generator=gen, sampler="ddim", steps=min(50, T))
+    save_grid(images, run_dir / "samples.png", nrow=8, pixel_range=pr)
+    _, states = model.denoise(1, generator=gen, sampler="ddpm", snapshots=11)
+    denoising_figure(states, run_dir / "denoising_steps.png", pixel_range=pr,
+                     title=f"DDPM ancestral sampling, T={T} steps (EMA weights)")
