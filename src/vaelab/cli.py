@@ -69,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("compare", help="compare trained runs (e.g. a VAE and a DDPM): cost, speed and every evaluation metric")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run folders")
+    p.add_argument("--out", help="comparison folder to write (default runs/compare-<timestamp>)")
+    p.add_argument("--num-samples", type=int, default=10000, help="generated images per entry for FID/KID/confidence")
+    p.add_argument("--ddpm-num-samples", type=int, help="the same for the full T-step DDPM sampler (default --num-samples)")
+    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps for diffusion runs")
+    p.add_argument("--metrics", help="comma-separated evaluate metrics (default: all but speed)")
+    p.add_argument("--fid-features", default="classifier", help="classifier (offline default) | inception")
+    p.add_argument("--inception-weights", help="path of the FID Inception weights")
+    p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image for the IWAE bound")
+    p.add_argument("--nll-subset", type=int, help="likelihood on the first N test images only")
+    p.add_argument("--timing-repeats", type=int, default=3, help="timed runs per generation-time measurement (median)")
+    p.add_argument("--timing-max-steps", type=int,
+                   help="time longer diffusion chains on this many steps and scale linearly (default: full chains)")
+    p.add_argument("--allow-mixed", action="store_true", help="accept runs trained on different datasets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("evaluator", help="evaluator classifiers (the yardstick of FID/KID and confidence metrics)")
     ev = p.add_subparsers(dest="action", required=True)
     p = ev.add_parser("train", help="train (or load from the cache) a dataset's evaluator and print its test accuracy")
@@ -122,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
                                   seed=args.seed, device=args.device)
             print(describe(result))
             print(f"  {Path(args.run) / 'eval.json'}")
+        elif args.command == "compare":
+            from vaelab.comparison import compare_runs
+
+            out = compare_runs(args.runs, out=args.out, num_samples=args.num_samples, ddpm_num_samples=args.ddpm_num_samples,
+                               ddim_steps=args.ddim_steps, metrics=args.metrics, fid_features=args.fid_features,
+                               inception_weights=args.inception_weights, iwae_k=args.iwae_k, nll_subset=args.nll_subset,
+                               timing_repeats=args.timing_repeats, timing_max_steps=args.timing_max_steps,
+                               allow_mixed=args.allow_mixed, seed=args.seed, device=args.device)
+            print((out / "comparison.md").read_text())
+            print(f"comparison folder: {out}")
         elif args.command == "evaluator":
             from vaelab.evaluator import build_evaluator, describe_evaluator
             from vaelab.training import select_device

@@ -234,3 +234,46 @@ def write_ddpm_pictures(run_dir: Path, model, rows: list[dict], config) -> None:
     _, states = model.denoise(1, generator=gen, sampler="ddpm", snapshots=11)
     denoising_figure(states, run_dir / "denoising_steps.png", pixel_range=pr,
                      title=f"DDPM ancestral sampling, T={T} steps (EMA weights)")
+
+
+# ---------------------------------------------------------------------------- comparisons
+
+
+def compare_samples(grids: list[Path], labels: list[str], path: str | Path) -> None:
+    """The sample grids of several generators side by side, one titled panel each."""
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
+    for ax, grid, label in zip(axes[0], grids, labels):
+        ax.imshow(plt.imread(str(grid)), interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.suptitle("samples (same seed for every generator)", fontsize=10)
+    save_figure(fig, path)
+
+
+def confidence_overlay(entries: list[tuple[str, dict]], path: str | Path) -> None:
+    """Evaluator max-probability histograms of several generators (and of real test images) on one plot.
+
+    ``entries``: ``(label, confidence)`` with ``confidence`` the ``"confidence"`` dict of an
+    ``eval.json`` (its ``generated`` / ``real_test`` hold ``max_prob_histogram`` counts over equal
+    bins of [0, 1]).
+    """
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+
+    def step(counts: list[int], **kw) -> None:
+        counts = np.asarray(counts, dtype=float)
+        edges = np.linspace(0.0, 1.0, len(counts) + 1)
+        ax.stairs(counts / counts.sum() / np.diff(edges), edges, **kw)
+
+    real = entries[0][1]["real_test"]
+    step(real["max_prob_histogram"], fill=True, alpha=0.25, color="gray",
+         label=f"real test images (mean {real['mean_max_prob']:.3f})")
+    for label, conf in entries:
+        g = conf["generated"]
+        step(g["max_prob_histogram"], lw=1.8, label=f"{label} (mean {g['mean_max_prob']:.3f}, n={conf['num_samples']:,})")
+    threshold = real["confidence_threshold"]
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"confident: max-prob >= {threshold}")
+    ax.set_xlabel("evaluator max softmax probability")
+    ax.set_ylabel("density")
+    ax.set_title(f"evaluator confidence on generated samples ({entries[0][1]['split']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    save_figure(fig, path)

@@ -42,6 +42,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # DDPM baselines: attention at the lowest level (7x7 and 8x8) and in the middle block
     "ddpm-28": ("ddpm", dict(in_channels=1, image_size=28, widths=(32, 64, 128))),
     "ddpm-32": ("ddpm", dict(in_channels=3, image_size=32, widths=(64, 128, 256))),
+    "ddpm": ("ddpm", dict(widths=(32, 64, 128))),  # input shape from the dataset (side divisible by 4)
 }
 # fields a preset pins to its input shape: a dataset of another shape is an error, not a resize
 SHAPE_FIELDS = ("in_channels", "image_size")
