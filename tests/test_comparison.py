@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 import torch
+from fixtures import write_image_folder
 
 from vaelab.cli import main
 from vaelab.comparison import compare_runs, time_generation
@@ -19,18 +20,9 @@ from vaelab.training import _save_checkpoint, train
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    """A 3-class 8x8 gray image folder: class c is a bright bar at rows 2c+1..2c+2, with noise."""
-    from torchvision.io import write_png
-
-    g = torch.Generator().manual_seed(0)
+    """A 3-class 8x8 gray image folder, 20 train and 20 test images per class."""
     root = tmp_path_factory.mktemp("data")
-    for split, n in (("train", 60), ("test", 30)):
-        for c in range(3):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(n // 3):
-                img = torch.randint(0, 60, (1, 8, 8), generator=g, dtype=torch.uint8)
-                img[:, 2 * c + 1 : 2 * c + 3, :] = 230
-                write_png(img, str(root / split / f"c{c}" / f"{i}.png"))
+    write_image_folder(root, classes=("c0", "c1", "c2"), per_class=20, size=8, channels=1)
     return root
 
 

@@ -122,6 +122,11 @@ class DenoisingLoss:
     t: torch.Tensor
 
 
+def _check_count(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be a positive integer, got {n!r}")
+
+
 def _unet(config: DDPMConfig) -> UNet2DModel:
     levels = len(config.widths)
     return UNet2DModel(
@@ -278,8 +283,7 @@ class DDPM(nn.Module):
         Raises:
             ConfigError: bad sampler, steps, ``n`` or labels.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"n must be a positive integer, got {n!r}")
+        _check_count(n)
         scheduler = self.make_scheduler(sampler, steps)
         net = self.ema_unet if ema else self.unet
         device = self.ema_updates.device
@@ -308,24 +312,13 @@ class DDPM(nn.Module):
         steps: int | None = None,
         batch_size: int = 500,
     ) -> torch.Tensor:
-        """``n`` images from the EMA model, drawn ``batch_size`` at a time.
+        """``n`` images ``(n, C, H, W)`` float32 in ``config.pixel_range`` from the EMA weights.
 
-        Args:
-            n: images to draw.
-            y: ``(n,)`` int64 labels for a conditional model (``None``: ``arange(n) % num_classes``).
-            generator: seeds the noise.
-            sampler: ``"ddpm"`` (``T``-step ancestral sampling) or ``"ddim"`` (``steps``, default 50).
-            steps: network evaluations per image batch, in ``[1, T]``.
-            batch_size: images per reverse-process batch (bounds memory).
-
-        Returns:
-            ``(n, C, H, W)`` float32 in ``config.pixel_range``.
-
-        Raises:
-            ConfigError: bad sampler, steps, ``n`` or labels.
+        Runs ``denoise`` (same ``y``, ``generator``, ``sampler``, ``steps``; ``steps`` UNet
+        evaluations per batch) on ``batch_size`` images at a time, which bounds memory.
+        Raises ``ConfigError`` for a bad sampler, steps, ``n`` or labels, before any work.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"n must be a positive integer, got {n!r}")
+        _check_count(n)
         self.make_scheduler(sampler, steps)  # validate before any work
         device = self.ema_updates.device
         y = self._labels(y, n, device, sampling=True)
