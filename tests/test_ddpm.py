@@ -191,6 +191,8 @@ def test_class_conditional_model_takes_labels():
     with pytest.raises(ConfigError, match="needs labels y"):
         model.loss(torch.rand(2, 1, 8, 8))
     assert model.loss(torch.rand(2, 1, 8, 8), y=torch.tensor([0, 2])).loss.ndim == 0
+    with pytest.raises(ConfigError, match=r"class labels must lie in 0..2, got 0..3"):
+        model.sample(2, y=torch.tensor([0, 3]))
     y = torch.tensor([0, 1, 2, 2])
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     a = model.sample(4, y=y, sampler="ddim", steps=5, generator=gen())

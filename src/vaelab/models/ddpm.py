@@ -215,6 +215,9 @@ class DDPM(nn.Module):
             return torch.arange(n, device=device) % self.config.num_classes
         if y.shape != (n,) or y.dtype != torch.int64:
             raise ConfigError(f"y must be int64 of shape ({n},), got {tuple(y.shape)} {y.dtype}")
+        k = self.config.num_classes
+        if n and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise ConfigError(f"class labels must lie in 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
         return y.to(device)
 
     # ------------------------------------------------------------------ model contract
