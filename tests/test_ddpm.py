@@ -14,7 +14,7 @@ from vaelab.errors import ConfigError
 from vaelab.generation import sample_run
 from vaelab.models import MODEL_TYPES, PRESETS, build_config, build_model, load_model, save_model
 from vaelab.models.ddpm import DDPM, DDPMConfig
-from vaelab.training import _save_checkpoint, train
+from vaelab.training import _save_checkpoint, load_run_model, resume, train
 
 TINY = dict(widths=(8, 16), layers_per_block=1, norm_num_groups=4)
 
@@ -244,6 +244,11 @@ def test_train_writes_a_diffusion_run_folder(tmp_path, in_repo, capsys):
     assert main(["sample", "--run", str(run), "--n", "4", "--out", str(tmp_path / "t.png"), "--sampler", "ddim", "--steps", "21"]) == 2
     assert "ddim steps must be an integer in [1, 20]" in capsys.readouterr().err
     assert not (tmp_path / "t.png").exists()
+    # resume continues the optimiser and the EMA schedule
+    resume(run, epochs=2)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert int(load_run_model(run).ema_updates) == rows[-1]["step"] == 8
 
 
 def test_sampler_options_on_a_vae_run_are_rejected(tmp_path):
