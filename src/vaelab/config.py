@@ -118,11 +118,12 @@ class TrainConfig:
 
     def reject_vae_options(self) -> None:
         """Raise ``ConfigError`` if a VAE-only field is set (for a model that has no latent or KL term)."""
-        vae_only = {"latent_dim": None, "recon_likelihood": None, "recon_sigma": None, "beta": 1.0,
-                    "beta_schedule": None, "kl_anneal_epochs": None, "kl_anneal_steps": None, "tsne": False,
-                    "binarize": False}
+        # field -> the values that mean "not used" (a saved, resolved config holds beta_schedule 'constant')
+        vae_only = {"latent_dim": (None,), "recon_likelihood": (None,), "recon_sigma": (None,), "beta": (1.0,),
+                    "beta_schedule": (None, "constant"), "kl_anneal_epochs": (None,), "kl_anneal_steps": (None,),
+                    "tsne": (False,), "binarize": (False,)}
         for name, unset in vae_only.items():
-            if getattr(self, name) != unset:
+            if getattr(self, name) not in unset:
                 raise ConfigError(
                     f"{name}={getattr(self, name)!r} applies to VAEs only; model {self.model!r} is a diffusion model "
                     f"(remove it from the config or command line)"
