@@ -30,7 +30,7 @@ from vaelab.losses import discretized_logistic_nll
 from vaelab.models import MODEL_TYPES, save_model
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
-from vaelab.training import active_units, train
+from vaelab.training import train
 
 
 def _features(n, d=8, shift=0.0, seed=0):
@@ -99,13 +99,6 @@ def test_discretized_logistic_trains_in_conv_vae():
     assert model.decode(torch.zeros(2, 2)).shape == (2, 3, 8, 8)
     assert torch.isfinite(out.loss) and (out.recon > 0).all()
     out.loss.backward()
-
-
-def test_active_units_counts_planted_dead_dim():
-    g = torch.Generator().manual_seed(0)
-    mu = torch.randn(1000, 4, generator=g)
-    mu[:, 2] = 0.3 + 0.001 * torch.randn(1000, generator=g)  # dead: posterior mean ignores x
-    assert active_units(mu) == 3
 
 
 def _tiny_trained_vae():
@@ -228,6 +221,21 @@ def test_evaluate_run_bad_input(image_folder, tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match=match):
             evaluate_run(run, device="cpu", **kwargs)
     assert not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("overrides", [{"binarize": True, "recon_likelihood": "bernoulli"}, {"recon_likelihood": "discretized_logistic"}])
+def test_discrete_likelihood_runs_report_bits_per_dim(image_folder, tmp_path, overrides):
+    run = train(_tiny_config(image_folder, tmp_path / "run", **overrides))
+    result = evaluate_run(run, metrics="nll,latent", iwae_k=4, device="cpu")
+    nll = result["nll"]
+    assert nll["num_images"] == 30 and nll["iwae_nll_bits_per_dim"] is not None
+    assert nll["iwae_nll_bits_per_dim"] == pytest.approx(nll["iwae_nll_nats"] / (64 * math.log(2)))
+    assert "fid" not in result and not (run / "eval_samples.png").exists()
+
+
+def test_binarize_needs_bernoulli(tmp_path):
+    with pytest.raises(ConfigError, match="binarize"):
+        TrainConfig(binarize=True, recon_likelihood="gaussian").resolved()
 
 
 @dataclass
