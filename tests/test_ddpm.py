@@ -12,7 +12,7 @@ from vaelab.config import TrainConfig
 from vaelab.data import batches, load_split
 from vaelab.errors import ConfigError
 from vaelab.generation import sample_run
-from vaelab.models import MODEL_TYPES, PRESETS, build_config, build_model, load_model, save_model
+from vaelab.models import MODEL_TYPES, PRESETS, build_config, build_model, load_model, preset_kind, save_model
 from vaelab.models.ddpm import DDPM, DDPMConfig
 from vaelab.training import _save_checkpoint, load_run_model, resume, train
 
@@ -28,6 +28,20 @@ def count_calls(module: torch.nn.Module) -> list[int]:
     calls = [0]
     module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
+
+
+SHAPES = {"ddpm-28": (1, 28, 28), "ddpm-32": (3, 32, 32), "ddpm": (3, 12, 12)}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if preset_kind(n) == "ddpm"))
+def test_presets_build_and_denoise_their_shape(name):
+    shape = SHAPES.get(name)
+    if shape is None:
+        pytest.fail(f"add an input shape for new preset {name!r} to SHAPES")
+    model = build_model(build_config(name, data_shape=shape, **TINY, num_train_timesteps=4)).eval()
+    out = model.loss(torch.rand(2, *shape))
+    assert out.eps_mse.shape == (2,) and torch.isfinite(out.loss)
+    assert model.sample(2, sampler="ddim", steps=2).shape == (2, *shape)
 
 
 def test_presets_are_registered_and_build():
