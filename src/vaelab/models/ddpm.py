@@ -6,8 +6,8 @@ exponential moving average (EMA) of the weights kept by diffusers' ``EMAModel``.
 
 Sampling: the full ``T``-step ancestral sampler (``DDPMScheduler``, Ho et al. 2020, algorithm 2)
 or DDIM (``DDIMScheduler``, Song et al. 2021, eta = 0, deterministic) with ``steps`` network
-evaluations on "trailing" timesteps (Lin et al. 2024, table 2), so the first step starts at
-``t = T - 1`` from pure noise.
+evaluations. Both use "trailing" timesteps (Lin et al. 2024, table 2), so a chain shorter than
+``T`` still starts at ``t = T - 1`` from pure noise; the full DDPM chain is ``T - 1, ..., 0``.
 
 The UNet works on pixels in ``[-1, 1]``; images go in and come out in ``config.pixel_range``.
 """
@@ -185,7 +185,7 @@ class DDPM(nn.Module):
         T = cfg.num_train_timesteps
         schedule = dict(num_train_timesteps=T, beta_start=cfg.beta_start, beta_end=cfg.beta_end, beta_schedule="linear")
         if sampler == "ddpm":
-            scheduler = DDPMScheduler(**schedule, variance_type="fixed_small", clip_sample=True)
+            scheduler = DDPMScheduler(**schedule, variance_type="fixed_small", clip_sample=True, timestep_spacing="trailing")
             steps = T if steps is None else steps
         elif sampler == "ddim":
             scheduler = DDIMScheduler(**schedule, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
