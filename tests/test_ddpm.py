@@ -12,6 +12,7 @@ from vaelab.config import TrainConfig
 from vaelab.data import batches, load_split
 from vaelab.errors import ConfigError
 from vaelab.generation import sample_run
+from vaelab.io import write_yaml
 from vaelab.models import MODEL_TYPES, PRESETS, build_config, build_model, load_model, preset_kind, save_model
 from vaelab.models.ddpm import DDPM, DDPMConfig
 from vaelab.training import _save_checkpoint, load_run_model, resume, train
@@ -271,3 +272,5 @@ def test_sampler_options_on_a_vae_run_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="apply to diffusion runs only"):
         sample_run(tmp_path, 4, tmp_path / "s.png", sampler="ddim", device="cpu")
     assert sample_run(tmp_path, 4, tmp_path / "s.png", device="cpu").is_file()
+    write_yaml(tmp_path / "config.yaml", TrainConfig(dataset="mnist", model="mnist-small").to_dict())
+    assert main(["evaluate", "--run", str(tmp_path), "--sampler", "ddim", "--metrics", "confidence"]) == 2

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nll-subset", type=int, help="likelihood on the first N test images only (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion runs: sampler for the generated images")
+    p.add_argument("--steps", type=int, help="diffusion runs: denoising steps (ddpm: T, ddim: 50 by default)")
 
     p = sub.add_parser("compare", help="compare trained runs (e.g. a VAE and a DDPM): cost, speed and every evaluation metric")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run folders")
@@ -134,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                              steps=args.steps))
         elif args.command == "evaluate":
             from vaelab.evaluation import describe, evaluate_run
+            from vaelab.generation import run_sampler_options
 
             result = evaluate_run(args.run, metrics=args.metrics, fid_features=args.fid_features, num_samples=args.num_samples,
                                   iwae_k=args.iwae_k, nll_subset=args.nll_subset, inception_weights=args.inception_weights,
-                                  seed=args.seed, device=args.device)
+                                  seed=args.seed, device=args.device,
+                                  sample_kwargs=run_sampler_options(args.run, sampler=args.sampler, steps=args.steps))
             print(describe(result))
             print(f"  {Path(args.run) / 'eval.json'}")
         elif args.command == "compare":

@@ -35,11 +35,29 @@ def sample_run(
         raise ConfigError(f"--n must be a positive integer, got {n}")
     dev = select_device(device)
     model = load_run_model(run_dir, device=dev)
+    options = sampler_options(model, run_dir, sampler=sampler, steps=steps)
+    images = model.sample(n, generator=torch.Generator(device=dev).manual_seed(seed), **options)
+    save_grid(images, out, nrow=nrow or max(1, round(n**0.5)), pixel_range=model.config.pixel_range)
+    return Path(out)
+
+
+def sampler_options(model, run_dir: str | Path, *, sampler: str | None, steps: int | None) -> dict:
+    """``sample`` keyword arguments for ``sampler`` / ``steps`` (diffusion runs only), validated.
+
+    Raises:
+        ConfigError: a sampler option for a model that is not a diffusion model, an unknown sampler,
+            or steps outside ``[1, T]``.
+    """
     options = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
     if options and model.kind != "ddpm":
         raise ConfigError(f"--{' and --'.join(options)} apply to diffusion runs only; {run_dir} holds a {model.kind.upper()}")
     if model.kind == "ddpm":
         model.make_scheduler(options.get("sampler", "ddpm"), steps)  # bad steps fail here, before any sampling
-    images = model.sample(n, generator=torch.Generator(device=dev).manual_seed(seed), **options)
-    save_grid(images, out, nrow=nrow or max(1, round(n**0.5)), pixel_range=model.config.pixel_range)
-    return Path(out)
+    return options
+
+
+def run_sampler_options(run_dir: str | Path, *, sampler: str | None, steps: int | None) -> dict | None:
+    """``sampler_options`` for the newest checkpoint of ``run_dir``; ``None`` when no option is given."""
+    if sampler is None and steps is None:
+        return None
+    return sampler_options(load_run_model(run_dir), run_dir, sampler=sampler, steps=steps)
