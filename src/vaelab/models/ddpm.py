@@ -21,6 +21,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch import nn
+from tqdm.auto import tqdm
 
 from vaelab.data.batches import PIXEL_RANGES
 from vaelab.errors import ConfigError
@@ -296,7 +297,7 @@ class DDPM(nn.Module):
         timesteps = scheduler.timesteps
         keep = set(torch.linspace(0, len(timesteps) - 1, snapshots).round().long().tolist()) if snapshots else set()
         states = []
-        for i, t in enumerate(timesteps):
+        for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling ({n} images)", unit="step", leave=False)):
             eps_hat = net(x, t.to(device), class_labels=y).sample
             out = scheduler.step(eps_hat, t, x, generator=generator)
             if i in keep:
