@@ -241,7 +241,7 @@ def write_ddpm_pictures(run_dir: Path, model, rows: list[dict], config) -> None:
 
 def compare_samples(grids: list[Path], labels: list[str], path: str | Path) -> None:
     """The sample grids of several generators side by side, one titled panel each."""
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(grids), figsize=(5.0 * len(grids), 5.4), squeeze=False)
     for ax, grid, label in zip(axes[0], grids, labels):
         ax.imshow(plt.imread(str(grid)), interpolation="nearest")
         ax.set_title(label, fontsize=8)
