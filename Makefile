@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: run test clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +23,20 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/vaelab run $(ARGS)
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Chromium (Debian package) for the test that opens an HTML report; nothing to do once installed.
+# Playwright drives this system browser (its own browser download is not used).
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "apt-get unavailable: cannot install chromium; the browser test will be skipped (under CI it fails)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
 
 clean:
 	rm -rf $(VENV) runs

@@ -169,21 +169,24 @@ def test_classifier_features_take_uint8():
 # ------------------------------------------------------------------ evaluate_run end to end
 
 
-@pytest.fixture
-def image_folder(tmp_path):
-    """A 3-class 8x8 gray image folder: class c is a bar at rows 2c..2c+1, with noise."""
+def _make_image_folder(root, size=8):
+    """A 3-class gray image folder: class c is a bright bar at rows 2c+1..2c+2, on noise."""
     from torchvision.io import write_png
 
     g = torch.Generator().manual_seed(0)
-    root = tmp_path / "data"
     for split, n in (("train", 60), ("test", 30)):
         for c in range(3):
             (root / split / f"c{c}").mkdir(parents=True)
             for i in range(n // 3):
-                img = torch.randint(0, 60, (1, 8, 8), generator=g, dtype=torch.uint8)
+                img = torch.randint(0, 60, (1, size, size), generator=g, dtype=torch.uint8)
                 img[:, 2 * c + 1 : 2 * c + 3, :] = 230
                 write_png(img, str(root / split / f"c{c}" / f"{i}.png"))
     return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return _make_image_folder(tmp_path / "data")
 
 
 def _tiny_config(root, out, **kw):
@@ -220,7 +223,21 @@ def test_evaluate_run_bad_input(image_folder, tmp_path, monkeypatch):
                           (dict(fid_features="inception", inception_weights=tmp_path / "nope.pth"), "Inception")):
         with pytest.raises(ConfigError, match=match):
             evaluate_run(run, device="cpu", **kwargs)
+    # a dataset whose images have another shape than the model's
+    other = _make_image_folder(tmp_path / "data16", size=16)
+    write_yaml(run / "config.yaml", _tiny_config(other, run).to_dict())
+    with pytest.raises(DataError, match="expects 1x8x8"):
+        evaluate_run(run, device="cpu", metrics="recon")
     assert not (run / "eval.json").exists()
+
+
+def test_cli_evaluate_errors(tmp_path, capsys):
+    from vaelab.cli import main
+
+    assert main(["evaluate", "--run", str(tmp_path)]) == 2
+    assert "vaelab evaluate: error:" in capsys.readouterr().err
+    assert main(["evaluator", "train", "--dataset", "imagenet"]) == 2
+    assert "valid names" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides", [{"binarize": True, "recon_likelihood": "bernoulli"}, {"recon_likelihood": "discretized_logistic"}])

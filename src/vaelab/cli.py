@@ -21,6 +21,8 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--device", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", "--save_path", "--save-path", dest="out", help="run folder to create")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
+                   help="do not write TensorBoard logs to RUN_DIR/tb/")
     if not full:
         return
     p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | ddpm-28 | ddpm-32")
@@ -96,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", "--data_root", dest="data_root", help="folder holding the dataset")
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="retrain even when a cached evaluator exists")
+
+    p = sub.add_parser("sweep", help="train and evaluate a grid of configs, one run folder per point")
+    _train_options(p, full=False)
+    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="use the first N train images")
+    p.add_argument("--set", dest="axes", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a config field and its values (repeat for a grid), e.g. --set latent_dim=64,128")
+    p.add_argument("--jobs", type=int, default=1, help="points trained at once, as separate processes")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation (no FID)")
+    p.add_argument("--fid-features", default="classifier", help="feature space of the FID (see vaelab.evaluation)")
+    p.add_argument("--num-samples", type=int, default=10000, help="prior samples per point for the FID")
+
+    p = sub.add_parser("report", help="write FOLDER/report.html for a run, sweep or comparison folder")
+    p.add_argument("path", help="run, sweep or comparison folder")
+    p.add_argument("--out", help="HTML file to write (default PATH/report.html)")
+    p.add_argument("--screenshot", metavar="PNG", help="also open it in headless Chromium, check it, screenshot it")
     return parser
 
 
@@ -103,7 +120,7 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None):
     from vaelab.config import TrainConfig, config_from_dict, load_config, with_overrides
 
     config = load_config(args.config) if args.config else config_from_dict(base or {})
-    skip = {"command", "config", "resume"}
+    skip = {"command", "config", "resume", "axes", "jobs", "evaluate", "fid_features", "num_samples"}
     return with_overrides(config, {k: v for k, v in vars(args).items() if k not in skip})
 
 
@@ -129,6 +146,23 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_dir = train(_config_from_args(args, QUICKSTART if args.command == "run" else None))
             _print_outputs(run_dir)
+            if args.command == "run":
+                from vaelab.reports import write_report
+
+                print(f"report: {write_report(run_dir)}")
+        elif args.command == "sweep":
+            from vaelab.reports import write_report
+            from vaelab.sweep import parse_axes, run_sweep
+
+            axes = parse_axes(args.axes)
+            config = _config_from_args(args)
+            sweep_dir = run_sweep(config, axes, out=args.out or "runs/sweep", jobs=args.jobs, evaluate=args.evaluate,
+                                  fid_features=args.fid_features, num_samples=args.num_samples)
+            print(f"sweep folder: {sweep_dir}\n  {sweep_dir / 'sweep.md'}\nreport: {write_report(sweep_dir)}")
+        elif args.command == "report":
+            from vaelab.reports import report_command
+
+            print(report_command(args.path, out=args.out, screenshot=args.screenshot))
         elif args.command == "sample":
             from vaelab.generation import sample_run
 

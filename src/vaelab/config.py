@@ -46,7 +46,8 @@ class TrainConfig:
     ``kl_cycle_ratio`` for cyclical.
 
     Run: ``device`` (auto = cuda -> mps -> cpu), ``seed``, ``out`` (run folder), ``log_every``
-    (steps between progress-bar refreshes), ``tsne`` (also plot t-SNE of the latents).
+    (steps between progress-bar refreshes), ``tsne`` (also plot t-SNE of the latents),
+    ``tensorboard`` (scalars and image grids every epoch in ``RUN_DIR/tb/``).
     """
 
     dataset: str = "mnist"
@@ -85,6 +86,7 @@ class TrainConfig:
     out: str | None = None
     log_every: int = 25
     tsne: bool = False
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # YAML gives lists

@@ -174,7 +174,9 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 
 
     _check_features(real, fake, minimum=2)
     size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
+    with warnings.catch_warnings():  # its "features are kept in memory" notice: they are, and they are small
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     state = torch.get_rng_state()
@@ -612,7 +614,7 @@ def evaluate_run(
     if "confidence" in todo or ("fid" in todo or "kid" in todo) and inception is None:
         evaluator, ev_info = build_evaluator(config.dataset, data_root=config.data_root, device=dev)
         result["evaluator"] = {k: ev_info[k] for k in ("test_accuracy", "test_source", "test_images", "epochs",
-                                                       "train_time_s", "widths", "data_fingerprint", "recipe_version")}
+                                                       "train_time_s", "device", "widths", "data_fingerprint", "recipe_version")}
 
     # 3. the metrics, each with its definition
     if "fid" in todo or "kid" in todo:

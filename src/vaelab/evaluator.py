@@ -30,14 +30,14 @@ from vaelab.io import write_json
 from vaelab.models import load_model, save_model
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 
-# bump when the recipe or architecture changes: cached evaluators of an older recipe are retrained
+# bump when the training code or architecture changes; the recipe values are part of the cache key too
 RECIPE_VERSION = 1
 
 # dataset -> training recipe and architecture of its evaluator (measured numbers in docs/evaluation.md)
 RECIPES: dict[str, dict] = {
     "mnist": dict(epochs=2, batch_size=256, lr=0.1, augment=True, flip=False, widths=(32, 64, 128)),
-    "fashion-mnist": dict(epochs=5, batch_size=256, lr=0.1, augment=True, flip=True, widths=(32, 64, 128)),
-    "cifar10": dict(epochs=10, batch_size=256, lr=0.1, augment=True, flip=True, widths=(64, 128, 256)),
+    "fashion-mnist": dict(epochs=8, batch_size=256, lr=0.1, augment=True, flip=False, widths=(32, 64, 128)),
+    "cifar10": dict(epochs=6, batch_size=256, lr=0.1, augment=True, flip=True, widths=(32, 64, 128)),
 }
 # any other dataset (imagefolder, synthetic sets)
 DEFAULT_RECIPE = dict(epochs=10, batch_size=256, lr=0.1, augment=True, flip=None, widths=(32, 64, 128))
@@ -224,9 +224,16 @@ def data_fingerprint(split: ImageSplit) -> str:
     return h.hexdigest()[:16]
 
 
+def recipe_key(recipe: dict) -> str:
+    """A short hash of a recipe and ``RECIPE_VERSION``: another recipe gives another cached evaluator."""
+    text = json.dumps({"version": RECIPE_VERSION, **{k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}},
+                      sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def evaluator_dir(dataset: str, train: ImageSplit) -> Path:
-    """``cache_dir()/evaluators/<dataset>-<data fingerprint>-r<recipe version>``."""
-    return cache_dir() / "evaluators" / f"{dataset}-{data_fingerprint(train)}-r{RECIPE_VERSION}"
+    """``cache_dir()/evaluators/<dataset>-<data fingerprint>-<recipe key>``."""
+    return cache_dir() / "evaluators" / f"{dataset}-{data_fingerprint(train)}-{recipe_key(default_recipe(dataset))}"
 
 
 def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None, device: torch.device | str = "cpu",
@@ -254,7 +261,7 @@ def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
                                    augment=recipe["augment"], flip=recipe["flip"], widths=recipe["widths"],
                                    device=device)
     acc = classifier_accuracy(model, test, device=device)
-    info.update(dataset=dataset, recipe_version=RECIPE_VERSION, data_fingerprint=data_fingerprint(train),
+    info.update(dataset=dataset, recipe_version=RECIPE_VERSION, recipe=recipe, data_fingerprint=data_fingerprint(train),
                 test_accuracy=acc["top1"], test_per_class=acc["per_class"], test_images=len(test),
                 test_source=test.source, classes=test.classes, split="test")
     # write into a temp folder, then rename: a cached evaluator is complete or absent
@@ -272,7 +279,7 @@ def get_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
     """The evaluator classifier of ``dataset`` in eval mode on ``device``; trained on first use.
 
     Cached under ``vaelab.data.cache_dir()/evaluators/`` keyed by dataset, a content hash of the
-    real train split and the recipe version, so other data or another recipe gives a new one.
+    real train split and a hash of the recipe, so other data or another recipe gives a new one.
 
     Raises:
         DataError: unknown or missing dataset.

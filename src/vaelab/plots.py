@@ -54,7 +54,7 @@ def training_curves(rows: list[dict], path: str | Path) -> None:
         ax.set_ylabel("nats per image")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("training curves")
+    fig.tight_layout()
     save_figure(fig, path)
 
 

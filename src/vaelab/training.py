@@ -6,7 +6,7 @@ folder, then writes, every epoch, a ``metrics.jsonl`` row and a checkpoint, and 
 
 Run folder::
 
-    config.yaml  metrics.jsonl  summary.json  checkpoints/epoch-NNNN/{model.safetensors,config.json,trainer_state.pt}
+    config.yaml  metrics.jsonl  summary.json  tb/ (TensorBoard events)  checkpoints/epoch-NNNN/{model.safetensors,config.json,trainer_state.pt}
     training_curves.png  reconstructions.png  samples.png  interpolation.png  latent_mu_pca.png  latent_sigma_pca.png
 """
 
@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vaelab
-from vaelab import plots
+from vaelab import plots, tblog
 from vaelab.config import TrainConfig, config_from_dict, load_config
 from vaelab.data import ImageSplit, batches, load_split, split_validation
 from vaelab.errors import ConfigError, VaelabError
@@ -307,6 +307,7 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
         f"{data.train.source}: {len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test images, "
         f"device {device}"
     )
+    tb = tblog.open_writer(run_dir, enabled=config.tensorboard, purge_step=start_epoch)
 
     def beta_for(s: int) -> float:
         return beta_at(s, beta=config.beta, schedule=config.beta_schedule, anneal_steps=anneal_steps,
@@ -357,6 +358,7 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
             "epoch_time_s": epoch_time, "images_per_s": n / epoch_time,
         }
         append_jsonl(run_dir / "metrics.jsonl", row)
+        tblog.log_epoch(tb, row, model, data.val, seed=config.seed)
         if not vae:
             tqdm.write(
                 f"epoch {epoch}/{config.epochs}  train eps-MSE {row['train_loss']:.4f} | val eps-MSE {val['loss']:.4f} | "
@@ -382,6 +384,8 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
             "low_kl_epochs": low_kl_epochs,
         })
 
+    if tb is not None:
+        tb.close()
     finalize(run_dir, model, data, config, train_time_s=elapsed, device=device)
     return run_dir
 

@@ -1,0 +1,454 @@
+"""One self-contained HTML page per run, sweep or comparison folder: ``FOLDER/report.html``.
+
+The page holds the config, every table of numbers the folder has, and every picture, each with a
+caption saying what it shows and on which split / feature space. Pictures are embedded as
+``data:image/png;base64`` URIs and the CSS is inline, so the file makes no network request and can
+be mailed or archived on its own. There is no JavaScript.
+
+What is read (top level of the folder unless said otherwise):
+
+- run folder (``config.yaml`` + ``summary.json`` or ``metrics.jsonl``): ``summary.json``,
+  ``metrics.jsonl`` (per-epoch table), ``config.yaml``, any other ``*.json`` (e.g. ``eval.json``) as
+  tables, every ``*.png`` below the folder except ``checkpoints/`` and ``tb/``.
+- sweep folder (``sweep.json``): the sweep table, ``sweep_curves.png``, the sample strips, and for
+  every point its summary and pictures.
+- comparison folder (``comparison.json``): every ``*.json`` as tables, ``*.md`` as text, every
+  ``*.png``.
+
+Captions come from a table of known file names (``CAPTIONS``); a JSON file in the folder may add
+its own with a top-level ``"captions": {"file.png": "text"}`` mapping; any other picture gets a
+generic caption naming its file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import vaelab
+from vaelab.errors import VaelabError
+from vaelab.io import read_jsonl, write_text
+
+REPORT_NAME = "report.html"
+SKIP_DIRS = {"checkpoints", "tb", "logs", "configs", "__pycache__"}
+MAX_INLINE_LIST = 12  # longer lists of numbers are summarised, not printed in full
+
+# file name -> caption; {source} is the dataset label, {n_test} the number of test images
+CAPTIONS: dict[str, str] = {
+    "training_curves.png": (
+        "Training curves: reconstruction NLL, KL(q(z|x) || p(z)) and the total loss recon + beta*KL, in nats "
+        "per image, per epoch. Train = running mean over each epoch on the {source} train split; validation = "
+        "the held-out part of the train split, evaluated at the end of each epoch."
+    ),
+    "reconstructions.png": (
+        "Reconstructions: top row, 8 random images of the {source} test split; bottom row, their "
+        "reconstructions (decoder mean at z = mu)."
+    ),
+    "samples.png": (
+        "Samples from the prior: decoder means of 64 draws z ~ N(0, I) (no test image involved) of the model "
+        "trained on {source}."
+    ),
+    "interpolation.png": (
+        "Latent interpolation: each row decodes 10 evenly spaced points on the straight line between the "
+        "posterior means mu of two {source} test images (left and right ends)."
+    ),
+    "latent_mu_pca.png": (
+        "PCA to 2-D of the posterior means mu of {n_test} {source} test images, coloured by class."
+    ),
+    "latent_sigma_pca.png": (
+        "PCA to 2-D of the posterior standard deviations exp(0.5 * logvar) of {n_test} {source} test images, "
+        "coloured by class."
+    ),
+    "latent_mu_tsne.png": (
+        "t-SNE to 2-D of the posterior means mu of (at most the first 3,000) {source} test images, coloured by class."
+    ),
+    "sweep_curves.png": (
+        "Sweep curves: each metric against the swept value (one line per combination of the other swept "
+        "values). Recon MSE, KL and -ELBO on the {source} test split; FID of prior samples against the test "
+        "split in the feature space named in the table; training time on the machine that ran the sweep."
+    ),
+    "eval_samples.png": (
+        "64 of the generated images used for the FID/KID and confidence numbers in eval.json (prior samples of "
+        "the model trained on {source})."
+    ),
+    "confidence_hist.png": (
+        "Evaluator classifier's top-1 probability on generated samples and on real {source} test images "
+        "(the threshold line marks a 'confident' prediction; numbers in eval.json)."
+    ),
+    "class_coverage.png": (
+        "Share of generated samples and of real {source} test images that the evaluator classifier assigns to "
+        "each class (mode coverage)."
+    ),
+    "kl_per_dim.png": (
+        "KL(q(z_i|x) || p(z_i)) per latent dimension and the variance of mu_i across the {source} test split; "
+        "dimensions above the threshold count as active units."
+    ),
+    "compare_samples.png": (
+        "Samples of the compared models side by side, one model per row (settings and numbers in the "
+        "comparison tables above)."
+    ),
+}
+# captions for families of files, matched on a word in the file name
+CAPTION_PATTERNS: list[tuple[str, str]] = [
+    ("confidence", "Histogram of the evaluator classifier's top-1 confidence; the split or sample set is named "
+                   "in the file name and in the evaluation tables."),
+    ("confusion", "Confusion matrix of the evaluator classifier (rows: true class, columns: predicted class)."),
+    ("nearest", "Generated images next to their nearest neighbours in the training set."),
+]
+ORDER = ["sweep_curves.png", "training_curves.png", "reconstructions.png", "samples.png", "interpolation.png",
+         "latent_mu_pca.png", "latent_sigma_pca.png", "latent_mu_tsne.png", "eval_samples.png", "confidence_hist.png",
+         "class_coverage.png", "kl_per_dim.png"]
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1200px;
+padding:16px 28px;color:#1d1d1f;background:#fff;line-height:1.4}
+h1{font-size:1.6em;margin-bottom:0}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:2em}
+h3{margin-top:1.6em}.meta{color:#555;font-size:.9em}nav a{margin-right:1em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.wide{overflow-x:auto;max-width:100%}table.kv td{max-width:760px}table.kv td.num{text-align:left}
+figure{margin:1.2em 0;padding:8px;border:1px solid #e3e3e3;border-radius:4px;display:inline-block;max-width:100%}
+figure img{max-width:100%;height:auto;image-rendering:pixelated;display:block}
+figcaption{font-size:.88em;color:#333;margin-top:6px;max-width:900px}
+pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:.85em}
+.caption-file{font-family:monospace;color:#777}
+"""
+
+
+class ReportError(VaelabError):
+    """A folder holds nothing a report can be made of."""
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def folder_kind(folder: str | Path) -> str:
+    """``"sweep"``, ``"comparison"`` or ``"run"``, from the files in ``folder``.
+
+    Raises:
+        ReportError: ``folder`` does not exist, or holds none of ``sweep.json``, ``comparison.json``,
+            or ``config.yaml`` with ``summary.json`` / ``metrics.jsonl``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ReportError(f"{folder} is not a folder; expected a run, sweep or comparison folder")
+    if (folder / "sweep.json").is_file():
+        return "sweep"
+    if (folder / "comparison.json").is_file():
+        return "comparison"
+    if (folder / "config.yaml").is_file() and ((folder / "summary.json").is_file() or (folder / "metrics.jsonl").is_file()):
+        return "run"
+    raise ReportError(
+        f"{folder} holds no run, sweep or comparison: expected sweep.json (vaelab sweep), comparison.json "
+        "(a comparison) or config.yaml with summary.json / metrics.jsonl (vaelab train)"
+    )
+
+
+def write_report(folder: str | Path, *, out: str | Path | None = None) -> Path:
+    """Write the self-contained HTML report of ``folder`` to ``out`` (default ``folder/report.html``).
+
+    Raises:
+        ReportError: the folder is not a run, sweep or comparison folder (see ``folder_kind``).
+    """
+    folder = Path(folder)
+    page = build_report(folder)
+    out = Path(out) if out is not None else folder / REPORT_NAME
+    write_text(out, page)
+    return out
+
+
+def build_report(folder: str | Path) -> str:
+    """The report of ``folder`` as one HTML string (see the module docstring for what it holds)."""
+    folder = Path(folder)
+    kind = folder_kind(folder)
+    sections = {"run": _run_sections, "sweep": _sweep_sections, "comparison": _comparison_sections}[kind](folder)
+    title = f"{kind} report: {folder.resolve().name}"
+    nav = " ".join(f'<a href="#{_anchor(h)}">{html.escape(h)}</a>' for h, _ in sections)
+    body = "\n".join(f'<h2 id="{_anchor(h)}">{html.escape(h)}</h2>\n{content}' for h, content in sections)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
+        f"<p class=\"meta\">folder <code>{html.escape(str(folder.resolve()))}</code> &middot; written {stamp} by "
+        f"vaelab {html.escape(vaelab.__version__)}</p>\n<nav>{nav}</nav>\n{body}\n</body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------------------- sections per kind
+
+
+def _run_sections(folder: Path, *, heading_level: int = 3) -> list[tuple[str, str]]:
+    summary = _read_json(folder / "summary.json") or {}
+    ctx = _context(folder, summary)
+    sections = []
+    if summary:
+        sections.append(("Summary (test split)", _p(f"Measured on the {ctx['source']} test split "
+                                                     f"({ctx['n_test']} images).") + json_tables(summary)))
+    for path in _json_files(folder, exclude={"summary.json"}):
+        sections.append((f"Numbers: {path.name}", json_tables(_read_json(path))))
+    rows = read_jsonl(folder / "metrics.jsonl")
+    if rows:
+        sections.append(("Training per epoch", _p("train_* = running means over the epoch on the train split; val_* = "
+                                                  "the held-out validation part of the train split; loss terms in "
+                                                  "nats per image.") + rows_table(rows)))
+    pictures = _pictures(folder)
+    if pictures:
+        sections.append(("Pictures", "\n".join(figure(p, caption(p, folder, ctx)) for p in pictures)))
+    if (folder / "config.yaml").is_file():
+        sections.append(("Config", _p("config.yaml: the resolved training config of this run.")
+                         + json_tables(yaml.safe_load((folder / "config.yaml").read_text()) or {})))
+    return sections
+
+
+def _sweep_sections(folder: Path) -> list[tuple[str, str]]:
+    sweep = _read_json(folder / "sweep.json")
+    points = sweep.get("points", [])
+    axes = sweep.get("axes", {})
+    sections = [("Sweep", _p(sweep.get("description", "")) + _sweep_table(sweep))]
+    pictures = [p for p in _pictures(folder, recursive=False) if p.name != "sweep_curves.png"]
+    if (folder / "sweep_curves.png").is_file():
+        ctx = {"source": sweep.get("dataset", "the dataset"), "n_test": "the"}
+        sections.append(("Curves", figure(folder / "sweep_curves.png", caption(folder / "sweep_curves.png", folder, ctx))))
+    strips = []
+    for point in points:
+        strip = folder / point.get("samples", "")
+        if point.get("samples") and strip.is_file():
+            strips.append(figure(strip, f"Point {point['name']}: 16 decoder means of prior draws z ~ N(0, I), the same "
+                                        "seed for every point (no test image involved)."))
+    if strips:
+        sections.append(("Samples per point", "\n".join(strips)))
+    if pictures:
+        sections.append(("Other pictures", "\n".join(figure(p, caption(p, folder, {})) for p in pictures)))
+    for point in points:
+        run_dir = folder / point.get("run_dir", point["name"])
+        if run_dir.is_dir():
+            parts = [f"<h3>{html.escape(h)}</h3>\n{c}" for h, c in _run_sections(run_dir) if h != "Config"]
+            sections.append((f"Point {point['name']}", "\n".join(parts)))
+    base = sweep.get("base_config")
+    if base:
+        sections.append(("Config", _p("Base config of every point; the swept fields "
+                                      f"({', '.join(axes)}) replace its values.") + json_tables(base)))
+    return sections
+
+
+def _comparison_sections(folder: Path) -> list[tuple[str, str]]:
+    sections = []
+    for path in _json_files(folder):
+        sections.append((f"Numbers: {path.name}", json_tables(_read_json(path))))
+    for path in sorted(folder.glob("*.md")):
+        sections.append((f"Text: {path.name}", f"<pre>{html.escape(path.read_text())}</pre>"))
+    pictures = _pictures(folder)
+    if pictures:
+        sections.append(("Pictures", "\n".join(figure(p, caption(p, folder, {})) for p in pictures)))
+    if (folder / "config.yaml").is_file():
+        sections.append(("Config", json_tables(yaml.safe_load((folder / "config.yaml").read_text()) or {})))
+    return sections
+
+
+def _sweep_table(sweep: dict) -> str:
+    columns = sweep.get("columns")
+    points = sweep.get("points", [])
+    if not columns or not points:
+        return json_tables(sweep)
+    header = "".join(f"<th>{html.escape(c['label'])}</th>" for c in columns)
+    body = []
+    for point in points:
+        flat = {**point.get("values", {}), **point.get("metrics", {})}
+        body.append("<tr>" + "".join(_td(flat.get(c["key"])) for c in columns) + "</tr>")
+    return _table(f"<tr>{header}</tr>\n" + "\n".join(body))
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def figure(path: Path, text: str) -> str:
+    """An ``<figure>`` with ``path`` embedded as a PNG data URI and ``text`` as its caption."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).name)}">'
+            f'<figcaption>{html.escape(text)} <span class="caption-file">[{html.escape(Path(path).name)}]</span>'
+            "</figcaption></figure>")
+
+
+def caption(path: Path, folder: Path, ctx: dict) -> str:
+    """The caption of picture ``path``: a folder-provided caption, a known name, a name pattern, or generic."""
+    name = path.name
+    rel = path.relative_to(folder).as_posix()
+    for own in _own_captions(folder):
+        if rel in own or name in own:
+            return str(own.get(rel, own.get(name)))
+    ctx = {"source": ctx.get("source") or "the dataset", "n_test": ctx.get("n_test") or "the"}
+    if name in CAPTIONS:
+        return CAPTIONS[name].format(**ctx)
+    for word, text in CAPTION_PATTERNS:
+        if word in name:
+            return text
+    return f"Picture {rel} found in this folder; vaelab has no caption for this file name (see the tables above for its numbers)."
+
+
+def json_tables(obj: Any) -> str:
+    """Tables for any JSON value: a dict becomes key/value rows (nested keys dotted), lists of dicts
+    become row tables, numeric matrices become grids; numbers are formatted to 4 significant digits."""
+    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
+        return rows_table(obj)
+    if not isinstance(obj, dict):
+        return f"<pre>{html.escape(json.dumps(obj, indent=1)[:2000])}</pre>"
+    flat, extra = {}, []
+    _flatten(obj, "", flat, extra)
+    out = ""
+    if flat:
+        out += _table("<tr><th>field</th><th>value</th></tr>" + "".join(
+            f"<tr><td>{html.escape(k)}</td>{_td(v)}</tr>" for k, v in flat.items()), cls="kv")
+    for title, table in extra:
+        out += f"<p><b>{html.escape(title)}</b></p>{table}"
+    return out
+
+
+def rows_table(rows: list[dict]) -> str:
+    """A table with one row per dict and the union of keys (first-seen order) as columns."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys and not isinstance(r[k], (dict, list))]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(_td(r.get(k)) for k in keys) + "</tr>" for r in rows)
+    return _table(f"<tr>{head}</tr>{body}")
+
+
+def _flatten(obj: dict, prefix: str, flat: dict, extra: list) -> None:
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if key == "captions" and not prefix:
+            continue
+        if isinstance(value, dict):
+            _flatten(value, f"{name}.", flat, extra)
+        elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+            extra.append((name, rows_table(value)))
+        elif _is_matrix(value):
+            extra.append((name, _matrix(value)))
+        else:
+            flat[name] = value
+
+
+def _is_matrix(value: Any) -> bool:
+    return (isinstance(value, list) and 1 < len(value) <= 100 and all(isinstance(r, list) and len(r) == len(value[0])
+            and all(_is_number(v) for v in r) for r in value))
+
+
+def _matrix(value: list[list]) -> str:
+    head = "<tr><th></th>" + "".join(f"<th>{j}</th>" for j in range(len(value[0]))) + "</tr>"
+    body = "".join(f"<tr><th>{i}</th>" + "".join(_td(v) for v in row) + "</tr>" for i, row in enumerate(value))
+    return _table(head + body)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def format_value(v: Any) -> str:
+    """Numbers to 4 significant digits (integers in full), lists of numbers inline or summarised."""
+    if isinstance(v, bool) or v is None:
+        return "—" if v is None else str(v).lower()
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10000 else str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        if len(v) <= MAX_INLINE_LIST:
+            return "[" + ", ".join(format_value(x) for x in v) + "]"
+        if all(_is_number(x) for x in v):
+            return f"{len(v)} numbers, min {format_value(min(v))}, mean {format_value(sum(v) / len(v))}, max {format_value(max(v))}"
+        return f"list of {len(v)} items"
+    return str(v)
+
+
+def _table(rows: str, *, cls: str = "") -> str:
+    """A table in a horizontally scrolling box, so a wide table never widens the page."""
+    attr = f' class="{cls}"' if cls else ""
+    return f'<div class="wide"><table{attr}>{rows}</table></div>'
+
+
+def _td(v: Any) -> str:
+    cls = ' class="num"' if _is_number(v) else ""
+    return f"<td{cls}>{html.escape(format_value(v))}</td>"
+
+
+def _p(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>" if text else ""
+
+
+def _anchor(heading: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in heading.lower()).strip("-")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _json_files(folder: Path, *, exclude: set[str] = frozenset()) -> list[Path]:
+    return [p for p in sorted(folder.glob("*.json")) if p.name not in exclude and not p.name.startswith(".")]
+
+
+def _own_captions(folder: Path) -> list[dict]:
+    found = []
+    for path in _json_files(folder):
+        obj = _read_json(path)
+        if isinstance(obj, dict) and isinstance(obj.get("captions"), dict):
+            found.append(obj["captions"])
+    return found
+
+
+def _pictures(folder: Path, *, recursive: bool = True) -> list[Path]:
+    """Every PNG of ``folder`` (below it too unless ``recursive`` is false), known names first."""
+    found = []
+    candidates = folder.rglob("*.png") if recursive else folder.glob("*.png")
+    for p in candidates:
+        rel = p.relative_to(folder).parts
+        if any(part.startswith(".") or part in SKIP_DIRS for part in rel):
+            continue
+        found.append(p)
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(found, key=lambda p: (len(p.relative_to(folder).parts), rank.get(p.name, len(ORDER)), p.as_posix()))
+
+
+def _context(folder: Path, summary: dict) -> dict:
+    n = summary.get("num_test_images")
+    source = summary.get("dataset")
+    if source is None and (folder / "config.yaml").is_file():
+        source = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("dataset")
+    return {"source": source or "the dataset", "n_test": f"{n:,}" if isinstance(n, int) else "the"}
+
+
+def report_command(folder: str | Path, *, out: str | Path | None = None, screenshot: str | Path | None = None) -> str:
+    """``vaelab report``: write the report; with ``screenshot``, also open it in headless Chromium
+    (network blocked, see ``vaelab.browser``) and write a full-page PNG. Returns lines to print.
+
+    Raises:
+        ReportError: bad folder. VaelabError: the browser check found a problem (each one listed).
+    """
+    path = write_report(folder, out=out)
+    lines = [f"report: {path}"]
+    if screenshot is not None:
+        from vaelab.browser import check_page, problems
+
+        result = check_page(path, screenshot)
+        found = problems(result)
+        if found:
+            raise VaelabError(f"{path} failed the browser check:\n  " + "\n  ".join(found))
+        lines.append(f"checked in headless Chromium: {result['images']} images decode, no console errors, "
+                     f"no network requests; screenshot: {result['screenshot']}")
+    return "\n".join(lines)

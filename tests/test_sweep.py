@@ -1,0 +1,161 @@
+"""Sweeps: grid expansion, bad input, resumability, the sweep files (tiny runs on a real MNIST slice)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import vaelab.training
+from vaelab.cli import main
+from vaelab.config import TrainConfig
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.sweep import expand_grid, parse_axes, parse_set, plan_sweep, point_name, run_sweep
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_base(**over) -> TrainConfig:
+    values = dict(dataset="mnist", data_root=str(REPO.parent / "shared" / "datasets"), train_subset=300, test_subset=200, epochs=1, batch_size=64, log_every=100,
+                  tensorboard=False, device="cpu")
+    return TrainConfig(**{**values, **over})
+
+
+# ---------------------------------------------------------------------------- grid
+
+
+def test_parse_set_types():
+    assert parse_set("latent_dim=64,128, 256") == ("latent_dim", [64, 128, 256])
+    assert parse_set("lr=1e-3,0.01") == ("lr", [0.001, 0.01])
+    assert parse_set("augment=true,false") == ("augment", [True, False])
+    assert parse_set("latent-dim=8") == ("latent_dim", [8])  # CLI spelling accepted
+    assert parse_set("recon_likelihood=bernoulli,gaussian") == ("recon_likelihood", ["bernoulli", "gaussian"])
+
+
+def test_expand_grid_is_the_cartesian_product_first_axis_slowest():
+    axes = parse_axes(["latent_dim=64,128", "beta=1,4,8"])
+    grid = expand_grid(axes)
+    assert len(grid) == 6
+    assert grid[:3] == [{"latent_dim": 64, "beta": 1}, {"latent_dim": 64, "beta": 4}, {"latent_dim": 64, "beta": 8}]
+    assert grid[-1] == {"latent_dim": 128, "beta": 8}
+    assert len({point_name(v) for v in grid}) == 6
+    assert point_name(grid[1]) == "latent_dim=64_beta=4"
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("latnt_dim=1,2", ["latnt_dim", "unknown sweep key"]),
+    ("latent_dim=", ["empty value list", "latent_dim"]),
+    ("latent_dim= , ,", ["empty value list"]),
+    ("latent_dim", ["KEY=V1,V2"]),
+    ("out=a,b", ["cannot be swept"]),
+    ("beta=1,1", ["repeated value"]),
+])
+def test_bad_set_is_named(spec, words):
+    with pytest.raises(ConfigError) as exc:
+        parse_set(spec)
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_bad_axes():
+    with pytest.raises(ConfigError, match="at least one --set"):
+        parse_axes([])
+    with pytest.raises(ConfigError, match="already swept"):
+        parse_axes(["beta=1,2", "beta=3"])
+
+
+def test_invalid_point_value_is_rejected_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="sweep point latent_dim=0"):
+        plan_sweep(tiny_base(), {"latent_dim": [4, 0]}, tmp_path / "sweep")
+    with pytest.raises(ConfigError, match="latent_dim=0"):
+        run_sweep(tiny_base(), {"latent_dim": [4, 0]}, out=tmp_path / "sweep", evaluate=False)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_cli_unknown_key_exit_code(tmp_path, capsys):
+    assert main(["sweep", "--set", "latnt_dim=1,2", "--out", str(tmp_path / "s")]) == 2
+    assert "unknown sweep key 'latnt_dim'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- running
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, shared_datasets):
+    out = tmp_path_factory.mktemp("sweep") / "latent"
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=out, evaluate=False)
+    return out
+
+
+def test_sweep_writes_a_run_per_point_and_the_tables(finished_sweep):
+    sweep = json.loads((finished_sweep / "sweep.json").read_text())
+    assert [p["name"] for p in sweep["points"]] == ["latent_dim=2", "latent_dim=6"]
+    assert sweep["dataset"] == "MNIST" or "MNIST" in sweep["dataset"]
+    for p in sweep["points"]:
+        run = finished_sweep / p["run_dir"]
+        assert (run / "summary.json").is_file() and (run / "samples.png").is_file()
+        assert not (run / "tb").exists()  # tensorboard=False in the base config
+        assert (finished_sweep / p["samples"]).is_file()
+        m = p["metrics"]
+        assert m["latent_dim"] == p["values"]["latent_dim"]
+        assert 0 < m["recon_mse"] < 1 and m["kl"] >= 0 and m["neg_elbo"] > m["kl"]
+        assert 0 <= m["active_units"] <= m["latent_dim"]
+        assert m["fid"] is None  # evaluation skipped
+    params = [p["metrics"]["parameters"] for p in sweep["points"]]
+    assert params[1] > params[0]  # a wider latent adds encoder/decoder weights
+    md = (finished_sweep / "sweep.md").read_text()
+    assert "| latent_dim | recon MSE / pixel" in md and md.count("\n| ") == 3
+    assert (finished_sweep / "sweep_curves.png").stat().st_size > 1000
+
+
+def test_resume_skips_finished_points(finished_sweep, monkeypatch):
+    calls = []
+    real_train = vaelab.training.train
+    monkeypatch.setattr(vaelab.training, "train", lambda config, **kw: calls.append(config.out) or real_train(config, **kw))
+    before = (finished_sweep / "runs/latent_dim=2/summary.json").stat().st_mtime_ns
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=False)
+    assert calls == []
+    assert (finished_sweep / "runs/latent_dim=2/summary.json").stat().st_mtime_ns == before
+    # an unfinished point (no summary) is trained again, the finished one is not
+    (finished_sweep / "runs/latent_dim=6/summary.json").unlink()
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=False)
+    assert calls == [str(finished_sweep / "runs/latent_dim=6")]
+    assert (finished_sweep / "runs/latent_dim=2/summary.json").stat().st_mtime_ns == before
+
+
+def test_a_different_sweep_in_the_same_folder_is_refused(finished_sweep):
+    with pytest.raises(VaelabError, match="holds a different sweep"):
+        run_sweep(tiny_base(), {"latent_dim": [2, 8]}, out=finished_sweep, evaluate=False)
+
+
+def test_jobs_run_points_as_separate_processes(tmp_path, shared_datasets):
+    out = run_sweep(tiny_base(train_subset=200), {"beta": [1, 2]}, out=tmp_path / "jobs", jobs=2, evaluate=False)
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert len(sweep["points"]) == 2
+    for p in sweep["points"]:
+        assert "training mnist-small" in (out / "logs" / f"{p['name']}.log").read_text()
+
+
+def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
+    """The sweep calls ``evaluate_run`` for points without ``eval.json`` and reads FID and its feature space back."""
+    import vaelab.evaluation
+
+    calls = []
+
+    def fake_evaluate_run(run_dir, *, metrics, fid_features, num_samples, device):
+        calls.append((run_dir.name, metrics, fid_features, num_samples))
+        fid = {"metric": "FID", "value": 10.0 * len(calls), "feature_space": "test features", "num_samples": num_samples,
+               "floor": {"value": 1.5}}
+        (run_dir / "eval.json").write_text(json.dumps({"fid": fid, "split": "test"}))
+
+    monkeypatch.setattr(vaelab.evaluation, "evaluate_run", fake_evaluate_run)
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=123)
+    assert calls == [("latent_dim=2", ["fid"], "classifier", 123), ("latent_dim=6", ["fid"], "classifier", 123)]
+    sweep = json.loads((finished_sweep / "sweep.json").read_text())
+    assert [p["metrics"]["fid"] for p in sweep["points"]] == [10.0, 20.0]
+    assert sweep["points"][0]["metrics"]["fid_floor"] == 1.5
+    assert "FID [test features] (123 samples vs test)" in (finished_sweep / "sweep.md").read_text()
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=123)
+    assert len(calls) == 2  # evaluated points are not evaluated again
