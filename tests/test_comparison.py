@@ -6,7 +6,6 @@ import json
 import statistics
 
 import pytest
-import torch
 from fixtures import write_image_folder
 
 from vaelab.cli import main
