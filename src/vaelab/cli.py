@@ -25,7 +25,7 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
                    help="do not write TensorBoard logs to RUN_DIR/tb/")
     if not full:
         return
-    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv")
+    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | ddpm-28 | ddpm-32")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int)
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion runs: ddpm (T-step ancestral, default) or ddim")
+    p.add_argument("--steps", type=int, help="diffusion runs: denoising steps (ddpm: T, ddim: 50 by default)")
 
     p = sub.add_parser("evaluate", help="compute FID/KID, confidence, reconstruction, likelihood, latent and speed metrics of a run")
     p.add_argument("--run", required=True, help="run folder")
@@ -66,6 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=10000, help="generated images for FID/KID/confidence")
     p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image for the IWAE bound")
     p.add_argument("--nll-subset", type=int, help="likelihood on the first N test images only (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion runs: sampler for the generated images")
+    p.add_argument("--steps", type=int, help="diffusion runs: denoising steps (ddpm: T, ddim: 50 by default)")
+
+    p = sub.add_parser("compare", help="compare trained runs (e.g. a VAE and a DDPM): cost, speed and every evaluation metric")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run folders")
+    p.add_argument("--out", help="comparison folder to write (default runs/compare-<timestamp>)")
+    p.add_argument("--num-samples", type=int, default=10000, help="generated images per entry for FID/KID/confidence")
+    p.add_argument("--ddpm-num-samples", type=int, help="the same for the full T-step DDPM sampler (default --num-samples)")
+    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps for diffusion runs")
+    p.add_argument("--metrics", help="comma-separated evaluate metrics (default: all but speed)")
+    p.add_argument("--fid-features", default="classifier", help="classifier (offline default) | inception")
+    p.add_argument("--inception-weights", help="path of the FID Inception weights")
+    p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image for the IWAE bound")
+    p.add_argument("--nll-subset", type=int, help="likelihood on the first N test images only")
+    p.add_argument("--timing-repeats", type=int, default=3, help="timed runs per generation-time measurement (median)")
+    p.add_argument("--timing-max-steps", type=int,
+                   help="time longer diffusion chains on this many steps and scale linearly (default: full chains)")
+    p.add_argument("--allow-mixed", action="store_true", help="accept runs trained on different datasets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
@@ -105,6 +127,8 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None):
 def _print_outputs(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     keys = ("test_recon_nats", "test_kl_nats", "test_neg_elbo_nats", "test_mse_per_pixel", "active_units", "train_time_s")
+    if "test_eps_mse" in summary:  # a diffusion run
+        keys = ("test_eps_mse", "parameters", "train_time_s", "train_images_per_s")
     print(f"\nrun folder: {run_dir}")
     print(f"test split of {summary['dataset']}: " + ", ".join(f"{k}={summary[k]:.4g}" for k in keys))
     for f in sorted(run_dir.glob("*.png")) + [run_dir / "summary.json", run_dir / "metrics.jsonl"]:
@@ -142,15 +166,28 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from vaelab.generation import sample_run
 
-            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device))
+            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device, sampler=args.sampler,
+                             steps=args.steps))
         elif args.command == "evaluate":
             from vaelab.evaluation import describe, evaluate_run
+            from vaelab.generation import run_sampler_options
 
             result = evaluate_run(args.run, metrics=args.metrics, fid_features=args.fid_features, num_samples=args.num_samples,
                                   iwae_k=args.iwae_k, nll_subset=args.nll_subset, inception_weights=args.inception_weights,
-                                  seed=args.seed, device=args.device)
+                                  seed=args.seed, device=args.device,
+                                  sample_kwargs=run_sampler_options(args.run, sampler=args.sampler, steps=args.steps))
             print(describe(result))
             print(f"  {Path(args.run) / 'eval.json'}")
+        elif args.command == "compare":
+            from vaelab.comparison import compare_runs
+
+            out = compare_runs(args.runs, out=args.out, num_samples=args.num_samples, ddpm_num_samples=args.ddpm_num_samples,
+                               ddim_steps=args.ddim_steps, metrics=args.metrics, fid_features=args.fid_features,
+                               inception_weights=args.inception_weights, iwae_k=args.iwae_k, nll_subset=args.nll_subset,
+                               timing_repeats=args.timing_repeats, timing_max_steps=args.timing_max_steps,
+                               allow_mixed=args.allow_mixed, seed=args.seed, device=args.device)
+            print((out / "comparison.md").read_text())
+            print(f"comparison folder: {out}")
         elif args.command == "evaluator":
             from vaelab.evaluator import build_evaluator, describe_evaluator
             from vaelab.training import select_device

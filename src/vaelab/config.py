@@ -13,7 +13,7 @@ from vaelab.data.batches import PIXEL_RANGES
 from vaelab.data.sources import check_dataset_name
 from vaelab.errors import ConfigError, DataError
 from vaelab.losses import BETA_SCHEDULES, RECON_LIKELIHOODS
-from vaelab.models import check_preset
+from vaelab.models import check_preset, preset_kind
 
 # the seeds' spellings, accepted in YAML files as well as on the command line
 ALIASES = {"save_path": "out", "batch-size": "batch_size", "latent-dim": "latent_dim"}
@@ -104,16 +104,32 @@ class TrainConfig:
         if c.model is None:
             c.model = DEFAULT_MODEL.get(c.dataset, "conv")
         check_preset(c.model)
-        if c.recon_likelihood is None:
-            c.recon_likelihood = "bernoulli" if c.dataset in DIGIT_LIKE else "gaussian"
-        if c.recon_sigma is None:
-            c.recon_sigma = 0.5**0.5
+        if preset_kind(c.model) == "vae":
+            if c.recon_likelihood is None:
+                c.recon_likelihood = "bernoulli" if c.dataset in DIGIT_LIKE else "gaussian"
+            if c.recon_sigma is None:
+                c.recon_sigma = 0.5**0.5
+        else:
+            c.reject_vae_options()
         if c.augment is None:
             c.augment = c.dataset not in DIGIT_LIKE
         if c.beta_schedule is None:
             c.beta_schedule = "linear" if (c.kl_anneal_epochs or c.kl_anneal_steps) else "constant"
         c.validate()
         return c
+
+    def reject_vae_options(self) -> None:
+        """Raise ``ConfigError`` if a VAE-only field is set (for a model that has no latent or KL term)."""
+        # field -> the values that mean "not used" (a saved, resolved config holds beta_schedule 'constant')
+        vae_only = {"latent_dim": (None,), "recon_likelihood": (None,), "recon_sigma": (None,), "beta": (1.0,),
+                    "beta_schedule": (None, "constant"), "kl_anneal_epochs": (None,), "kl_anneal_steps": (None,),
+                    "tsne": (False,), "binarize": (False,)}
+        for name, unset in vae_only.items():
+            if getattr(self, name) not in unset:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} applies to VAEs only; model {self.model!r} is a diffusion model "
+                    f"(remove it from the config or command line)"
+                )
 
     def validate(self) -> None:
         def positive(name: str, integer: bool = True) -> None:
@@ -125,8 +141,9 @@ class TrainConfig:
 
         for name in ("epochs", "batch_size", "log_every", "kl_cycles"):
             positive(name)
-        for name in ("lr", "recon_sigma"):
-            positive(name, integer=False)
+        positive("lr", integer=False)
+        if self.recon_sigma is not None:  # None for diffusion models
+            positive("recon_sigma", integer=False)
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if self.latent_dim is not None and (not isinstance(self.latent_dim, int) or self.latent_dim < 1):
@@ -139,7 +156,7 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be positive or null, got {self.grad_clip}")
         if self.pixel_range not in PIXEL_RANGES:
             raise ConfigError(f"pixel_range must be one of {', '.join(PIXEL_RANGES)}, got {self.pixel_range!r}")
-        if self.recon_likelihood not in RECON_LIKELIHOODS:
+        if self.recon_likelihood is not None and self.recon_likelihood not in RECON_LIKELIHOODS:
             raise ConfigError(f"unknown recon_likelihood {self.recon_likelihood!r}; valid: {', '.join(RECON_LIKELIHOODS)}")
         if self.binarize and (self.recon_likelihood != "bernoulli" or self.pixel_range != "[0,1]"):
             raise ConfigError("binarize: true needs recon_likelihood 'bernoulli' and pixel_range '[0,1]', got "
@@ -156,13 +173,14 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
 
     def model_overrides(self) -> dict[str, Any]:
-        return {
+        values = {
             **self.model_args,
             "latent_dim": self.latent_dim,
             "recon_likelihood": self.recon_likelihood,
             "recon_sigma": self.recon_sigma,
             "pixel_range": self.pixel_range,
         }
+        return {k: v for k, v in values.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

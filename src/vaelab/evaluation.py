@@ -44,6 +44,7 @@ FEATURE_SPACES = ("classifier", "inception")
 CONFIDENT = 0.8  # "confident" sample: evaluator max-probability >= this
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for pt_inception-2015-12-05
 KID_SUBSETS = 100
+MAX_PROB_BINS = 20  # histogram of the evaluator's max-probability kept in eval.json
 
 
 # ---------------------------------------------------------------------------- feature spaces
@@ -213,7 +214,8 @@ def confidence_metrics(logits: torch.Tensor, *, threshold: float = CONFIDENT) ->
         [1/K, 1]), ``share_confident`` (fraction with max-probability >= ``threshold``),
         ``class_distribution`` (fraction predicted as each class, K floats), ``class_entropy_nats``
         (entropy H of that distribution), ``mode_coverage`` (``H / log K`` in [0, 1]: 1 = every class
-        equally often) and ``effective_classes`` (``exp(H)``).
+        equally often), ``effective_classes`` (``exp(H)``) and ``max_prob_histogram`` (image counts
+        of the max-probability in ``MAX_PROB_BINS`` equal bins of [0, 1]).
     """
     probs = logits.float().softmax(1)
     k = probs.shape[1]
@@ -228,6 +230,7 @@ def confidence_metrics(logits: torch.Tensor, *, threshold: float = CONFIDENT) ->
         "class_entropy_nats": entropy,
         "mode_coverage": entropy / math.log(k),
         "effective_classes": math.exp(entropy),
+        "max_prob_histogram": torch.histc(max_prob, bins=MAX_PROB_BINS, min=0.0, max=1.0).long().tolist(),
     }
 
 

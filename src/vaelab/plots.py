@@ -170,3 +170,110 @@ def kl_per_dim(kl: list[float], variance: list[float], path: str | Path, *, thre
     ax.set_title(f"KL per latent dimension ({source} test), total {sum(kl):.2f} nats", fontsize=10)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------- diffusion runs
+
+DDPM_PICTURES = {
+    "samples.png": "64 samples from the EMA weights, DDIM sampler with min(50, T) steps",
+    "denoising_steps.png": "one sample of the full T-step DDPM sampler (EMA weights): the state x_t (top) and "
+                           "the model's estimate of x_0 (bottom) at 11 timesteps from noise to image",
+    "training_curves.png": "epsilon-MSE per pixel per epoch, train (running mean) and validation",
+}
+
+
+def loss_curves(rows: list[dict], path: str | Path, *, ylabel: str) -> None:
+    """One panel: train and validation loss per epoch."""
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train (running mean over epoch)")
+    ax.plot(epochs, [r["val_loss"] for r in rows], "s-", label="validation (end of epoch)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("training curves")
+    save_figure(fig, path)
+
+
+def denoising_figure(states: list[tuple[int, torch.Tensor, torch.Tensor]], path: str | Path, *, pixel_range: str, title: str) -> None:
+    """Columns = timesteps; rows = the state ``x_t`` and the estimate ``x0_hat`` of one image.
+
+    ``states`` as returned by ``DDPM.denoise(1, snapshots=K)``: ``(t, x_t, x0_hat)`` with ``(1, C, H, W)``
+    tensors in ``pixel_range``.
+    """
+    fig, axes = plt.subplots(2, len(states), figsize=(1.3 * len(states), 3.2), squeeze=False)
+    for col, (t, x_t, x0) in enumerate(states):
+        for row, img in enumerate((x_t, x0)):
+            a = img[0].detach().float().cpu()
+            a = ((a + 1) / 2 if pixel_range == "[-1,1]" else a).clamp(0, 1).permute(1, 2, 0).numpy()
+            ax = axes[row, col]
+            ax.imshow(a[..., 0] if a.shape[-1] == 1 else a, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(f"t={t}", fontsize=8)
+    axes[0, 0].set_ylabel("x_t", fontsize=8)
+    axes[1, 0].set_ylabel("x0 estimate", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+@torch.no_grad()
+def write_ddpm_pictures(run_dir: Path, model, rows: list[dict], config) -> None:
+    """The pictures of a finished diffusion run (``DDPM_PICTURES``)."""
+    run_dir = Path(run_dir)
+    model.eval()
+    pr = model.config.pixel_range
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    if rows:
+        loss_curves(rows, run_dir / "training_curves.png", ylabel="epsilon-MSE per pixel")
+    T = model.config.num_train_timesteps
+    images = model.sample(64, generator=gen, sampler="ddim", steps=min(50, T))
+    save_grid(images, run_dir / "samples.png", nrow=8, pixel_range=pr)
+    _, states = model.denoise(1, generator=gen, sampler="ddpm", snapshots=11)
+    denoising_figure(states, run_dir / "denoising_steps.png", pixel_range=pr,
+                     title=f"DDPM ancestral sampling, T={T} steps (EMA weights)")
+
+
+# ---------------------------------------------------------------------------- comparisons
+
+
+def compare_samples(grids: list[Path], labels: list[str], path: str | Path) -> None:
+    """The sample grids of several generators side by side, one titled panel each."""
+    fig, axes = plt.subplots(1, len(grids), figsize=(5.0 * len(grids), 5.4), squeeze=False)
+    for ax, grid, label in zip(axes[0], grids, labels):
+        ax.imshow(plt.imread(str(grid)), interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.suptitle("samples (same seed for every generator)", fontsize=10)
+    save_figure(fig, path)
+
+
+def confidence_overlay(entries: list[tuple[str, dict]], path: str | Path) -> None:
+    """Evaluator max-probability histograms of several generators (and of real test images) on one plot.
+
+    ``entries``: ``(label, confidence)`` with ``confidence`` the ``"confidence"`` dict of an
+    ``eval.json`` (its ``generated`` / ``real_test`` hold ``max_prob_histogram`` counts over equal
+    bins of [0, 1]).
+    """
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+
+    def step(counts: list[int], **kw) -> None:
+        counts = np.asarray(counts, dtype=float)
+        edges = np.linspace(0.0, 1.0, len(counts) + 1)
+        ax.stairs(counts / counts.sum() / np.diff(edges), edges, **kw)
+
+    real = entries[0][1]["real_test"]
+    step(real["max_prob_histogram"], fill=True, alpha=0.25, color="gray",
+         label=f"real test images (mean {real['mean_max_prob']:.3f})")
+    for label, conf in entries:
+        g = conf["generated"]
+        step(g["max_prob_histogram"], lw=1.8, label=f"{label} (mean {g['mean_max_prob']:.3f}, n={conf['num_samples']:,})")
+    threshold = real["confidence_threshold"]
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"confident: max-prob >= {threshold}")
+    ax.set_xlabel("evaluator max softmax probability")
+    ax.set_ylabel("density")
+    ax.set_title(f"evaluator confidence on generated samples ({entries[0][1]['split']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    save_figure(fig, path)

@@ -123,8 +123,11 @@ def evaluate(
         dict with ``loss`` (recon + beta*kl), ``recon``, ``kl``, ``neg_elbo`` (nats per image),
         ``mse`` (per pixel), ``mu_mean``, ``logvar_mean``, ``active_units`` (dims with
         Cov_x(E_q[z_i]) > 0.01, Burda et al. 2015) and, if ``keep_latents``, ``mu`` and ``logvar``
-        as ``(N, latent_dim)`` CPU tensors.
+        as ``(N, latent_dim)`` CPU tensors. For a diffusion model (``model.kind == "ddpm"``): only
+        ``loss``, the mean epsilon-prediction MSE per pixel (one seeded ``t`` and noise per image).
     """
+    if model.kind == "ddpm":
+        return _evaluate_denoising(model, split, batch_size=batch_size, pixel_range=pixel_range, seed=seed)
     was_training = model.training
     model.eval()
     device = split.images.device
@@ -152,6 +155,21 @@ def evaluate(
     if keep_latents:
         result["mu"], result["logvar"] = mu.cpu(), logvar.cpu()
     return result
+
+
+@torch.no_grad()
+def _evaluate_denoising(model, split: ImageSplit, *, batch_size: int, pixel_range: str, seed: int) -> dict:
+    was_training = model.training
+    model.eval()
+    device = split.images.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums = torch.zeros(2, device=device)  # eps_mse, n
+    for x, y in batches(split.images, split.labels, batch_size, pixel_range=pixel_range):
+        out = model.loss(x, y=y if model.conditional else None, generator=gen)
+        sums += torch.stack([out.eps_mse.sum(), torch.tensor(float(len(x)), device=device)])
+    model.train(was_training)
+    eps_mse, n = sums.tolist()
+    return {"loss": eps_mse / n}
 
 
 def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
@@ -285,7 +303,7 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
         run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(run_dir / "config.yaml", config.to_dict())
     print(
-        f"training {config.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+        f"training {config.model} ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters) on "
         f"{data.train.source}: {len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test images, "
         f"device {device}"
     )
@@ -295,10 +313,13 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
         return beta_at(s, beta=config.beta, schedule=config.beta_schedule, anneal_steps=anneal_steps,
                        total_steps=total_steps, cycles=config.kl_cycles, ratio=config.kl_cycle_ratio)
 
+    vae = model.kind == "vae"
+    terms = ("recon", "kl") if vae else ()  # per-image loss terms tracked beside the loss
+    fmt = ".2f" if vae else ".4f"  # nats per image vs. epsilon-MSE per pixel
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        sums = torch.zeros(4, device=device)  # loss, recon, kl, n (device-side: no per-step host sync)
+        sums = torch.zeros(2 + len(terms), device=device)  # loss, *terms, n (device-side: no per-step host sync)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
         for i, (x, y) in enumerate(batches(data.train.images, data.train.labels, config.batch_size, shuffle=True,
                                            augment_data=config.augment, pixel_range=config.pixel_range, generator=gen)):
@@ -311,38 +332,46 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
+            if model.kind == "ddpm":
+                model.update_ema()
             step += 1
-            sums += torch.stack([out.loss.detach() * len(x), out.recon.detach().sum(), out.kl.detach().sum(),
+            sums += torch.stack([out.loss.detach() * len(x), *(getattr(out, k).detach().sum() for k in terms),
                                  torch.tensor(float(len(x)), device=device)])
             bar.update(1)
             if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
-                loss, recon, kl, n = sums.tolist()
-                bar.set_postfix(loss=f"{loss / n:.2f}", recon=f"{recon / n:.2f}", kl=f"{kl / n:.2f}",
-                                beta=f"{beta:.3g}", lr=f"{opt.param_groups[0]['lr']:.2g}")
+                loss, *term_sums, n = sums.tolist()
+                bar.set_postfix(loss=f"{loss / n:{fmt}}", **{k: f"{v / n:.2f}" for k, v in zip(terms, term_sums)},
+                                **({"beta": f"{beta:.3g}"} if vae else {}), lr=f"{opt.param_groups[0]['lr']:.2g}")
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.perf_counter() - t0
         elapsed += epoch_time
-        loss, recon, kl, n = sums.tolist()
+        loss, *term_sums, n = sums.tolist()
         val = evaluate(model, data.val, beta=config.beta, pixel_range=config.pixel_range, seed=config.seed)
         sched.step(val["loss"])
-        low_kl_epochs = low_kl_epochs + 1 if val["kl"] < COLLAPSE_KL_NATS else 0
+        low_kl_epochs = low_kl_epochs + 1 if vae and val["kl"] < COLLAPSE_KL_NATS else 0
         row = {
-            "epoch": epoch, "step": step, "beta": beta, "lr": opt.param_groups[0]["lr"],
-            "train_loss": loss / n, "train_recon": recon / n, "train_kl": kl / n,
+            "epoch": epoch, "step": step, **({"beta": beta} if vae else {}), "lr": opt.param_groups[0]["lr"],
+            "train_loss": loss / n, **{f"train_{k}": v / n for k, v in zip(terms, term_sums)},
             **{f"val_{k}": v for k, v in val.items()},
             "epoch_time_s": epoch_time, "images_per_s": n / epoch_time,
         }
         append_jsonl(run_dir / "metrics.jsonl", row)
         tblog.log_epoch(tb, row, model, data.val, seed=config.seed)
-        tqdm.write(
-            f"epoch {epoch}/{config.epochs}  train loss {row['train_loss']:.2f} recon {row['train_recon']:.2f} "
-            f"kl {row['train_kl']:.2f} | val loss {val['loss']:.2f} recon {val['recon']:.2f} kl {val['kl']:.2f} | "
-            f"mu mean {val['mu_mean']:+.3f} logvar mean {val['logvar_mean']:+.3f} | active units "
-            f"{val['active_units']}/{model_config.latent_dim} | beta {beta:.3g} lr {row['lr']:.2g} | "
-            f"{epoch_time:.1f}s {row['images_per_s']:.0f} img/s"
-        )
+        if not vae:
+            tqdm.write(
+                f"epoch {epoch}/{config.epochs}  train eps-MSE {row['train_loss']:.4f} | val eps-MSE {val['loss']:.4f} | "
+                f"lr {row['lr']:.2g} | {epoch_time:.1f}s {row['images_per_s']:.0f} img/s"
+            )
+        else:
+            tqdm.write(
+                f"epoch {epoch}/{config.epochs}  train loss {row['train_loss']:.2f} recon {row['train_recon']:.2f} "
+                f"kl {row['train_kl']:.2f} | val loss {val['loss']:.2f} recon {val['recon']:.2f} kl {val['kl']:.2f} | "
+                f"mu mean {val['mu_mean']:+.3f} logvar mean {val['logvar_mean']:+.3f} | active units "
+                f"{val['active_units']}/{model_config.latent_dim} | beta {beta:.3g} lr {row['lr']:.2g} | "
+                f"{epoch_time:.1f}s {row['images_per_s']:.0f} img/s"
+            )
         if low_kl_epochs >= 2:
             tqdm.write(
                 f"WARNING: posterior collapse: validation KL is {val['kl']:.3f} nats/image (< {COLLAPSE_KL_NATS}) for "
@@ -364,6 +393,8 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
 def finalize(run_dir: Path, model, data: RunData, config: TrainConfig, *, train_time_s: float, device) -> dict:
     """Test-split evaluation, ``summary.json`` and the run's pictures."""
     model.eval()
+    if model.kind == "ddpm":
+        return _finalize_ddpm(run_dir, model, data, config, train_time_s=train_time_s, device=device)
     test = evaluate(model, data.test, beta=config.beta, pixel_range=config.pixel_range, seed=config.seed, keep_latents=True)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     images_seen = sum(r["images_per_s"] * r["epoch_time_s"] for r in rows)
@@ -387,12 +418,49 @@ def finalize(run_dir: Path, model, data: RunData, config: TrainConfig, *, train_
         "units": "recon/KL/-ELBO in nats per image (one z sample); MSE per pixel on "
                  f"{model.config.pixel_range} pixels; bits/dim of a {model.config.recon_likelihood} likelihood "
                  "on continuous pixels is not a discrete likelihood",
+        **_provenance(device, config.seed),
+    }
+    write_json(run_dir / "summary.json", summary)
+    plots.write_run_pictures(run_dir, model, data.test, test["mu"], test["logvar"], rows, config)
+    return summary
+
+
+def _provenance(device, seed: int) -> dict:
+    return {
         "device": str(device),
-        "seed": config.seed,
+        "seed": seed,
         "vaelab_version": vaelab.__version__,
         "git_sha": git_sha(),
         "torch_version": torch.__version__,
     }
+
+
+def _finalize_ddpm(run_dir: Path, model, data: RunData, config: TrainConfig, *, train_time_s: float, device) -> dict:
+    """``summary.json`` (test epsilon-MSE) and the pictures of a diffusion run."""
+    import diffusers
+
+    test = evaluate(model, data.test, pixel_range=config.pixel_range, seed=config.seed)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    images_seen = sum(r["images_per_s"] * r["epoch_time_s"] for r in rows)
+    summary = {
+        "dataset": data.test.source,
+        "split": "test",
+        "num_test_images": len(data.test),
+        "model": config.model,
+        "parameters": model.num_parameters,
+        "num_timesteps": model.config.num_train_timesteps,
+        "class_conditional": model.config.class_conditional,
+        "epochs": rows[-1]["epoch"] if rows else 0,
+        "steps": rows[-1]["step"] if rows else 0,
+        "test_eps_mse": test["loss"],
+        "train_time_s": train_time_s,
+        "train_images_per_s": images_seen / train_time_s if train_time_s else None,
+        "units": "eps-MSE: mean squared error of the predicted noise per pixel, one uniform t and noise draw per "
+                 "test image (trained weights, not the EMA)",
+        "pictures": plots.DDPM_PICTURES,
+        **_provenance(device, config.seed),
+        "diffusers_version": diffusers.__version__,
+    }
     write_json(run_dir / "summary.json", summary)
-    plots.write_run_pictures(run_dir, model, data.test, test["mu"], test["logvar"], rows, config)
+    plots.write_ddpm_pictures(run_dir, model, rows, config)
     return summary

@@ -19,10 +19,12 @@ from vaelab.errors import ConfigError, VaelabError
 from vaelab.io import atomic_path, write_json
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
+from vaelab.models.ddpm import DDPM, DDPMConfig
 
 # model_type (stored in config.json) -> (config class, model class)
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "conv_vae": (ConvVAEConfig, ConvVAE),
+    "ddpm": (DDPMConfig, DDPM),
     "classifier": (ClassifierConfig, ResNetClassifier),
 }
 
@@ -37,6 +39,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(in_channels=3, image_size=32, channels=(64, 128, 256, 512), latent_dim=256, fc_hidden=None),
     ),
     "conv": ("conv_vae", dict(channels=(32, 64, 128, 256), latent_dim=64, fc_hidden=None)),
+    # DDPM baselines: attention at the lowest level (7x7 and 8x8) and in the middle block
+    "ddpm-28": ("ddpm", dict(in_channels=1, image_size=28, widths=(32, 64, 128))),
+    "ddpm-32": ("ddpm", dict(in_channels=3, image_size=32, widths=(64, 128, 256))),
+    "ddpm": ("ddpm", dict(widths=(32, 64, 128))),  # input shape from the dataset (side divisible by 4)
 }
 # fields a preset pins to its input shape: a dataset of another shape is an error, not a resize
 SHAPE_FIELDS = ("in_channels", "image_size")
@@ -45,6 +51,12 @@ SHAPE_FIELDS = ("in_channels", "image_size")
 def check_preset(name: str) -> None:
     if name not in PRESETS:
         raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(PRESETS)}")
+
+
+def preset_kind(name: str) -> str:
+    """``"vae"`` or ``"ddpm"``: the ``kind`` of the model class behind preset ``name``."""
+    check_preset(name)
+    return MODEL_TYPES[PRESETS[name][0]][1].kind
 
 
 def build_config(name: str, *, data_shape: tuple[int, int, int] | None = None, **overrides: Any):

@@ -1,0 +1,375 @@
+"""Side-by-side comparison of trained runs (e.g. a beta-VAE and a DDPM): cost, speed and sample quality.
+
+For every run: model kind, parameters, latent space, generation steps, training time per epoch and
+images/s (from its ``metrics.jsonl``), generation time for 150 and 1,000 samples (same device, one
+batch, warmed up, median of repeats) and every metric of ``vaelab evaluate``
+(``vaelab.evaluation.evaluate_run``). A diffusion run appears twice: the full ``T``-step ancestral
+DDPM sampler and DDIM with ``ddim_steps`` steps.
+
+Output folder (written to a temporary folder, then renamed into place)::
+
+    comparison.md  comparison.json  compare_samples.png  confidence_hist.png
+    samples_<entry>.png  confidence_<entry>.png   (the per-entry pictures of evaluate_run)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from vaelab import plots
+from vaelab.config import load_config
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.io import git_sha, read_jsonl, write_json, write_text
+from vaelab.training import last_checkpoint, load_run_model, select_device
+
+TIMING_SIZES = (150, 1000)
+
+
+def _check_positive(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _entries(run_dirs: list[Path], models: list, ddim_steps: int) -> list[dict]:
+    """One entry per (run, sampler): a VAE gives one, a DDPM two (T-step DDPM and DDIM)."""
+    entries = []
+    for run_dir, model in zip(run_dirs, models):
+        name = run_dir.name
+        cfg = model.config
+        if model.kind == "ddpm":
+            T = cfg.num_train_timesteps
+            model.make_scheduler("ddim", ddim_steps)  # raises a clear error for steps outside [1, T]
+            c, s = cfg.in_channels, cfg.image_size
+            noise = f"no compact latent: x_T is {c}x{s}x{s} Gaussian noise, the size of the image"
+            entries.append(dict(run=run_dir, label=f"{name} (DDPM, {T} steps)", kind="ddpm", sampler="ddpm", steps=T,
+                                sample_kwargs={"sampler": "ddpm", "steps": T},
+                                latent_space=f"{noise}; fresh noise at every step (stochastic)",
+                                generation_steps=f"{T} UNet evaluations (ancestral DDPM)"))
+            entries.append(dict(run=run_dir, label=f"{name} (DDIM, {ddim_steps} steps)", kind="ddpm", sampler="ddim",
+                                steps=ddim_steps, sample_kwargs={"sampler": "ddim", "steps": ddim_steps},
+                                latent_space=f"{noise}; DDIM (eta 0) maps x_T to x_0 deterministically",
+                                generation_steps=f"{ddim_steps} UNet evaluations (DDIM, eta 0)"))
+        else:
+            latent = getattr(cfg, "latent_dim", None)
+            likelihood = getattr(cfg, "recon_likelihood", "?")
+            entries.append(dict(run=run_dir, label=f"{name} ({model.kind.upper()})", kind=model.kind, sampler=None, steps=1,
+                                sample_kwargs={},
+                                latent_space=f"z in R^{latent}, prior N(0, I); encoder gives q(z|x) ({likelihood} decoder)",
+                                generation_steps="1 decoder pass"))
+    return entries
+
+
+@torch.no_grad()
+def time_generation(
+    model,
+    n: int,
+    *,
+    sample_kwargs: dict,
+    repeats: int = 3,
+    max_steps: int | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Seconds to draw ``n`` samples in one batch: one warm-up call, then the median of ``repeats``.
+
+    A diffusion sampler with more than ``max_steps`` steps is timed with ``max_steps`` steps (same
+    network, same per-step work) and the median scaled by ``steps / max_steps``; the result says so.
+
+    Returns:
+        dict with ``seconds`` (for ``n`` samples), ``samples_per_s``, ``runs_s`` (the timed runs),
+        ``method``, ``batch_size``.
+    """
+    device = next(model.parameters()).device
+    kwargs = dict(sample_kwargs)
+    full = kwargs.get("steps", 1)
+    timed_steps = full
+    if model.kind == "ddpm":
+        kwargs["batch_size"] = n  # one batch, like the VAE's single decoder pass
+        if max_steps is not None and full > max_steps:
+            timed_steps = kwargs["steps"] = max_steps
+    y = torch.arange(n, device=device) % num_classes if getattr(model, "conditional", False) and num_classes else None
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        model.sample(n, y=y, generator=gen, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    once()  # warm-up: allocator, kernels, lazy initialisation
+    runs = [once() for _ in range(repeats)]
+    seconds = statistics.median(runs) * full / timed_steps
+    method = f"median of {repeats} runs after a warm-up"
+    if timed_steps != full:
+        method = f"extrapolated: median of {repeats} runs of {timed_steps} of the {full} steps (after a warm-up), x {full}/{timed_steps}"
+    return {"seconds": seconds, "samples_per_s": n / seconds, "runs_s": runs, "method": method, "batch_size": n}
+
+
+def _training_stats(run_dir: Path) -> dict:
+    rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    if not rows:
+        return {"epochs": 0, "note": "no metrics.jsonl rows"}
+    seconds = sum(r["epoch_time_s"] for r in rows)
+    images = sum(r["images_per_s"] * r["epoch_time_s"] for r in rows)
+    return {
+        "epochs": rows[-1]["epoch"],
+        "train_images_per_epoch": round(images / len(rows)),
+        "epoch_time_s": seconds / len(rows),
+        "images_per_s": images / seconds,
+        "train_time_s": seconds,
+        "device": summary.get("device"),
+        "definition": "mean over the epochs in metrics.jsonl of the wall time of the training passes (validation excluded)",
+    }
+
+
+def compare_runs(
+    run_dirs: list[str | Path],
+    *,
+    out: str | Path | None = None,
+    num_samples: int = 10000,
+    ddpm_num_samples: int | None = None,
+    ddim_steps: int = 50,
+    metrics: list[str] | str | None = None,
+    fid_features: str = "classifier",
+    iwae_k: int = 1000,
+    nll_subset: int | None = None,
+    timing_repeats: int = 3,
+    timing_max_steps: int | None = None,
+    allow_mixed: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    inception_weights: str | Path | None = None,
+) -> Path:
+    """Compare trained runs; write ``comparison.md``, ``comparison.json`` and pictures into ``out``.
+
+    Args:
+        run_dirs: two or more run folders written by ``vaelab train``.
+        out: the comparison folder to create (default ``runs/compare-<timestamp>``); an existing
+            folder is replaced only if it holds a previous comparison.
+        num_samples: generated images per entry for FID/KID/confidence.
+        ddpm_num_samples: the same for the full ``T``-step DDPM sampler (default ``num_samples``;
+            the ``T``-step chain is ``T / ddim_steps`` times slower than DDIM).
+        ddim_steps: DDIM steps for diffusion runs, in ``[1, T]``.
+        metrics: metrics of ``evaluate_run`` (default: all but ``speed``, which this comparison
+            measures itself with one protocol for every entry).
+        fid_features, iwae_k, nll_subset, inception_weights: passed to ``evaluate_run``.
+        timing_repeats: timed runs per measurement (median reported).
+        timing_max_steps: time diffusion samplers with more steps than this on a shortened chain
+            and scale linearly (stated in the output); ``None`` times the full chain.
+        allow_mixed: accept runs trained on different datasets.
+        device: ``auto``, ``cpu``, ``cuda``...; the same for every entry.
+        seed: seeds sampling (the same for every entry).
+
+    Returns:
+        The comparison folder.
+
+    Raises:
+        ConfigError: fewer than two runs, a non-positive count, DDIM steps outside ``[1, T]``,
+            an unknown metric, runs on different datasets without ``allow_mixed``, or ``out`` a
+            folder that is not a previous comparison. VaelabError: a folder is not a finished run.
+            All raised before any work.
+    """
+    from vaelab.evaluation import METRICS, evaluate_run
+
+    # 1. validate everything before any work
+    run_dirs = [Path(r) for r in run_dirs]
+    if len(run_dirs) < 2:
+        raise ConfigError(f"compare needs at least two run folders, got {len(run_dirs)}")
+    for name, value in (("num_samples", num_samples), ("ddim_steps", ddim_steps), ("iwae_k", iwae_k),
+                        ("timing_repeats", timing_repeats)):
+        _check_positive(name, value)
+    for name, value in (("ddpm_num_samples", ddpm_num_samples), ("nll_subset", nll_subset),
+                        ("timing_max_steps", timing_max_steps)):
+        _check_positive(name, value, allow_none=True)
+    if metrics is None:
+        metrics = [m for m in METRICS if m != "speed"]
+    elif isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(METRICS)}")
+    configs = []
+    for run_dir in run_dirs:
+        if not (run_dir / "config.yaml").is_file():
+            raise VaelabError(f"{run_dir} is not a run folder: config.yaml is missing (expected a folder written by 'vaelab train')")
+        last_checkpoint(run_dir)
+        configs.append(load_config(run_dir / "config.yaml"))
+    datasets = {(c.dataset, c.data_root if c.dataset == "imagefolder" else None) for c in configs}
+    if len(datasets) > 1 and not allow_mixed:
+        listing = ", ".join(f"{r} ({c.dataset}{' at ' + str(c.data_root) if c.dataset == 'imagefolder' else ''})"
+                            for r, c in zip(run_dirs, configs))
+        raise ConfigError(f"the runs were trained on different datasets: {listing}; compare runs of one dataset "
+                          "or pass --allow-mixed")
+    out = Path(out) if out else Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()) and not (out / "comparison.json").is_file():
+        raise ConfigError(f"--out {out} exists and is not a previous comparison; choose another folder")
+    dev = select_device(device)
+    models = [load_run_model(r, device=dev) for r in run_dirs]
+    entries = _entries(run_dirs, models, ddim_steps)
+    if len(entries) < 2:
+        raise ConfigError("compare needs at least two entries")
+
+    # 2. per entry: timing, then the evaluation suite
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        results = []
+        for entry in entries:
+            model = models[run_dirs.index(entry["run"])]
+            config = configs[run_dirs.index(entry["run"])]
+            n_classes = getattr(model.config, "num_classes", None)
+            print(f"comparing {entry['label']}: timing generation ({', '.join(map(str, TIMING_SIZES))} samples)")
+            timing = {str(n): time_generation(model, n, sample_kwargs=entry["sample_kwargs"], repeats=timing_repeats,
+                                              max_steps=timing_max_steps, num_classes=n_classes, seed=seed)
+                      for n in TIMING_SIZES}
+            n_eval = ddpm_num_samples if entry["sampler"] == "ddpm" and ddpm_num_samples else num_samples
+            print(f"comparing {entry['label']}: evaluate_run with {n_eval:,} samples")
+            evaluation = evaluate_run(entry["run"], metrics=metrics, fid_features=fid_features, num_samples=n_eval,
+                                      iwae_k=iwae_k, nll_subset=nll_subset, device=str(dev), seed=seed,
+                                      sample_kwargs=entry["sample_kwargs"] or None, inception_weights=inception_weights)
+            slug = _slug(entry["label"])
+            pictures = {}
+            # evaluate_run writes its pictures into the run folder; keep this entry's copies
+            for key, src in (("samples", "eval_samples.png"), ("confidence", "confidence_hist.png")):
+                if (entry["run"] / src).is_file():
+                    pictures[key] = f"{key}_{slug}.png"
+                    shutil.copyfile(entry["run"] / src, tmp / pictures[key])
+            params = getattr(model, "num_parameters", None) or sum(p.numel() for p in model.parameters() if p.requires_grad)
+            results.append({
+                "label": entry["label"], "run": str(entry["run"]), "dataset": config.dataset, "model": config.model,
+                "kind": entry["kind"], "sampler": entry["sampler"], "parameters": params,
+                "latent_space": entry["latent_space"], "generation_steps": entry["generation_steps"],
+                "network_evaluations": entry["steps"], "sample_kwargs": entry["sample_kwargs"],
+                "training": _training_stats(entry["run"]), "generation_time": timing, "evaluation": evaluation,
+                "pictures": pictures,
+            })
+
+        # 3. outputs
+        report = {
+            "entries": results,
+            "device": str(dev),
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+            "settings": {"num_samples": num_samples, "ddpm_num_samples": ddpm_num_samples or num_samples,
+                         "ddim_steps": ddim_steps, "metrics": metrics, "fid_features": fid_features, "iwae_k": iwae_k,
+                         "nll_subset": nll_subset, "timing_repeats": timing_repeats, "timing_max_steps": timing_max_steps,
+                         "timing_sizes": list(TIMING_SIZES), "seed": seed, "allow_mixed": allow_mixed},
+            "git_sha": git_sha(),
+            "torch_version": torch.__version__,
+        }
+        write_json(tmp / "comparison.json", report)
+        write_text(tmp / "comparison.md", comparison_markdown(report))
+        plots.compare_samples([tmp / r["pictures"]["samples"] for r in results if "samples" in r["pictures"]],
+                              [r["label"] for r in results if "samples" in r["pictures"]], tmp / "compare_samples.png")
+        hists = [(r["label"], r["evaluation"]["confidence"]) for r in results if "confidence" in r["evaluation"]]
+        if hists:
+            plots.confidence_overlay(hists, tmp / "confidence_hist.png")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def comparison_markdown(report: dict) -> str:
+    """The comparison table (one column per entry) with every number's definition below it."""
+    entries = report["entries"]
+
+    def ev(r: dict, *path, spec: str = ".4g") -> str:
+        node = r["evaluation"]
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                why = r["evaluation"].get("not_applicable", {}).get(path[0])
+                return "n/a" + (" (not a VAE)" if why else "")
+            node = node[key]
+        return _fmt(node, spec)
+
+    def gen_time(r: dict, n: int) -> str:
+        t = r["generation_time"][str(n)]
+        mark = " (extrapolated)" if t["method"].startswith("extrapolated") else ""
+        rate = t["samples_per_s"]
+        return f"{t['seconds']:.4g} s ({rate:,.0f}/s){mark}" if rate >= 100 else f"{t['seconds']:.4g} s ({rate:.3g}/s){mark}"
+
+    def pair(r: dict, metric: str, a: tuple, b: tuple) -> str:
+        if metric not in r["evaluation"]:
+            return ev(r, metric)
+        return f"{ev(r, metric, *a[0], spec=a[1])} / {ev(r, metric, *b[0], spec=b[1])}"
+
+    rows = [
+        ("model kind", lambda r: f"{r['kind'].upper()} ({r['model']})"),
+        ("parameters", lambda r: f"{r['parameters']:,}"),
+        ("latent space", lambda r: r["latent_space"]),
+        ("generation steps", lambda r: r["generation_steps"]),
+        ("training: epochs", lambda r: str(r["training"].get("epochs"))),
+        ("training: time per epoch", lambda r: f"{_fmt(r['training'].get('epoch_time_s'), '.1f')} s"),
+        ("training: images/s", lambda r: _fmt(r["training"].get("images_per_s"), ".1f")),
+        ("training device", lambda r: str(r["training"].get("device"))),
+        ("generation time, 150 samples", lambda r: gen_time(r, 150)),
+        ("generation time, 1,000 samples", lambda r: gen_time(r, 1000)),
+        ("samples for the metrics", lambda r: ev(r, "settings", "num_samples", spec=",")),
+        ("FID", lambda r: ev(r, "fid", "value")),
+        ("FID floor (real train vs test)", lambda r: ev(r, "fid", "floor", "value")),
+        ("KID", lambda r: ev(r, "kid", "value", spec=".4f")),
+        ("evaluator mean max-probability", lambda r: ev(r, "confidence", "generated", "mean_max_prob", spec=".3f")),
+        ("  same on real test images", lambda r: ev(r, "confidence", "real_test", "mean_max_prob", spec=".3f")),
+        ("share with max-probability >= 0.8", lambda r: ev(r, "confidence", "generated", "share_confident", spec=".3f")),
+        ("mode coverage (entropy / log K)", lambda r: ev(r, "confidence", "generated", "mode_coverage", spec=".3f")),
+        ("recon MSE per pixel (test)", lambda r: ev(r, "recon", "mse_per_pixel", spec=".5f")),
+        ("recon PSNR dB / SSIM", lambda r: pair(r, "recon", (("psnr_db",), ".2f"), (("ssim",), ".3f"))),
+        ("-ELBO nats (test)", lambda r: ev(r, "nll", "neg_elbo_nats", spec=".2f")),
+        ("IWAE NLL nats (test)", lambda r: ev(r, "nll", "iwae_nll_nats", spec=".2f")),
+        ("active units", lambda r: pair(r, "latent", (("active_units",), "d"), (("latent_dim",), "d"))),
+    ]
+    head = "| | " + " | ".join(r["label"] for r in entries) + " |"
+    lines = [f"# Comparison of {len(entries)} generators", "", head, "|---" * (len(entries) + 1) + "|"]
+    lines += ["| " + name + " | " + " | ".join(fn(r).replace("|", "\\|") for r in entries) + " |" for name, fn in rows]
+    first = entries[0]["evaluation"]
+    s = report["settings"]
+    lines += [
+        "",
+        "## Definitions",
+        f"- Dataset: {', '.join(sorted({r['evaluation'].get('dataset', r['dataset']) for r in entries}))}; metrics on the test split.",
+        f"- Device for generation timing and metrics: {report['device']}"
+        + (f" ({report['threads']} threads)" if report["threads"] else "") + ". Training numbers come from each run's "
+        "own metrics.jsonl (training device in the table).",
+        f"- Generation time: `model.sample(n)` in one batch of n, seed {s['seed']}, median of {s['timing_repeats']} runs "
+        "after a warm-up; DDPM/DDIM use the EMA weights."
+        + (f" Chains longer than {s['timing_max_steps']} steps are timed on {s['timing_max_steps']} steps and scaled "
+           "linearly (every step is one UNet evaluation plus a scheduler update), marked 'extrapolated'."
+           if s["timing_max_steps"] else ""),
+    ]
+    if "fid" in first:
+        lines.append(f"- FID/KID: {first['fid']['feature_space']}, generated samples vs {first['fid']['real']}; the floor is "
+                     f"{first['fid']['floor']['definition']}.")
+    if "confidence" in first:
+        lines.append(f"- Confidence: the evaluator classifier's softmax on the generated samples (threshold "
+                     f"{first['confidence']['generated']['confidence_threshold']}).")
+    lines.append("- Recon, -ELBO, IWAE NLL and active units need an encoder: n/a for diffusion models.")
+    warnings = sorted({w for r in entries for w in r["evaluation"].get("warnings", [])})
+    if warnings:
+        lines += ["", "## Warnings", *[f"- {w}" for w in warnings]]
+    lines += ["", "Pictures: compare_samples.png (samples side by side), confidence_hist.png (evaluator max-probability, "
+              "all entries and real test images)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,334 @@
+"""Denoising diffusion baseline (DDPM, Ho et al. 2020) on diffusers' ``UNet2DModel`` and schedulers.
+
+Training: epsilon-prediction with the "simple" MSE loss (Ho et al. 2020, eq. 14) under the linear
+schedule ``beta_1 = 1e-4 -> beta_T = 0.02`` of ``DDPMScheduler`` (T = 1,000 steps), and an
+exponential moving average (EMA) of the weights kept by diffusers' ``EMAModel``.
+
+Sampling: the full ``T``-step ancestral sampler (``DDPMScheduler``, Ho et al. 2020, algorithm 2)
+or DDIM (``DDIMScheduler``, Song et al. 2021, eta = 0, deterministic) with ``steps`` network
+evaluations. Both use "trailing" timesteps (Lin et al. 2024, table 2), so a chain shorter than
+``T`` still starts at ``t = T - 1`` from pure noise; the full DDPM chain is ``T - 1, ..., 0``.
+
+The UNet works on pixels in ``[-1, 1]``; images go in and come out in ``config.pixel_range``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from vaelab.data.batches import PIXEL_RANGES
+from vaelab.errors import ConfigError
+
+SAMPLERS = ("ddpm", "ddim")
+DEFAULT_DDIM_STEPS = 50
+
+
+@dataclass
+class DDPMConfig:
+    """Architecture, noise schedule and EMA of a ``DDPM``.
+
+    Attributes:
+        in_channels: image channels ``C`` (1 gray, 3 RGB).
+        image_size: square image side ``H = W`` in pixels; must be divisible by
+            ``2 ** (len(widths) - 1)`` (one stride-2 downsampling between resolution levels).
+        widths: UNet channels per resolution level (diffusers' ``block_out_channels``); self-attention
+            sits at the last (lowest-resolution) level and in the middle block.
+        layers_per_block: ResNet blocks per level on the way down (up: one more, as in diffusers).
+        norm_num_groups: GroupNorm groups; every width must be divisible by it.
+        attention_head_dim: channels per attention head; ``None`` for one head over all channels.
+        dropout: dropout in the ResNet blocks.
+        class_conditional: add a learned class embedding to the time embedding (diffusers'
+            ``num_class_embeds``), so ``loss`` and ``sample`` take labels ``y``.
+        num_classes: number of classes ``K`` (filled from the dataset); needed when conditional.
+        num_train_timesteps: ``T``, diffusion steps of training and of the full DDPM sampler.
+        beta_start, beta_end: the linear variance schedule ``beta_1 -> beta_T``.
+        ema_decay: the EMA's maximum decay; diffusers' ``EMAModel`` warms it up as
+            ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates.
+        pixel_range: ``"[0,1]"`` or ``"[-1,1]"``, the range of images given to ``loss`` and
+            returned by ``sample``.
+    """
+
+    in_channels: int = 1
+    image_size: int = 28
+    widths: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 2
+    norm_num_groups: int = 8
+    attention_head_dim: int | None = None
+    dropout: float = 0.0
+    class_conditional: bool = False
+    num_classes: int | None = None
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    ema_decay: float = 0.999
+    pixel_range: str = "[0,1]"
+    model_type: str = field(default="ddpm", init=False)
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        if not self.widths or min(self.widths) < 1:
+            raise ConfigError(f"widths must be a non-empty list of positive channel counts, got {list(self.widths)}")
+        if self.in_channels < 1:
+            raise ConfigError(f"in_channels must be positive, got {self.in_channels}")
+        factor = 2 ** (len(self.widths) - 1)
+        if self.image_size < 1 or self.image_size % factor:
+            raise ConfigError(
+                f"image_size {self.image_size} must be divisible by {factor} for {len(self.widths)} UNet levels "
+                f"(widths {list(self.widths)}); use fewer widths"
+            )
+        if self.layers_per_block < 1:
+            raise ConfigError(f"layers_per_block must be positive, got {self.layers_per_block}")
+        if self.norm_num_groups < 1 or any(w % self.norm_num_groups for w in self.widths):
+            raise ConfigError(f"every width in {list(self.widths)} must be divisible by norm_num_groups={self.norm_num_groups}")
+        if self.attention_head_dim is not None and (self.attention_head_dim < 1 or self.widths[-1] % self.attention_head_dim):
+            raise ConfigError(f"attention_head_dim {self.attention_head_dim} must divide the last width {self.widths[-1]}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.class_conditional and (self.num_classes is None or self.num_classes < 2):
+            raise ConfigError(f"class_conditional needs num_classes >= 2 (from the dataset), got {self.num_classes}")
+        if self.num_train_timesteps < 1:
+            raise ConfigError(f"num_train_timesteps must be positive, got {self.num_train_timesteps}")
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            raise ConfigError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.pixel_range not in PIXEL_RANGES:
+            raise ConfigError(f"pixel_range must be one of {PIXEL_RANGES}, got {self.pixel_range!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+
+@dataclass
+class DenoisingLoss:
+    """Per-batch DDPM loss.
+
+    Attributes:
+        loss: scalar, mean over the batch of ``eps_mse``; backprop this.
+        eps_mse: ``(B,)`` per-image ``mean over pixels of (eps_hat - eps)^2`` (unit-variance noise units).
+        t: ``(B,)`` int64 timesteps drawn for the batch, in ``[0, T)``.
+    """
+
+    loss: torch.Tensor
+    eps_mse: torch.Tensor
+    t: torch.Tensor
+
+
+def _check_count(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be a positive integer, got {n!r}")
+
+
+def _unet(config: DDPMConfig) -> UNet2DModel:
+    levels = len(config.widths)
+    return UNet2DModel(
+        sample_size=config.image_size,
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
+        block_out_channels=config.widths,
+        down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+        layers_per_block=config.layers_per_block,
+        norm_num_groups=config.norm_num_groups,
+        attention_head_dim=config.attention_head_dim,
+        dropout=config.dropout,
+        num_class_embeds=config.num_classes if config.class_conditional else None,
+    )
+
+
+class DDPM(nn.Module):
+    """Epsilon-prediction diffusion model with EMA weights.
+
+    Shapes: images ``(B, C, H, W)`` float32 in ``config.pixel_range``; labels ``y`` int64 ``(B,)``
+    in ``[0, num_classes)`` for a class-conditional model.
+
+    Modules: ``unet`` (trained) and ``ema_unet`` (its EMA, frozen, used for sampling); both are in
+    ``state_dict`` so ``save_model`` stores the EMA weights too.
+    """
+
+    conditional = False  # set per instance from config.class_conditional
+    kind = "ddpm"
+
+    def __init__(self, config: DDPMConfig):
+        super().__init__()
+        self.config = config
+        self.conditional = config.class_conditional
+        self.unet = _unet(config)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.int64))
+        self._ema: EMAModel | None = None
+        self.noise_scheduler = self.make_scheduler("ddpm")
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ema", None))
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable parameters (the UNet; the EMA copy is not counted)."""
+        return sum(p.numel() for p in self.unet.parameters())
+
+    def make_scheduler(self, sampler: str, steps: int | None = None) -> DDPMScheduler | DDIMScheduler:
+        """A fresh scheduler for ``sampler`` (``"ddpm"`` or ``"ddim"``) set to ``steps`` denoising steps.
+
+        ``steps`` defaults to ``T`` for ``ddpm`` and 50 for ``ddim``.
+
+        Raises:
+            ConfigError: unknown sampler, or ``steps`` not in ``[1, T]``.
+        """
+        cfg = self.config
+        T = cfg.num_train_timesteps
+        schedule = dict(num_train_timesteps=T, beta_start=cfg.beta_start, beta_end=cfg.beta_end, beta_schedule="linear")
+        if sampler == "ddpm":
+            scheduler = DDPMScheduler(**schedule, variance_type="fixed_small", clip_sample=True, timestep_spacing="trailing")
+            steps = T if steps is None else steps
+        elif sampler == "ddim":
+            scheduler = DDIMScheduler(**schedule, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+            steps = DEFAULT_DDIM_STEPS if steps is None else steps
+        else:
+            raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ConfigError(f"{sampler} steps must be an integer in [1, {T}] (the model was trained with T={T}), got {steps!r}")
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    def _to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0 - 1.0 if self.config.pixel_range == "[0,1]" else x
+
+    def _from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clamp(-1.0, 1.0)
+        return (x + 1.0) / 2.0 if self.config.pixel_range == "[0,1]" else x
+
+    def _labels(self, y: torch.Tensor | None, n: int, device: torch.device, *, sampling: bool) -> torch.Tensor | None:
+        if not self.conditional:
+            if y is not None:
+                raise ConfigError("this DDPM is unconditional and takes no class labels y; train with class_conditional: true")
+            return None
+        if y is None:
+            if not sampling:
+                raise ConfigError("this DDPM is class-conditional: loss() needs labels y")
+            return torch.arange(n, device=device) % self.config.num_classes
+        if y.shape != (n,) or y.dtype != torch.int64:
+            raise ConfigError(f"y must be int64 of shape ({n},), got {tuple(y.shape)} {y.dtype}")
+        k = self.config.num_classes
+        if n and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise ConfigError(f"class labels must lie in 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
+        return y.to(device)
+
+    # ------------------------------------------------------------------ model contract
+
+    def loss(
+        self, x: torch.Tensor, *, beta: float = 1.0, y: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> DenoisingLoss:
+        """The "simple" DDPM loss (Ho et al. 2020, eq. 14) of a batch; ``beta`` is unused (VAE contract).
+
+        Steps: 1. map ``x`` to ``[-1, 1]``; 2. draw ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)``;
+        3. ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (``DDPMScheduler.add_noise``);
+        4. predict ``eps`` with the UNet; 5. per-image MSE, mean over the batch.
+
+        Raises:
+            ConfigError: labels given to an unconditional model or missing for a conditional one.
+        """
+        x0 = self._to_unit(x)
+        y = self._labels(y, len(x), x.device, sampling=False)
+        t = torch.randint(0, self.config.num_train_timesteps, (len(x),), device=x.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x.device, dtype=x0.dtype, generator=generator)
+        x_t = self.noise_scheduler.add_noise(x0, eps, t)
+        eps_hat = self.unet(x_t, t, class_labels=y).sample
+        eps_mse = (eps_hat - eps).pow(2).flatten(1).mean(1)
+        return DenoisingLoss(loss=eps_mse.mean(), eps_mse=eps_mse, t=t)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA update of ``ema_unet`` towards ``unet``; call after every optimiser step."""
+        if self._ema is None:
+            # EMAModel keeps its own copies; point them at ema_unet's parameters so the EMA lives in
+            # state_dict (saved with the model), and restore its step count (one host sync per load).
+            self._ema = EMAModel(self.ema_unet.parameters(), decay=self.config.ema_decay, foreach=True)
+            self._ema.optimization_step = int(self.ema_updates)
+        self._ema.shadow_params = list(self.ema_unet.parameters())
+        self._ema.step(self.unet.parameters())
+        self.ema_updates += 1
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        n: int,
+        *,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        ema: bool = True,
+        snapshots: int = 0,
+    ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """Run the reverse process for ``n`` images in one batch.
+
+        Args:
+            n: images to draw.
+            y: ``(n,)`` int64 labels for a conditional model (``None``: ``arange(n) % num_classes``).
+            generator: for the initial noise and the DDPM sampler's noise.
+            sampler: ``"ddpm"`` (ancestral, ``steps`` default ``T``) or ``"ddim"`` (eta 0, default 50).
+            steps: network evaluations, in ``[1, T]``.
+            ema: use the EMA weights (default) or the trained ones.
+            snapshots: keep about this many intermediate states, evenly spaced over the steps.
+
+        Returns:
+            ``(images, states)``: ``(n, C, H, W)`` in ``pixel_range``, and a list of
+            ``(t, x_t, x0_hat)`` with ``x_t`` the state entering step ``t`` and ``x0_hat`` the
+            model's estimate of the clean image at that step, both in ``pixel_range``.
+
+        Raises:
+            ConfigError: bad sampler, steps, ``n`` or labels.
+        """
+        _check_count(n)
+        scheduler = self.make_scheduler(sampler, steps)
+        net = self.ema_unet if ema else self.unet
+        device = self.ema_updates.device
+        y = self._labels(y, n, device, sampling=True)
+        cfg = self.config
+        x = torch.randn((n, cfg.in_channels, cfg.image_size, cfg.image_size), device=device, generator=generator)
+        timesteps = scheduler.timesteps
+        keep = set(torch.linspace(0, len(timesteps) - 1, snapshots).round().long().tolist()) if snapshots else set()
+        states = []
+        for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling ({n} images)", unit="step", leave=False)):
+            eps_hat = net(x, t.to(device), class_labels=y).sample
+            out = scheduler.step(eps_hat, t, x, generator=generator)
+            if i in keep:
+                states.append((int(t), self._from_unit(x), self._from_unit(out.pred_original_sample)))
+            x = out.prev_sample
+        return self._from_unit(x), states
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        batch_size: int = 500,
+    ) -> torch.Tensor:
+        """``n`` images ``(n, C, H, W)`` float32 in ``config.pixel_range`` from the EMA weights.
+
+        Runs ``denoise`` (same ``y``, ``generator``, ``sampler``, ``steps``; ``steps`` UNet
+        evaluations per batch) on ``batch_size`` images at a time, which bounds memory.
+        Raises ``ConfigError`` for a bad sampler, steps, ``n`` or labels, before any work.
+        """
+        _check_count(n)
+        self.make_scheduler(sampler, steps)  # validate before any work
+        device = self.ema_updates.device
+        y = self._labels(y, n, device, sampling=True)
+        chunks = []
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            y_b = None if y is None else y[start : start + m]
+            chunks.append(self.denoise(m, y=y_b, generator=generator, sampler=sampler, steps=steps)[0])
+        return torch.cat(chunks)

@@ -1,0 +1,109 @@
+"""vaelab compare: a VAE and a DDPM on one tiny dataset, every output written, numbers consistent."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from fixtures import write_image_folder
+
+from vaelab.cli import main
+from vaelab.comparison import compare_runs, time_generation
+from vaelab.config import TrainConfig
+from vaelab.errors import ConfigError
+from vaelab.io import write_yaml
+from vaelab.models import build_config, build_model
+from vaelab.training import _save_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A 3-class 8x8 gray image folder, 20 train and 20 test images per class."""
+    root = tmp_path_factory.mktemp("data")
+    write_image_folder(root, classes=("c0", "c1", "c2"), per_class=20, size=8, channels=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_runs(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    common = dict(dataset="imagefolder", data_root=str(image_folder), epochs=1, batch_size=16, device="cpu")
+    vae = train(TrainConfig(model="conv", latent_dim=3, recon_likelihood="bernoulli", out=str(out / "vae"),
+                            model_args={"channels": [4, 8], "fc_hidden": 16}, **common))
+    ddpm = train(TrainConfig(model="ddpm", out=str(out / "ddpm"), **common,
+                             model_args={"widths": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+                                         "num_train_timesteps": 20}))
+    return vae, ddpm
+
+
+def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    vae, ddpm = two_runs
+    out = compare_runs([vae, ddpm], out=tmp_path / "cmp", num_samples=40, ddpm_num_samples=30, ddim_steps=5,
+                       iwae_k=4, nll_subset=10, timing_repeats=2, timing_max_steps=10, device="cpu")
+    for name in ("comparison.md", "comparison.json", "compare_samples.png", "confidence_hist.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "comparison.json").read_text())
+    md = (out / "comparison.md").read_text()
+    entries = report["entries"]
+    assert [(e["kind"], e["sampler"], e["network_evaluations"]) for e in entries] == [
+        ("vae", None, 1), ("ddpm", "ddpm", 20), ("ddpm", "ddim", 5)]
+    ddpm_model = build_model(build_config("ddpm", data_shape=(1, 8, 8), widths=(8, 16), layers_per_block=1,
+                                          norm_num_groups=4, num_train_timesteps=20))
+    assert entries[1]["parameters"] == entries[2]["parameters"] == ddpm_model.num_parameters
+    for e in entries:
+        assert e["label"] in md
+        ev = e["evaluation"]
+        # the metrics are evaluate_run's, with the sample counts and sampler asked for
+        assert ev["settings"]["num_samples"] == (30 if e["sampler"] == "ddpm" else 40)
+        assert ev["settings"]["sample_kwargs"] == e["sample_kwargs"]
+        assert "speed" not in ev and "fid" in ev and "confidence" in ev
+        assert f"{ev['confidence']['generated']['mean_max_prob']:.3f}" in md
+        assert sum(ev["confidence"]["generated"]["max_prob_histogram"]) == ev["settings"]["num_samples"]
+        assert (out / e["pictures"]["samples"]).is_file() and (out / e["pictures"]["confidence"]).is_file()
+        for n in ("150", "1000"):
+            t = e["generation_time"][n]
+            assert len(t["runs_s"]) == 2 and t["samples_per_s"] == pytest.approx(int(n) / t["seconds"])
+            scale = 2.0 if e["sampler"] == "ddpm" else 1.0  # 20 steps timed on 10
+            assert t["seconds"] == pytest.approx(statistics.median(t["runs_s"]) * scale)
+            assert t["method"].startswith("extrapolated") == (e["sampler"] == "ddpm")
+        train_rows = [json.loads(line) for line in (e["run"] and open(f"{e['run']}/metrics.jsonl"))]
+        assert e["training"]["epoch_time_s"] == pytest.approx(train_rows[0]["epoch_time_s"])
+    assert "recon" in entries[0]["evaluation"] and "recon" in entries[1]["evaluation"]["not_applicable"]
+    assert "n/a (not a VAE)" in md and "z in R^3" in md and "20 UNet evaluations" in md
+    # the DDPM entry's numbers differ from the DDIM entry's: two separate evaluations
+    assert entries[1]["evaluation"]["fid"]["value"] != entries[2]["evaluation"]["fid"]["value"]
+
+
+def test_time_generation_counts_one_batch_per_call():
+    model = build_model(build_config("ddpm", data_shape=(1, 8, 8), widths=(8, 16), layers_per_block=1,
+                                     norm_num_groups=4, num_train_timesteps=12)).eval()
+    calls = []
+    model.ema_unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    t = time_generation(model, 7, sample_kwargs={"sampler": "ddpm", "steps": 12}, repeats=3, max_steps=4)
+    assert calls == [7] * 4 * 4  # warm-up + 3 runs, 4 of the 12 steps each, one batch of 7
+    assert t["method"].startswith("extrapolated") and t["batch_size"] == 7
+
+
+def _fake_run(folder, dataset: str, model_name: str):
+    model = build_model(build_config(model_name, **({"widths": (8, 16), "norm_num_groups": 4} if "ddpm" in model_name else {})))
+    _save_checkpoint(folder, 1, model, {"epoch": 1})
+    write_yaml(folder / "config.yaml", TrainConfig(dataset=dataset, model=model_name).to_dict())
+    return folder
+
+
+def test_compare_bad_input_is_refused_before_any_work(tmp_path):
+    a = _fake_run(tmp_path / "a", "mnist", "mnist-small")
+    b = _fake_run(tmp_path / "b", "fashion-mnist", "ddpm-28")
+    with pytest.raises(ConfigError, match="different datasets: .*mnist.*fashion-mnist.*--allow-mixed"):
+        compare_runs([a, b], out=tmp_path / "cmp")
+    with pytest.raises(ConfigError, match="at least two run folders"):
+        compare_runs([a], out=tmp_path / "cmp")
+    c = _fake_run(tmp_path / "c", "mnist", "ddpm-28")
+    with pytest.raises(ConfigError, match=r"ddim steps must be an integer in \[1, 1000\]"):
+        compare_runs([a, c], out=tmp_path / "cmp", ddim_steps=1001, device="cpu")
+    with pytest.raises(ConfigError, match="num_samples must be a positive integer"):
+        compare_runs([a, c], out=tmp_path / "cmp", num_samples=0)
+    assert not (tmp_path / "cmp").exists()
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
