@@ -18,10 +18,12 @@ from torch import nn
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.io import atomic_path, write_json
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
+from vaelab.models.cvae import CVAE, CVAEConfig
 
 # model_type (stored in config.json) -> (config class, model class)
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "conv_vae": (ConvVAEConfig, ConvVAE),
+    "cvae": (CVAEConfig, CVAE),
 }
 
 # preset name -> (model_type, fixed fields); fields not fixed here come from the dataset/config.
@@ -36,6 +38,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "conv": ("conv_vae", dict(channels=(32, 64, 128, 256), latent_dim=64, fc_hidden=None)),
 }
+# conditional VAEs mirror the unconditional presets layer for layer (num_classes comes from the dataset)
+PRESETS["cvae-mnist"] = ("cvae", PRESETS["mnist-small"][1])
+PRESETS["cvae-cifar"] = ("cvae", PRESETS["cifar-seed"][1])
 # fields a preset pins to its input shape: a dataset of another shape is an error, not a resize
 SHAPE_FIELDS = ("in_channels", "image_size")
 
@@ -43,6 +48,12 @@ SHAPE_FIELDS = ("in_channels", "image_size")
 def check_preset(name: str) -> None:
     if name not in PRESETS:
         raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(PRESETS)}")
+
+
+def model_fields(name: str) -> set[str]:
+    """The config fields of preset ``name``'s model type (e.g. to see whether it takes ``num_classes``)."""
+    check_preset(name)
+    return {f.name for f in fields(MODEL_TYPES[PRESETS[name][0]][0]) if f.init}
 
 
 def build_config(name: str, *, data_shape: tuple[int, int, int] | None = None, **overrides: Any):
