@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--class", dest="class_label", help="conditional models: class index or name to draw")
+
+    p = sub.add_parser("synth", help="write a labelled synthetic dataset decoded from a VAE run's latent space")
+    p.add_argument("--run", required=True, help="run folder of a trained VAE or conditional VAE")
+    p.add_argument("--out", required=True, help="folder to create (ImageFolder of PNGs + train.safetensors + manifest.json)")
+    p.add_argument("--per-class", "--per_class", dest="per_class", type=int, default=5000)
+    p.add_argument("--method", help="class-mean (default for VAEs) | class-std | class-gaussian | prior (default for CVAEs)")
+    p.add_argument("--noise-scale", "--noise_scale", dest="noise_scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
     return parser
 
 
@@ -86,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from vaelab.generation import sample_run
 
-            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device))
+            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device, class_label=args.class_label))
+        elif args.command == "synth":
+            from vaelab.synthesis import synthesize
+
+            out = synthesize(args.run, args.out, per_class=args.per_class, method=args.method,
+                             noise_scale=args.noise_scale, seed=args.seed, device=args.device)
+            print(f"synthetic dataset: {out} (manifest.json, train.safetensors, train/<class>/*.png, synthetic_grid.png)")
     except VaelabError as exc:
         print(f"vaelab {args.command}: error: {exc}", file=sys.stderr)
         return 2
