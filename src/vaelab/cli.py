@@ -23,7 +23,7 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--out", "--save_path", "--save-path", dest="out", help="run folder to create")
     if not full:
         return
-    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | cvae-mnist | cvae-cifar")
+    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | cvae-mnist | cvae-cifar | cvae-conv")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int)

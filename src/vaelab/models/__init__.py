@@ -1,7 +1,8 @@
 """Model registry: preset names -> (config class, default fields), and weight save/load.
 
 Presets fix the input shape where the architecture is tied to it (``cifar-seed``,
-``mnist-small``); ``conv`` takes its input shape from the dataset.
+``mnist-small``); ``conv`` takes its input shape from the dataset. ``cvae-mnist``, ``cvae-cifar`` and
+``cvae-conv`` are their conditional twins.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 # conditional VAEs mirror the unconditional presets layer for layer (num_classes comes from the dataset)
 PRESETS["cvae-mnist"] = ("cvae", PRESETS["mnist-small"][1])
 PRESETS["cvae-cifar"] = ("cvae", PRESETS["cifar-seed"][1])
+PRESETS["cvae-conv"] = ("cvae", PRESETS["conv"][1])
 # fields a preset pins to its input shape: a dataset of another shape is an error, not a resize
 SHAPE_FIELDS = ("in_channels", "image_size")
 
