@@ -18,6 +18,7 @@ from torch import nn
 
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.io import atomic_path, write_json
+from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 from vaelab.models.cvae import CVAE, CVAEConfig
 
@@ -25,6 +26,7 @@ from vaelab.models.cvae import CVAE, CVAEConfig
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "conv_vae": (ConvVAEConfig, ConvVAE),
     "cvae": (CVAEConfig, CVAE),
+    "classifier": (ClassifierConfig, ResNetClassifier),
 }
 
 # preset name -> (model_type, fixed fields); fields not fixed here come from the dataset/config.

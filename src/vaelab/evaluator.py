@@ -1,0 +1,276 @@
+"""Evaluator classifiers: one small ResNet per dataset, trained on the real train split, cached.
+
+The evaluator is the shared yardstick of the evaluation suite: its penultimate features are the
+``classifier`` FID/KID feature space, its softmax gives the confidence metrics, and the same
+``train_classifier`` recipe trains the classifiers of classification-accuracy-score experiments.
+
+Recipe (airbench-style, Jordan 2024): SGD with Nesterov momentum, one-cycle learning rate (Smith &
+Topin 2019), label smoothing 0.1, weight decay, batched on-device augmentation (random crop with
+zero padding; horizontal flips for RGB only, since a mirrored digit is another symbol). The whole
+train split lives on the device as ``uint8`` and batches are ``randperm`` slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vaelab.data import DATASETS, ImageSplit, cache_dir, load_split, to_pixels
+from vaelab.data import augment as augment_batch
+from vaelab.errors import ConfigError, DataError
+from vaelab.io import write_json
+from vaelab.models import load_model, save_model
+from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
+
+# bump when the recipe or architecture changes: cached evaluators of an older recipe are retrained
+RECIPE_VERSION = 1
+
+# dataset -> training recipe and architecture of its evaluator (measured numbers in docs/evaluation.md)
+RECIPES: dict[str, dict] = {
+    "mnist": dict(epochs=3, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128)),
+    "fashion-mnist": dict(epochs=10, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128)),
+    "cifar10": dict(epochs=15, batch_size=256, lr=0.1, augment=True, widths=(64, 128, 256)),
+}
+# any other dataset (imagefolder, synthetic sets)
+DEFAULT_RECIPE = dict(epochs=10, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128))
+
+LABEL_SMOOTHING = 0.1
+WEIGHT_DECAY = 5e-4
+MOMENTUM = 0.9
+
+
+def default_recipe(dataset: str) -> dict:
+    """The training recipe of ``dataset``'s evaluator: ``epochs``, ``batch_size``, ``lr`` (peak of the
+    one-cycle schedule), ``augment`` and the architecture's ``widths``.
+
+    Raises:
+        DataError: ``dataset`` is not a key of ``vaelab.data.DATASETS``.
+    """
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}")
+    return dict(RECIPES.get(dataset, DEFAULT_RECIPE))
+
+
+def _check_split(split: ImageSplit, what: str) -> None:
+    if split.images.dtype != torch.uint8 or split.images.ndim != 4:
+        raise DataError(f"{what} images must be uint8 (N, C, H, W), got {split.images.dtype} {tuple(split.images.shape)}")
+    if len(split) == 0:
+        raise DataError(f"{what} split holds no images")
+    if split.labels.shape != (len(split),):
+        raise DataError(f"{what} labels must be int64 (N,) with N={len(split)}, got {tuple(split.labels.shape)}")
+
+
+def train_classifier(
+    train: ImageSplit,
+    *,
+    epochs: int,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    augment: bool,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    test: ImageSplit | None = None,
+    widths: tuple[int, ...] = (32, 64, 128),
+    progress: bool = True,
+) -> tuple[ResNetClassifier, dict]:
+    """Train a ``ResNetClassifier`` from scratch on ``train`` (real or synthetic images).
+
+    Args:
+        train: ``uint8`` ``(N, C, H, W)`` images with ``int64`` labels in ``0..len(classes)-1``.
+        epochs: passes over ``train``; positive.
+        batch_size: images per SGD step.
+        lr: peak learning rate of the one-cycle schedule.
+        augment: random crop (2-px padding for 1-channel images, 4-px for RGB) plus horizontal
+            flips for RGB images.
+        seed: seeds the initialisation, batch order and augmentation.
+        device: where the model and the whole ``uint8`` train split live during training.
+        test: if given, the returned dict holds its ``test_accuracy`` (top-1, a fraction).
+        widths: the architecture's stage widths (see ``ClassifierConfig``).
+        progress: show a tqdm bar per epoch.
+
+    Returns:
+        ``(model, info)``: the model in eval mode on ``device``; ``info`` with ``epochs``,
+        ``batch_size``, ``lr``, ``augment``, ``train_images``, ``train_time_s`` (wall-clock seconds
+        of the optimisation), ``device``, ``train_source`` and, with ``test``, ``test_accuracy``,
+        ``test_source``, ``test_images``.
+
+    Raises:
+        ConfigError: a non-positive ``epochs``, ``batch_size`` or ``lr``.
+        DataError: malformed splits, or labels outside ``0..len(classes)-1``.
+    """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if not lr > 0:
+        raise ConfigError(f"lr must be positive, got {lr!r}")
+    _check_split(train, "train")
+    num_classes = len(train.classes)
+    if int(train.labels.min()) < 0 or int(train.labels.max()) >= num_classes:
+        raise DataError(f"train labels must lie in 0..{num_classes - 1} (one per class name), got "
+                        f"{int(train.labels.min())}..{int(train.labels.max())}")
+    if test is not None:
+        _check_split(test, "test")
+        if test.shape != train.shape:
+            raise DataError(f"test images are {test.shape} but train images are {train.shape}")
+    device = torch.device(device)
+    c, h, w = train.shape
+    if h != w:
+        raise DataError(f"the classifier needs square images, got {h}x{w}")
+    torch.manual_seed(seed)
+    model = ResNetClassifier(ClassifierConfig(c, h, num_classes, tuple(widths))).to(device)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BN and biases: no weight decay
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=MOMENTUM, nesterov=True)
+    steps_per_epoch = len(train) // batch_size or 1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.25,
+                                                anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    images, labels = train.images.to(device), train.labels.to(device)
+    pad, flip = (2, False) if c == 1 else (4, True)
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(train), device=device, generator=gen)
+        sums = torch.zeros(2, device=device)  # loss * n, correct (on the device: no per-step host sync)
+        bar = tqdm(range(steps_per_epoch), desc=f"evaluator epoch {epoch}/{epochs}", unit="step", leave=False,
+                   disable=not progress)
+        for i in bar:
+            idx = order[i * batch_size : (i + 1) * batch_size] if len(train) >= batch_size else order
+            xb, yb = images[idx], labels[idx]
+            if augment:
+                xb = augment_batch(xb, pad=pad, flip=flip, generator=gen)
+            logits = model(to_pixels(xb))
+            loss = F.cross_entropy(logits, yb, label_smoothing=LABEL_SMOOTHING)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums += torch.stack([loss.detach() * len(yb), (logits.argmax(1) == yb).sum()])
+            if (i + 1) % 25 == 0 or i + 1 == steps_per_epoch:
+                n = min(len(train), (i + 1) * batch_size)
+                total, correct = sums.tolist()
+                bar.set_postfix(loss=f"{total / n:.3f}", acc=f"{correct / n:.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    info = {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment, "widths": list(widths),
+        "train_images": len(train), "train_source": train.source, "train_time_s": time.perf_counter() - t0,
+        "device": str(device), "seed": seed,
+    }
+    model.eval()
+    if test is not None:
+        acc = classifier_accuracy(model, test, device=device)
+        info.update(test_accuracy=acc["top1"], test_images=len(test), test_source=test.source)
+    return model, info
+
+
+@torch.no_grad()
+def predict_logits(model: ResNetClassifier, images: torch.Tensor, *, device: torch.device | str, batch_size: int = 1000,
+                   desc: str = "classifying") -> torch.Tensor:
+    """Logits ``(N, K)`` float32 (on CPU) of ``uint8`` ``(N, C, H, W)`` images, in batches."""
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        out.append(model(to_pixels(images[start : start + batch_size].to(device))).float().cpu())
+    return torch.cat(out)
+
+
+def classifier_accuracy(model: ResNetClassifier, split: ImageSplit, *, device: torch.device | str = "cpu",
+                        batch_size: int = 1000) -> dict:
+    """Top-1 accuracy of ``model`` on ``split``.
+
+    Returns:
+        dict with ``top1`` (fraction in [0, 1]), ``per_class`` (list of K fractions; ``None`` for a
+        class without images), ``confusion`` (K x K list of counts, row = true class, column =
+        predicted), ``num_images`` and ``source`` (what the images are).
+    """
+    _check_split(split, "evaluation")
+    k = model.config.num_classes
+    pred = predict_logits(model, split.images, device=device, batch_size=batch_size).argmax(1)
+    true = split.labels.cpu()
+    confusion = torch.bincount(true * k + pred, minlength=k * k).reshape(k, k)
+    per_class_n = confusion.sum(1)
+    per_class = [(confusion[i, i] / per_class_n[i]).item() if per_class_n[i] > 0 else None for i in range(k)]
+    return {
+        "top1": (pred == true).float().mean().item(),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "num_images": len(split),
+        "source": split.source,
+    }
+
+
+# ---------------------------------------------------------------------------- cached evaluators
+
+
+def data_fingerprint(split: ImageSplit) -> str:
+    """A short content hash of a split's pixels and labels (independent of where the files live)."""
+    h = hashlib.sha1()
+    h.update(json.dumps([list(split.images.shape), split.classes]).encode())
+    h.update(split.images.contiguous().cpu().numpy().tobytes())
+    h.update(split.labels.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def evaluator_dir(dataset: str, train: ImageSplit) -> Path:
+    """``cache_dir()/evaluators/<dataset>-<data fingerprint>-r<recipe version>``."""
+    return cache_dir() / "evaluators" / f"{dataset}-{data_fingerprint(train)}-r{RECIPE_VERSION}"
+
+
+def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+                    force: bool = False) -> tuple[ResNetClassifier, dict]:
+    """Train ``dataset``'s evaluator with ``default_recipe`` (unless cached) and measure it.
+
+    Returns:
+        ``(model, info)``; ``info`` is the cached ``evaluator.json``: the recipe, ``train_time_s``,
+        ``test_accuracy`` on the real test split, per-class accuracy, data sources, and ``cached``
+        (True when loaded instead of trained).
+
+    Raises:
+        DataError: unknown or missing dataset.
+    """
+    recipe = default_recipe(dataset)
+    train = load_split(dataset, "train", data_root)
+    folder = evaluator_dir(dataset, train)
+    if not force and (folder / "evaluator.json").is_file():
+        info = json.loads((folder / "evaluator.json").read_text())
+        return load_model(folder, device=device), {**info, "cached": True}
+    test = load_split(dataset, "test", data_root)
+    print(f"training the {dataset} evaluator on {train.source} ({len(train):,} images, {recipe['epochs']} epochs, "
+          f"device {device}); cached at {folder}")
+    model, info = train_classifier(train, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+                                   augment=recipe["augment"], widths=recipe["widths"], device=device)
+    acc = classifier_accuracy(model, test, device=device)
+    info.update(dataset=dataset, recipe_version=RECIPE_VERSION, data_fingerprint=data_fingerprint(train),
+                test_accuracy=acc["top1"], test_per_class=acc["per_class"], test_images=len(test),
+                test_source=test.source, classes=test.classes, split="test")
+    # write into a temp folder, then rename: a cached evaluator is complete or absent
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    write_json(tmp / "evaluator.json", info)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return model, {**info, "cached": False}
+
+
+def get_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
+                  device: torch.device | str = "cpu") -> ResNetClassifier:
+    """The evaluator classifier of ``dataset`` in eval mode on ``device``; trained on first use.
+
+    Cached under ``vaelab.data.cache_dir()/evaluators/`` keyed by dataset, a content hash of the
+    real train split and the recipe version, so other data or another recipe gives a new one.
+
+    Raises:
+        DataError: unknown or missing dataset.
+    """
+    return build_evaluator(dataset, data_root=data_root, device=device)[0]
