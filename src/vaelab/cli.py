@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-scale", "--noise_scale", dest="noise_scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("cas", help="classification accuracy score: train on real / synthetic / both, test on real")
+    p.add_argument("--synthetic", required=True, help="synthetic set folder (train.safetensors or train/<class>/*)")
+    p.add_argument("--dataset", required=True, help="the real dataset: mnist | fashion-mnist | cifar10 | imagefolder | tensors")
+    p.add_argument("--data-root", "--data_root", dest="data_root", help="folder holding the real dataset")
+    p.add_argument("--out", help="results folder to create (default SYNTHETIC/cas)")
+    p.add_argument("--epochs", type=int, help="classifier epochs for every row (default: the evaluator recipe's)")
+    p.add_argument("--rows", help="comma-separated subset of real,synthetic,real+synthetic (default: all three)")
+    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="first N real train images")
+    p.add_argument("--test-subset", "--test_subset", dest="test_subset", type=int, help="first N real test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
     return parser
 
 
@@ -103,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             out = synthesize(args.run, args.out, per_class=args.per_class, method=args.method,
                              noise_scale=args.noise_scale, seed=args.seed, device=args.device)
             print(f"synthetic dataset: {out} (manifest.json, train.safetensors, train/<class>/*.png, synthetic_grid.png)")
+        elif args.command == "cas":
+            from vaelab.cas import ROWS, cas
+
+            rows = tuple(r.strip() for r in args.rows.split(",") if r.strip()) if args.rows else ROWS
+            report = cas(args.synthetic, args.dataset, data_root=args.data_root, out=args.out, epochs=args.epochs,
+                         seed=args.seed, device=args.device, train_subset=args.train_subset,
+                         test_subset=args.test_subset, rows=rows)
+            print("\n" + report["table"])
     except VaelabError as exc:
         print(f"vaelab {args.command}: error: {exc}", file=sys.stderr)
         return 2
