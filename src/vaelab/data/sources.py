@@ -266,8 +266,9 @@ def _first_bad_pickle(files: list[Path]) -> Path:
 
 
 def _read_image_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], list[Path]]:
+    import numpy as np
+    from PIL import Image
     from torchvision.datasets import ImageFolder
-    from torchvision.io import ImageReadMode, decode_image
 
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist; expected {folder}/<class>/<image files>")
@@ -277,15 +278,19 @@ def _read_image_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[s
         raise DataError(f"image folder {folder}: {exc}") from exc
     paths = [Path(p) for p, _ in ds.samples]
 
-    def decode(path: Path, mode) -> torch.Tensor:
+    def decode(path: Path, mode: str | None) -> np.ndarray:
+        # decoded once per dataset version (then cached), so PIL's per-image cost is paid once
         try:
-            return decode_image(str(path), mode=mode)
+            with Image.open(path) as img:
+                if mode is None:
+                    mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+                arr = np.array(img.convert(mode))
         except Exception as exc:
             raise DataError(f"{path} is not a readable image ({exc})") from exc
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
-    first = decode(paths[0], ImageReadMode.UNCHANGED)
-    mode = ImageReadMode.GRAY if first.shape[0] in (1, 2) else ImageReadMode.RGB
-    first = decode(paths[0], mode)
+    first = decode(paths[0], None)
+    mode = "L" if first.shape[0] == 1 else "RGB"
     images = torch.empty((len(paths), *first.shape), dtype=torch.uint8)
     for i, path in enumerate(tqdm(paths, desc=f"decoding {folder}", unit="img", leave=False)):
         img = decode(path, mode)
@@ -294,7 +299,7 @@ def _read_image_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[s
                 f"{path} has shape {tuple(img.shape)} but {paths[0]} has {tuple(first.shape)}; "
                 "all images of an image folder must have one size (C, H, W)"
             )
-        images[i] = img
+        images[i] = torch.from_numpy(img)
     labels = torch.as_tensor([t for _, t in ds.samples], dtype=torch.int64)
     return images, labels, list(ds.classes), paths
 
