@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.models import PRESETS, build_config, build_model, load_model, save_model
+
+SHAPES = {"mnist-small": (1, 28, 28), "cifar-seed": (3, 32, 32), "conv": (3, 16, 16)}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_shapes(name):
+    shape = SHAPES.get(name)
+    if shape is None:
+        pytest.fail(f"add an input shape for new preset {name!r} to SHAPES")
+    model = build_model(build_config(name, data_shape=shape)).eval()
+    x = torch.rand(3, *shape)
+    mu, logvar = model.encode(x)
+    d = model.config.latent_dim
+    assert mu.shape == logvar.shape == (3, d)
+    assert model.decode(mu).shape == (3, *shape)
+    out = model.loss(x, beta=1.0)
+    assert out.recon.shape == out.kl.shape == out.mse.shape == (3,)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    s = model.sample(5, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (5, *shape) and s.min() >= 0 and s.max() <= 1
+
+
+def test_cifar_seed_is_the_seed_architecture():
+    m = build_model(build_config("cifar-seed", data_shape=(3, 32, 32)))
+    convs = [l for l in m.encoder if isinstance(l, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (3, 64, (4, 4), (2, 2), (1, 1)), (64, 128, (4, 4), (2, 2), (1, 1)),
+        (128, 256, (4, 4), (2, 2), (1, 1)), (256, 512, (4, 4), (2, 2), (1, 1)),
+    ]
+    assert sum(isinstance(l, torch.nn.BatchNorm2d) for l in m.encoder) == 4
+    assert (m.fc_mu.in_features, m.fc_mu.out_features) == (2048, 256)
+    assert (m.fc_logvar.in_features, m.fc_logvar.out_features) == (2048, 256)
+    assert m.feature_shape == (512, 2, 2)
+    assert [l.out_channels for l in m.decoder if isinstance(l, torch.nn.ConvTranspose2d)] == [256, 128, 64, 3]
+    assert isinstance(m.decoder[-1], torch.nn.ConvTranspose2d)  # sigmoid is applied by decode()
+
+
+def test_widths_and_latent_dim_are_configurable():
+    m = build_model(build_config("mnist-small", data_shape=(1, 28, 28), latent_dim=3, channels=(8, 16)))
+    assert m.encode(torch.rand(2, 1, 28, 28))[0].shape == (2, 3)
+    assert m.decode(torch.zeros(2, 3)).shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5])
+def test_bad_latent_dim(bad):
+    with pytest.raises(ConfigError, match="latent_dim"):
+        build_config("mnist-small", latent_dim=bad)
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ConfigError, match=r"expects 3x32x32 images but the dataset has 1x28x28"):
+        build_config("cifar-seed", data_shape=(1, 28, 28))
+
+
+def test_image_too_small_for_depth():
+    with pytest.raises(ConfigError, match="too small"):
+        build_config("conv", data_shape=(3, 8, 8))
+
+
+def test_unknown_model_and_field():
+    with pytest.raises(ConfigError, match="valid models: .*cifar-seed"):
+        build_config("resnet")
+    with pytest.raises(ConfigError, match="no field"):
+        build_config("conv", widths=(1, 2))
+
+
+def test_unconditional_model_rejects_labels():
+    m = build_model(build_config("mnist-small"))
+    with pytest.raises(ConfigError, match="unconditional"):
+        m.sample(2, y=torch.zeros(2, dtype=torch.long))
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    m = build_model(build_config("mnist-small", latent_dim=4, channels=(8, 8, 16), fc_hidden=32))
+    m.train()
+    m.loss(torch.rand(16, 1, 28, 28))  # move BatchNorm running stats away from their init
+    m.eval()
+    save_model(m, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(m.encode(x)[0], loaded.encode(x)[0])
+    assert torch.equal(m.decode(torch.ones(2, 4)), loaded.decode(torch.ones(2, 4)))
+    assert loaded.config == m.config
+
+
+def test_load_model_names_missing_file(tmp_path):
+    with pytest.raises(VaelabError, match="model.safetensors is missing"):
+        (tmp_path / "config.json").write_text("{}")
+        load_model(tmp_path)
