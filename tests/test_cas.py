@@ -14,8 +14,8 @@ TINY = dict(train_subset=480, test_subset=300, epochs=3, recipe={"widths": (8, 1
 
 
 @pytest.fixture(scope="module")
-def mnist_train():
-    return load_split("mnist", "train")
+def mnist_train(shared_datasets):
+    return load_split("mnist", "train", shared_datasets)
 
 
 def _synthetic(folder, split: ImageSplit):
@@ -23,12 +23,12 @@ def _synthetic(folder, split: ImageSplit):
     return folder
 
 
-def test_cas_table_real_row_beats_chance(tmp_path, mnist_train):
+def test_cas_table_real_row_beats_chance(tmp_path, mnist_train, shared_datasets):
     # a stand-in "synthetic" set: real MNIST images outside the real slice, relabelled at random
     g = torch.Generator().manual_seed(0)
     other = mnist_train.subset(slice(10000, 10160))
     noisy = ImageSplit(other.images, torch.randint(0, 10, (160,), generator=g), other.classes, "random labels")
-    report = cas(_synthetic(tmp_path / "syn", noisy), "mnist", out=tmp_path / "cas", **TINY)
+    report = cas(_synthetic(tmp_path / "syn", noisy), "mnist", data_root=shared_datasets, out=tmp_path / "cas", **TINY)
     rows = report["rows"]
     assert list(rows) == ["real", "synthetic", "real+synthetic"]
     assert rows["real"]["top1"] > 0.5  # chance is 0.1
@@ -52,19 +52,19 @@ def test_concat_keeps_order_and_classes(mnist_train):
     assert torch.equal(both.labels, mnist_train.labels[:5]) and both.classes == a.classes
 
 
-def test_class_mismatch(tmp_path, mnist_train):
+def test_class_mismatch(tmp_path, mnist_train, shared_datasets):
     part = mnist_train.subset(slice(0, 20))
     renamed = ImageSplit(part.images, part.labels, [f"digit {i}" for i in range(10)], "renamed")
     with pytest.raises(DataError, match="synthetic classes .* do not match the real classes"):
-        cas(_synthetic(tmp_path / "syn", renamed), "mnist", out=tmp_path / "cas", **TINY)
+        cas(_synthetic(tmp_path / "syn", renamed), "mnist", data_root=shared_datasets, out=tmp_path / "cas", **TINY)
     assert not (tmp_path / "cas").exists()
 
 
-def test_shape_mismatch(tmp_path, mnist_train):
+def test_shape_mismatch(tmp_path, mnist_train, shared_datasets):
     part = mnist_train.subset(slice(0, 20))
     rgb = ImageSplit(part.images.expand(-1, 3, -1, -1).contiguous(), part.labels, part.classes, "rgb")
     with pytest.raises(DataError, match="synthetic images are 3x28x28 .* are 1x28x28"):
-        cas(_synthetic(tmp_path / "syn", rgb), "mnist", out=tmp_path / "cas", **TINY)
+        cas(_synthetic(tmp_path / "syn", rgb), "mnist", data_root=shared_datasets, out=tmp_path / "cas", **TINY)
     assert not (tmp_path / "cas").exists()
 
 

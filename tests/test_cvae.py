@@ -61,8 +61,8 @@ def test_save_load_reproduces_outputs(tmp_path):
     assert model.decode(z, y=y).min() < 0  # [-1, 1] pixels
 
 
-def test_output_depends_on_the_class_after_training_on_mnist():
-    train_split = load_split("mnist", "train").subset(slice(0, 5120))  # 80 steps of 64
+def test_output_depends_on_the_class_after_training_on_mnist(shared_datasets):
+    train_split = load_split("mnist", "train", shared_datasets).subset(slice(0, 5120))  # 80 steps of 64
     torch.manual_seed(0)
     model = build_model(build_config("cvae-mnist", data_shape=(1, 28, 28), num_classes=10))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
