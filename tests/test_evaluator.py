@@ -73,8 +73,8 @@ def test_default_recipe():
 
 
 @pytest.mark.slow
-def test_evaluator_on_real_mnist_slice():
-    train = load_split("mnist", "train").subset(slice(0, 3000))
-    test = load_split("mnist", "test").subset(slice(0, 1000))
+def test_evaluator_on_real_mnist_slice(shared_datasets):
+    train = load_split("mnist", "train", shared_datasets).subset(slice(0, 3000))
+    test = load_split("mnist", "test", shared_datasets).subset(slice(0, 1000))
     _, info = train_classifier(train, epochs=2, batch_size=100, augment=True, widths=(16, 32, 64), test=test, progress=False)
     assert info["test_accuracy"] > 0.95, info

@@ -30,7 +30,10 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--beta", type=float)
     p.add_argument("--beta-schedule", "--beta_schedule", dest="beta_schedule", help="constant | linear | cyclical")
     p.add_argument("--kl-anneal-epochs", "--kl_anneal_epochs", dest="kl_anneal_epochs", type=int)
-    p.add_argument("--recon-likelihood", "--recon_likelihood", dest="recon_likelihood", help="bernoulli | gaussian")
+    p.add_argument("--recon-likelihood", "--recon_likelihood", dest="recon_likelihood",
+                   help="bernoulli | gaussian | discretized_logistic")
+    p.add_argument("--binarize", action="store_true", default=None,
+                   help="dynamically binarise training images (Bernoulli likelihood on binary MNIST)")
     p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="use the first N train images")
     p.add_argument("--tsne", action="store_true", default=None, help="also plot t-SNE of the test latents")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
@@ -74,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-subset", "--test_subset", dest="test_subset", type=int, help="first N real test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("evaluate", help="compute FID/KID, confidence, reconstruction, likelihood, latent and speed metrics of a run")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--metrics", help="comma-separated: fid,kid,confidence,recon,nll,latent,speed (default: all)")
+    p.add_argument("--fid-features", default="classifier", help="classifier (offline default) | inception")
+    p.add_argument("--inception-weights", help="path of the FID Inception weights (weights-inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--num-samples", type=int, default=10000, help="generated images for FID/KID/confidence")
+    p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image for the IWAE bound")
+    p.add_argument("--nll-subset", type=int, help="likelihood on the first N test images only (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("evaluator", help="evaluator classifiers (the yardstick of FID/KID and confidence metrics)")
+    ev = p.add_subparsers(dest="action", required=True)
+    p = ev.add_parser("train", help="train (or load from the cache) a dataset's evaluator and print its test accuracy")
+    p.add_argument("--dataset", required=True, help="mnist | fashion-mnist | cifar10 | imagefolder")
+    p.add_argument("--data-root", "--data_root", dest="data_root", help="folder holding the dataset")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="retrain even when a cached evaluator exists")
     return parser
 
 
@@ -123,6 +145,20 @@ def main(argv: list[str] | None = None) -> int:
                          seed=args.seed, device=args.device, train_subset=args.train_subset,
                          test_subset=args.test_subset, rows=rows)
             print("\n" + report["table"])
+        elif args.command == "evaluate":
+            from vaelab.evaluation import describe, evaluate_run
+
+            result = evaluate_run(args.run, metrics=args.metrics, fid_features=args.fid_features, num_samples=args.num_samples,
+                                  iwae_k=args.iwae_k, nll_subset=args.nll_subset, inception_weights=args.inception_weights,
+                                  seed=args.seed, device=args.device)
+            print(describe(result))
+            print(f"  {Path(args.run) / 'eval.json'}")
+        elif args.command == "evaluator":
+            from vaelab.evaluator import build_evaluator, describe_evaluator
+            from vaelab.training import select_device
+
+            _, info = build_evaluator(args.dataset, data_root=args.data_root, device=select_device(args.device), force=args.force)
+            print(describe_evaluator(info))
     except VaelabError as exc:
         print(f"vaelab {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,9 @@ class TrainConfig:
     Data: ``dataset`` (mnist | fashion-mnist | cifar10 | imagefolder), ``data_root``,
     ``val_fraction`` of train held out (seeded), ``train_subset``/``test_subset`` (first N images,
     for quick runs), ``augment`` (4-px crop + flip; default on for RGB data, off for digits),
-    ``pixel_range`` ("[0,1]" or "[-1,1]").
+    ``pixel_range`` ("[0,1]" or "[-1,1]"), ``binarize`` (dynamic binarisation: every training batch
+    is resampled as ``x ~ Bernoulli(pixel intensity)``, validation/test images are binarised once with
+    the run's seed; for Bernoulli likelihoods comparable with the literature, e.g. MNIST VAE ~89.9 nats).
 
     Model: ``model`` preset (default: mnist-small for 28x28 digits, cifar-seed for CIFAR-10, conv
     otherwise), ``latent_dim``, ``recon_likelihood`` (default bernoulli for digits, gaussian
@@ -54,6 +56,7 @@ class TrainConfig:
     test_subset: int | None = None
     augment: bool | None = None
     pixel_range: str = "[0,1]"
+    binarize: bool = False
 
     model: str | None = None
     latent_dim: int | None = None
@@ -136,6 +139,9 @@ class TrainConfig:
             raise ConfigError(f"pixel_range must be one of {', '.join(PIXEL_RANGES)}, got {self.pixel_range!r}")
         if self.recon_likelihood not in RECON_LIKELIHOODS:
             raise ConfigError(f"unknown recon_likelihood {self.recon_likelihood!r}; valid: {', '.join(RECON_LIKELIHOODS)}")
+        if self.binarize and (self.recon_likelihood != "bernoulli" or self.pixel_range != "[0,1]"):
+            raise ConfigError("binarize: true needs recon_likelihood 'bernoulli' and pixel_range '[0,1]', got "
+                              f"{self.recon_likelihood!r} and {self.pixel_range!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"unknown beta_schedule {self.beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
         if self.beta_schedule == "linear" and not (self.kl_anneal_epochs or self.kl_anneal_steps):

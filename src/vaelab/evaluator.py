@@ -6,7 +6,7 @@ The evaluator is the shared yardstick of the evaluation suite: its penultimate f
 
 Recipe (airbench-style, Jordan 2024): SGD with Nesterov momentum, one-cycle learning rate (Smith &
 Topin 2019), label smoothing 0.1, weight decay, batched on-device augmentation (random crop with
-zero padding; horizontal flips for RGB only, since a mirrored digit is another symbol). The whole
+zero padding; horizontal flips except for digits, since a mirrored digit is another symbol). The whole
 train split lives on the device as ``uint8`` and batches are ``randperm`` slices.
 """
 
@@ -30,17 +30,17 @@ from vaelab.io import write_json
 from vaelab.models import load_model, save_model
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 
-# bump when the recipe or architecture changes: cached evaluators of an older recipe are retrained
+# bump when the training code or architecture changes; the recipe values are part of the cache key too
 RECIPE_VERSION = 1
 
 # dataset -> training recipe and architecture of its evaluator (measured numbers in docs/evaluation.md)
 RECIPES: dict[str, dict] = {
-    "mnist": dict(epochs=3, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128)),
-    "fashion-mnist": dict(epochs=10, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128)),
-    "cifar10": dict(epochs=15, batch_size=256, lr=0.1, augment=True, widths=(64, 128, 256)),
+    "mnist": dict(epochs=2, batch_size=256, lr=0.1, augment=True, flip=False, widths=(32, 64, 128)),
+    "fashion-mnist": dict(epochs=8, batch_size=256, lr=0.1, augment=True, flip=False, widths=(32, 64, 128)),
+    "cifar10": dict(epochs=10, batch_size=256, lr=0.1, augment=True, flip=True, widths=(64, 128, 256)),
 }
 # any other dataset (imagefolder, synthetic sets)
-DEFAULT_RECIPE = dict(epochs=10, batch_size=256, lr=0.1, augment=True, widths=(32, 64, 128))
+DEFAULT_RECIPE = dict(epochs=10, batch_size=256, lr=0.1, augment=True, flip=None, widths=(32, 64, 128))
 
 LABEL_SMOOTHING = 0.1
 WEIGHT_DECAY = 5e-4
@@ -49,7 +49,7 @@ MOMENTUM = 0.9
 
 def default_recipe(dataset: str) -> dict:
     """The training recipe of ``dataset``'s evaluator: ``epochs``, ``batch_size``, ``lr`` (peak of the
-    one-cycle schedule), ``augment`` and the architecture's ``widths``.
+    one-cycle schedule), ``augment``, ``flip`` and the architecture's ``widths``.
 
     Raises:
         DataError: ``dataset`` is not a key of ``vaelab.data.DATASETS``.
@@ -79,6 +79,7 @@ def train_classifier(
     device: torch.device | str = "cpu",
     test: ImageSplit | None = None,
     widths: tuple[int, ...] = (32, 64, 128),
+    flip: bool | None = None,
     progress: bool = True,
 ) -> tuple[ResNetClassifier, dict]:
     """Train a ``ResNetClassifier`` from scratch on ``train`` (real or synthetic images).
@@ -88,8 +89,9 @@ def train_classifier(
         epochs: passes over ``train``; positive.
         batch_size: images per SGD step.
         lr: peak learning rate of the one-cycle schedule.
-        augment: random crop (2-px padding for 1-channel images, 4-px for RGB) plus horizontal
-            flips for RGB images.
+        augment: random crop (2-px padding for 1-channel images, 4-px for RGB) and horizontal flips.
+        flip: flip images left-right when augmenting; ``None``: for RGB images only (a mirrored
+            digit is another symbol).
         seed: seeds the initialisation, batch order and augmentation.
         device: where the model and the whole ``uint8`` train split live during training.
         test: if given, the returned dict holds its ``test_accuracy`` (top-1, a fraction).
@@ -135,7 +137,8 @@ def train_classifier(
                                                 anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0)
     gen = torch.Generator(device=device).manual_seed(seed)
     images, labels = train.images.to(device), train.labels.to(device)
-    pad, flip = (2, False) if c == 1 else (4, True)
+    pad = 2 if c == 1 else 4
+    flip = c == 3 if flip is None else flip
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
@@ -162,7 +165,7 @@ def train_classifier(
     if device.type == "cuda":
         torch.cuda.synchronize()
     info = {
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment, "widths": list(widths),
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment, "flip": flip, "widths": list(widths),
         "train_images": len(train), "train_source": train.source, "train_time_s": time.perf_counter() - t0,
         "device": str(device), "seed": seed,
     }
@@ -221,9 +224,16 @@ def data_fingerprint(split: ImageSplit) -> str:
     return h.hexdigest()[:16]
 
 
+def recipe_key(recipe: dict) -> str:
+    """A short hash of a recipe and ``RECIPE_VERSION``: another recipe gives another cached evaluator."""
+    text = json.dumps({"version": RECIPE_VERSION, **{k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}},
+                      sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def evaluator_dir(dataset: str, train: ImageSplit) -> Path:
-    """``cache_dir()/evaluators/<dataset>-<data fingerprint>-r<recipe version>``."""
-    return cache_dir() / "evaluators" / f"{dataset}-{data_fingerprint(train)}-r{RECIPE_VERSION}"
+    """``cache_dir()/evaluators/<dataset>-<data fingerprint>-<recipe key>``."""
+    return cache_dir() / "evaluators" / f"{dataset}-{data_fingerprint(train)}-{recipe_key(default_recipe(dataset))}"
 
 
 def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None, device: torch.device | str = "cpu",
@@ -248,9 +258,10 @@ def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
     print(f"training the {dataset} evaluator on {train.source} ({len(train):,} images, {recipe['epochs']} epochs, "
           f"device {device}); cached at {folder}")
     model, info = train_classifier(train, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                                   augment=recipe["augment"], widths=recipe["widths"], device=device)
+                                   augment=recipe["augment"], flip=recipe["flip"], widths=recipe["widths"],
+                                   device=device)
     acc = classifier_accuracy(model, test, device=device)
-    info.update(dataset=dataset, recipe_version=RECIPE_VERSION, data_fingerprint=data_fingerprint(train),
+    info.update(dataset=dataset, recipe_version=RECIPE_VERSION, recipe=recipe, data_fingerprint=data_fingerprint(train),
                 test_accuracy=acc["top1"], test_per_class=acc["per_class"], test_images=len(test),
                 test_source=test.source, classes=test.classes, split="test")
     # write into a temp folder, then rename: a cached evaluator is complete or absent
@@ -268,9 +279,18 @@ def get_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
     """The evaluator classifier of ``dataset`` in eval mode on ``device``; trained on first use.
 
     Cached under ``vaelab.data.cache_dir()/evaluators/`` keyed by dataset, a content hash of the
-    real train split and the recipe version, so other data or another recipe gives a new one.
+    real train split and a hash of the recipe, so other data or another recipe gives a new one.
 
     Raises:
         DataError: unknown or missing dataset.
     """
     return build_evaluator(dataset, data_root=data_root, device=device)[0]
+
+
+def describe_evaluator(info: dict) -> str:
+    """One line for people: test accuracy, data, recipe and training time of an evaluator."""
+    how = "loaded from the cache" if info.get("cached") else "trained"
+    return (f"{info['dataset']} evaluator ({how}): test accuracy {100 * info['test_accuracy']:.2f}% on "
+            f"{info['test_images']:,} {info['test_source']} test images; {info['epochs']} epochs on "
+            f"{info['train_images']:,} train images in {info['train_time_s']:.0f} s on {info['device']} "
+            f"(widths {info['widths']}, batch {info['batch_size']}, peak lr {info['lr']})")

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from vaelab.errors import ConfigError
 
-RECON_LIKELIHOODS = ("bernoulli", "gaussian")
+RECON_LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
+# decoder output channels per image channel, for likelihoods with more than one parameter per sub-pixel
+DECODER_PARAMS = {"bernoulli": 1, "gaussian": 1, "discretized_logistic": 2}
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 
 
@@ -74,7 +76,9 @@ def recon_nll(
             exact for binary pixels, the usual surrogate for gray digits) or ``"gaussian"``
             (fixed standard deviation ``sigma`` around the mean, including the ``0.5*log(2*pi*sigma^2)``
             constant so the result is a true NLL; ``sigma = sqrt(0.5)`` makes it ``SSE + const``, the
-            seeds' summed-MSE loss).
+            seeds' summed-MSE loss), or ``"discretized_logistic"`` (``discretized_logistic_nll``: a
+            true likelihood of 8-bit pixels; ``logits`` then hold ``2 * C`` channels, means then
+            log-scales).
         sigma: Gaussian standard deviation in pixel units.
         pixel_range: ``"[0,1]"`` or ``"[-1,1]"``.
 
@@ -84,6 +88,9 @@ def recon_nll(
     Raises:
         ConfigError: unknown likelihood, or Bernoulli with ``[-1,1]`` data.
     """
+    if likelihood == "discretized_logistic":
+        return discretized_logistic_nll(logits, x, pixel_range=pixel_range).flatten(1).sum(1), decoder_mean(
+            logits, pixel_range, likelihood=likelihood)
     mean = decoder_mean(logits, pixel_range)
     if likelihood == "bernoulli":
         if pixel_range != "[0,1]":
@@ -96,10 +103,57 @@ def recon_nll(
     return nll.flatten(1).sum(1), mean
 
 
-def decoder_mean(logits: torch.Tensor, pixel_range: str = "[0,1]") -> torch.Tensor:
-    """Decoder logits -> pixel means: ``sigmoid`` for ``[0,1]``, ``2*sigmoid-1`` for ``[-1,1]``."""
+def decoder_mean(logits: torch.Tensor, pixel_range: str = "[0,1]", *, likelihood: str = "bernoulli") -> torch.Tensor:
+    """Decoder logits -> pixel means: ``sigmoid`` for ``[0,1]``, ``2*sigmoid-1`` for ``[-1,1]``.
+
+    For ``likelihood="discretized_logistic"`` the first ``C`` of the ``2 * C`` channels are the
+    logistic locations on the ``[-1, 1]`` scale; the mean shown is that location clamped to the pixel range.
+    """
+    if likelihood == "discretized_logistic":
+        loc = logits[:, : logits.shape[1] // 2].clamp(-1.0, 1.0)
+        return loc if pixel_range == "[-1,1]" else (loc + 1.0) / 2.0
     mean = torch.sigmoid(logits)
     return mean * 2.0 - 1.0 if pixel_range == "[-1,1]" else mean
+
+
+def discretized_logistic_nll(params: torch.Tensor, x: torch.Tensor, *, pixel_range: str = "[0,1]") -> torch.Tensor:
+    """Negative log-likelihood of 8-bit pixels under a discretised logistic (one per sub-pixel).
+
+    Salimans et al. (2017), PixelCNN++, eq. 2 with a single mixture component: pixel values
+    ``v in {0, ..., 255}`` are rescaled to ``[-1, 1]``; the probability of ``v`` is the logistic
+    mass of its bin ``[x - 1/255, x + 1/255]``, with the edge bins extended to ``-inf`` / ``+inf``,
+    so the 256 probabilities sum to 1 exactly.
+
+    Args:
+        params: ``(B, 2C, H, W)``: locations ``mu`` (on the ``[-1, 1]`` scale), then log-scales
+            (clamped below at -7 as in PixelCNN++).
+        x: ``(B, C, H, W)`` 8-bit images as floats in ``pixel_range`` (``v / 255`` or ``2 v / 255 - 1``).
+        pixel_range: ``"[0,1]"`` or ``"[-1,1]"``.
+
+    Returns:
+        ``(B, C, H, W)`` NLL in nats per sub-pixel; sum over ``C, H, W`` for nats per image.
+
+    Raises:
+        ConfigError: ``params`` does not hold ``2 * C`` channels.
+    """
+    c = x.shape[1]
+    if params.shape[1] != 2 * c:
+        raise ConfigError(f"discretized_logistic needs 2*C = {2 * c} decoder channels, got {params.shape[1]}")
+    mu, log_s = params[:, :c], params[:, c:].clamp(min=-7.0)
+    x = x if pixel_range == "[-1,1]" else x * 2.0 - 1.0
+    inv_s = torch.exp(-log_s)
+    centered = x - mu
+    plus = inv_s * (centered + 1.0 / 255.0)
+    minus = inv_s * (centered - 1.0 / 255.0)
+    log_cdf_plus = plus - F.softplus(plus)  # log sigmoid(plus): the mass below the top edge, for v = 0
+    log_one_minus_cdf_min = -F.softplus(minus)  # log(1 - sigmoid(minus)): the mass above, for v = 255
+    cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
+    mid = inv_s * centered
+    # where the bin mass underflows, use the density at the centre times the bin width (PixelCNN++)
+    log_pdf_mid = mid - log_s - 2.0 * F.softplus(mid) - math.log(127.5)
+    log_mass = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
+    log_p = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_mass))
+    return -log_p
 
 
 def beta_at(

@@ -155,3 +155,46 @@ def write_run_pictures(run_dir: Path, model, test: ImageSplit, mu: torch.Tensor,
         latent_scatter(mu[:n].numpy(), labels[:n], test.classes, run_dir / "latent_mu_tsne.png",
                        title=f"t-SNE of mu ({test.source} test, first {n:,})", method="tsne")
 
+
+
+def confidence_hist(generated: np.ndarray, real: np.ndarray, path: str | Path, *, threshold: float, source: str) -> None:
+    """Histograms of the evaluator's max softmax probability on generated and on real test images."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    bins = np.linspace(0.0, 1.0, 41)
+    ax.hist(real, bins=bins, alpha=0.55, density=True, label=f"real test images (n={len(real):,})")
+    ax.hist(generated, bins=bins, alpha=0.55, density=True, label=f"generated samples (n={len(generated):,})")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"confident: max-prob >= {threshold}")
+    ax.set_xlabel("evaluator max softmax probability")
+    ax.set_ylabel("density")
+    ax.set_title(f"evaluator confidence ({source})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    save_figure(fig, path)
+
+
+def class_coverage(generated: dict, real: dict, classes: list[str], path: str | Path, *, source: str) -> None:
+    """Bar chart of the evaluator's predicted-class distribution, generated vs real test images."""
+    k = len(classes)
+    pos = np.arange(k)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.6 * k), 4.0))
+    ax.bar(pos - 0.2, real["class_distribution"], 0.4, label=f"real test (mode coverage {real['mode_coverage']:.3f})")
+    ax.bar(pos + 0.2, generated["class_distribution"], 0.4, label=f"generated (mode coverage {generated['mode_coverage']:.3f})")
+    ax.axhline(1.0 / k, color="k", ls="--", lw=1, label="uniform")
+    ax.set_xticks(pos, classes, rotation=45 if max(len(c) for c in classes) > 3 else 0, ha="right" if max(len(c) for c in classes) > 3 else "center", fontsize=8)
+    ax.set_ylabel("share of images predicted as the class")
+    ax.set_title(f"predicted-class distribution ({source}); mode coverage = entropy / log K", fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def kl_per_dim(kl: list[float], variance: list[float], path: str | Path, *, threshold: float, source: str) -> None:
+    """Bar chart of the mean KL per latent dimension; active dims (Var_x(mu_i) > threshold) coloured."""
+    d = len(kl)
+    active = np.asarray(variance) > threshold
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.25 * d), 3.8))
+    ax.bar(np.arange(d)[active], np.asarray(kl)[active], color="tab:blue", label=f"active ({active.sum()})")
+    ax.bar(np.arange(d)[~active], np.asarray(kl)[~active], color="tab:gray", label=f"inactive ({(~active).sum()})")
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("mean KL(q(z_i|x) || N(0,1)), nats")
+    ax.set_title(f"KL per latent dimension ({source} test), total {sum(kl):.2f} nats", fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -76,8 +76,18 @@ class RunData:
     test: ImageSplit
 
 
+def binarize_split(split: ImageSplit, seed: int) -> ImageSplit:
+    """A copy of ``split`` with every pixel resampled once as 0 or 255 with probability ``v / 255``
+    (stochastic binarisation, seeded; the fixed evaluation set of a dynamically binarised run)."""
+    gen = torch.Generator(device=split.images.device).manual_seed(seed)
+    p = split.images.float().div(255.0)
+    images = (torch.bernoulli(p, generator=gen) * 255).to(torch.uint8)
+    return ImageSplit(images, split.labels, split.classes, f"{split.source}, binarised (seed {seed})", split.name)
+
+
 def load_run_data(config: TrainConfig, device: torch.device | str = "cpu") -> RunData:
-    """Train/val/test splits for ``config`` (subsets applied, validation held out with ``config.seed``)."""
+    """Train/val/test splits for ``config`` (subsets applied, validation held out with ``config.seed``;
+    with ``config.binarize`` validation and test images are binarised once, see ``binarize_split``)."""
     train = load_split(config.dataset, "train", config.data_root)
     test = load_split(config.dataset, "test", config.data_root)
     if train.shape != test.shape:
@@ -89,6 +99,8 @@ def load_run_data(config: TrainConfig, device: torch.device | str = "cpu") -> Ru
     if config.test_subset:
         test = test.subset(slice(0, config.test_subset))
     train, val = split_validation(train, config.val_fraction, config.seed)
+    if config.binarize:
+        val, test = binarize_split(val, config.seed), binarize_split(test, config.seed)
     return RunData(train.to(device), val.to(device), test.to(device))
 
 
@@ -294,6 +306,8 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
         for i, (x, y) in enumerate(batches(data.train.images, data.train.labels, config.batch_size, shuffle=True,
                                            augment_data=config.augment, pixel_range=config.pixel_range, generator=gen)):
             beta = beta_for(step)
+            if config.binarize:  # dynamic binarisation: a fresh binary image every time (Salakhutdinov & Murray 2008)
+                x = torch.bernoulli(x, generator=gen)
             out = model.loss(x, beta=beta, y=y if model.conditional else None, generator=gen)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()

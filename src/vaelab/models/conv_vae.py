@@ -15,7 +15,7 @@ from torch import nn
 
 from vaelab.data.batches import PIXEL_RANGES
 from vaelab.errors import ConfigError
-from vaelab.losses import RECON_LIKELIHOODS, LossOutput, decoder_mean, kl_normal, recon_nll
+from vaelab.losses import DECODER_PARAMS, RECON_LIKELIHOODS, LossOutput, decoder_mean, kl_normal, recon_nll
 
 
 @dataclass
@@ -30,7 +30,8 @@ class ConvVAEConfig:
         fc_hidden: width of an extra Linear + ReLU between the conv stack and ``fc_mu``/``fc_logvar``
             (and before the decoder's reshape); ``None`` for none.
         batch_norm: BatchNorm after every conv except the decoder's last.
-        recon_likelihood: ``"bernoulli"`` or ``"gaussian"`` (see ``vaelab.losses.recon_nll``).
+        recon_likelihood: ``"bernoulli"``, ``"gaussian"`` or ``"discretized_logistic"`` (see
+            ``vaelab.losses.recon_nll``; the last makes the decoder output 2 parameters per sub-pixel).
         recon_sigma: Gaussian standard deviation in pixel units (``sqrt(0.5)``: summed-MSE loss).
         pixel_range: ``"[0,1]"`` or ``"[-1,1]"``, the range of inputs and decoder means.
     """
@@ -127,7 +128,7 @@ class ConvVAE(nn.Module):
         fc.append(nn.Linear(config.fc_hidden or config.latent_dim, flat))
         self.decoder_input = nn.Sequential(*fc)
         dec: list[nn.Module] = []
-        outs = (*ch[:-1][::-1], config.in_channels)
+        outs = (*ch[:-1][::-1], config.in_channels * DECODER_PARAMS[config.recon_likelihood])
         for i, (c_in, c_out) in enumerate(zip(ch[::-1], outs)):
             s_in, s_out = sizes[-1 - i], sizes[-2 - i]
             # output_padding recovers odd sizes the encoder floored away (e.g. 7 -> 3 -> 7)
@@ -143,12 +144,12 @@ class ConvVAE(nn.Module):
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """``(B, latent_dim)`` -> ``(B, C, H, W)`` decoder logits."""
+        """``(B, latent_dim)`` -> ``(B, C, H, W)`` decoder logits (``(B, 2C, H, W)`` for a discretised logistic)."""
         return self.decoder(self.decoder_input(z).view(-1, *self.feature_shape))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``(B, latent_dim)`` -> ``(B, C, H, W)`` pixel means in ``config.pixel_range``."""
-        return decoder_mean(self.decode_logits(z), self.config.pixel_range)
+        return decoder_mean(self.decode_logits(z), self.config.pixel_range, likelihood=self.config.recon_likelihood)
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,290 @@
+"""Evaluation suite: FID/KID, confidence, IWAE, discretised logistic, latent diagnostics, evaluate_run."""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+from torch import nn
+
+from vaelab import evaluation
+from vaelab.config import TrainConfig
+from vaelab.data import ImageSplit
+from vaelab.errors import ConfigError, DataError, VaelabError
+from vaelab.evaluation import (
+    ClassifierFeatures,
+    InceptionFeatures,
+    confidence_metrics,
+    evaluate_run,
+    fid_from_features,
+    importance_weights,
+    inception_weights_path,
+    iwae_bound,
+    kid_from_features,
+)
+from vaelab.io import write_yaml
+from vaelab.losses import discretized_logistic_nll
+from vaelab.models import MODEL_TYPES, save_model
+from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
+from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
+from vaelab.training import train
+
+
+def _features(n, d=8, shift=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) + shift
+
+
+def test_fid_self_zero_and_shifted_positive():
+    a = _features(500)
+    assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert fid_from_features(a, _features(500, shift=1.0, seed=1)) > 5.0  # |mean shift|^2 = 8
+
+
+def test_fid_matches_numpy_scipy():
+    a, b = _features(400, seed=0), _features(300, seed=1) * 1.5 + 0.3
+    x, y = a.numpy(), b.numpy()
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kid_self_near_zero_and_shifted_positive():
+    a = _features(400)
+    mean, std, size = kid_from_features(a, a, subsets=10, subset_size=100)
+    assert abs(mean) < 0.05 and size == 100
+    shifted, _, _ = kid_from_features(a, _features(400, shift=1.0, seed=1), subsets=10, subset_size=100)
+    assert shifted > 0.5 and shifted > 10 * abs(mean)
+
+
+def test_fid_rejects_bad_features():
+    with pytest.raises(DataError, match="at least 2"):
+        fid_from_features(_features(1), _features(10))
+    with pytest.raises(DataError, match="one F"):
+        fid_from_features(_features(10, d=3), _features(10, d=4))
+
+
+def test_confidence_one_hot_logits():
+    logits = torch.full((30, 3), -1e4)
+    logits[torch.arange(30), torch.arange(30) % 3] = 1e4
+    m = confidence_metrics(logits)
+    assert m["mean_max_prob"] == pytest.approx(1.0) and m["share_confident"] == 1.0
+    assert m["mode_coverage"] == pytest.approx(1.0) and m["effective_classes"] == pytest.approx(3.0)
+    flat = confidence_metrics(torch.zeros(10, 4))
+    assert flat["mean_max_prob"] == pytest.approx(0.25) and flat["share_confident"] == 0.0
+
+
+def test_discretized_logistic_sums_to_one_over_256_bins():
+    values = torch.arange(256, dtype=torch.float32)
+    for pixel_range, x in (("[0,1]", values / 255), ("[-1,1]", values / 127.5 - 1)):
+        x = x.reshape(1, 1, 16, 16)
+        for loc, log_s in ((0.1, -3.0), (-0.9, -1.0), (0.99, -6.0), (0.0, 1.0)):
+            params = torch.cat([torch.full_like(x, loc), torch.full_like(x, log_s)], 1)
+            total = (-discretized_logistic_nll(params, x, pixel_range=pixel_range)).exp().sum()
+            assert total.item() == pytest.approx(1.0, abs=2e-4), (pixel_range, loc, log_s)
+
+
+def test_discretized_logistic_trains_in_conv_vae():
+    cfg = ConvVAEConfig(in_channels=3, image_size=8, channels=(4, 8), latent_dim=2, fc_hidden=None,
+                        recon_likelihood="discretized_logistic", pixel_range="[-1,1]")
+    model = ConvVAE(cfg)
+    x = torch.randint(0, 256, (4, 3, 8, 8)).float() / 127.5 - 1
+    out = model.loss(x)
+    assert model.decode_logits(torch.zeros(2, 2)).shape == (2, 6, 8, 8)
+    assert model.decode(torch.zeros(2, 2)).shape == (2, 3, 8, 8)
+    assert torch.isfinite(out.loss) and (out.recon > 0).all()
+    out.loss.backward()
+
+
+def _tiny_trained_vae():
+    torch.manual_seed(0)
+    model = ConvVAE(ConvVAEConfig(in_channels=1, image_size=8, channels=(4, 8), latent_dim=2, fc_hidden=16))
+    g = torch.Generator().manual_seed(0)
+    # two prototypes (horizontal / vertical bar) with pixel noise
+    protos = torch.zeros(2, 1, 8, 8)
+    protos[0, :, 3:5, :] = 1
+    protos[1, :, :, 3:5] = 1
+    data = (protos[torch.arange(256) % 2] * 0.8 + 0.1 + 0.05 * torch.rand(256, 1, 8, 8, generator=g)).clamp(0, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(40):
+        x = data[torch.randint(0, 256, (32,), generator=g)]
+        loss = model.loss(x, generator=g).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), data[:32]
+
+
+def test_iwae_bound_above_elbo_and_rises_with_k():
+    model, x = _tiny_trained_vae()
+    g = torch.Generator().manual_seed(1)
+    log_w = importance_weights(model, x, 200, generator=g, chunk=64)
+    assert log_w.shape == (32, 200)
+    elbo = log_w.mean(1)
+
+    def bound(k):  # E[L_k] estimated over the 200 / k disjoint groups of k samples per image
+        return iwae_bound(log_w.reshape(-1, k)).mean().item()
+
+    bounds = [bound(k) for k in (1, 10, 100, 200)]
+    assert bounds[-1] >= elbo.mean().item()
+    assert bounds[0] < bounds[1] < bounds[2] < bounds[3], bounds
+    assert bounds[3] - bounds[0] > 0.05  # the tiny model's posterior is not exact: importance sampling helps
+    # k = 1: the IWAE bound is the single-sample ELBO
+    torch.testing.assert_close(iwae_bound(log_w[:, :1]), log_w[:, 0])
+    # the log weights agree with the model's own ELBO in expectation (analytic KL vs Monte Carlo)
+    out = model.loss(x, generator=torch.Generator().manual_seed(2))
+    assert elbo.mean().item() == pytest.approx(out.elbo.mean().item(), abs=1.0)
+    with pytest.raises(ConfigError, match="positive"):
+        importance_weights(model, x, 0)
+
+
+class _StubNet(nn.Module):
+    """Same interface as the FID Inception: uint8 (B, 3, H, W) -> (B, 2048)."""
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        return x.float().mean((2, 3)).repeat(1, 683)[:, :2048]
+
+
+def test_inception_wiring_with_stub_and_missing_weights(tmp_path):
+    feats = InceptionFeatures(_StubNet())
+    gray = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    out = feats(gray)
+    assert out.shape == (6, 2048) and out.dtype == torch.float32
+    with pytest.raises(ConfigError, match="--fid-features classifier"):
+        inception_weights_path(tmp_path / "missing.pth")
+
+
+def test_classifier_features_take_uint8():
+    clf = ResNetClassifier(ClassifierConfig(1, 8, 3, (4, 8))).eval()
+    x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(ClassifierFeatures(clf)(x), clf.features(x.float() / 255))
+
+
+# ------------------------------------------------------------------ evaluate_run end to end
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A 3-class 8x8 gray image folder: class c is a bar at rows 2c..2c+1, with noise."""
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(0)
+    root = tmp_path / "data"
+    for split, n in (("train", 60), ("test", 30)):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n // 3):
+                img = torch.randint(0, 60, (1, 8, 8), generator=g, dtype=torch.uint8)
+                img[:, 2 * c + 1 : 2 * c + 3, :] = 230
+                write_png(img, str(root / split / f"c{c}" / f"{i}.png"))
+    return root
+
+
+def _tiny_config(root, out, **kw):
+    return TrainConfig(dataset="imagefolder", data_root=str(root), model="conv", latent_dim=3, epochs=1, batch_size=16,
+                       model_args={"channels": [4, 8], "fc_hidden": 16}, device="cpu", out=str(out), **kw)
+
+
+def test_evaluate_run_vae(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    run = train(_tiny_config(image_folder, tmp_path / "run", recon_likelihood="bernoulli"))
+    result = evaluate_run(run, num_samples=40, iwae_k=8, nll_subset=10, device="cpu")
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    for name in ("fid", "kid", "confidence", "recon", "nll", "latent", "speed"):
+        assert name in result, name
+    assert result["fid"]["feature_space"].startswith("classifier") and result["fid"]["num_samples"] == 40
+    assert result["fid"]["floor"]["value"] >= 0 and "per_class" not in result["fid"]
+    assert result["nll"]["num_images"] == 10 and result["nll"]["iwae_nll_nats"] <= result["nll"]["neg_elbo_nats"] + 1e-6
+    assert result["nll"]["iwae_nll_bits_per_dim"] is None  # Bernoulli on gray pixels: no bits/dim
+    assert result["latent"]["latent_dim"] == 3 and len(result["latent"]["kl_per_dim_nats"]) == 3
+    assert 0 < result["recon"]["psnr_db"] and -1 <= result["recon"]["ssim"] <= 1
+    assert result["warnings"]  # 40 samples < 128 feature dims
+    for png in ("confidence_hist.png", "class_coverage.png", "kl_per_dim.png", "eval_samples.png"):
+        assert (run / png).stat().st_size > 0
+
+
+def test_evaluate_run_bad_input(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(VaelabError, match="no checkpoint"):
+        evaluate_run(tmp_path)
+    run = train(_tiny_config(image_folder, tmp_path / "run"))
+    for kwargs, match in ((dict(iwae_k=0), "iwae_k"), (dict(num_samples=-1), "num_samples"),
+                          (dict(metrics="fid,bogus"), "bogus"), (dict(fid_features="vgg"), "vgg"),
+                          (dict(fid_features="inception", inception_weights=tmp_path / "nope.pth"), "Inception")):
+        with pytest.raises(ConfigError, match=match):
+            evaluate_run(run, device="cpu", **kwargs)
+    assert not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("overrides", [{"binarize": True, "recon_likelihood": "bernoulli"}, {"recon_likelihood": "discretized_logistic"}])
+def test_discrete_likelihood_runs_report_bits_per_dim(image_folder, tmp_path, overrides):
+    run = train(_tiny_config(image_folder, tmp_path / "run", **overrides))
+    result = evaluate_run(run, metrics="nll,latent", iwae_k=4, device="cpu")
+    nll = result["nll"]
+    assert nll["num_images"] == 30 and nll["iwae_nll_bits_per_dim"] is not None
+    assert nll["iwae_nll_bits_per_dim"] == pytest.approx(nll["iwae_nll_nats"] / (64 * math.log(2)))
+    assert "fid" not in result and not (run / "eval_samples.png").exists()
+
+
+def test_binarize_needs_bernoulli(tmp_path):
+    with pytest.raises(ConfigError, match="binarize"):
+        TrainConfig(binarize=True, recon_likelihood="gaussian").resolved()
+
+
+@dataclass
+class _StubConfig:
+    in_channels: int = 1
+    image_size: int = 8
+    num_classes: int = 3
+    pixel_range: str = "[0,1]"
+    model_type: str = field(default="cond_stub", init=False)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class _ConditionalStub(nn.Module):
+    """A class-conditional generator without encode/decode: draws the bar of class y, or of class 0 for
+    every y when ``wrong`` (so per-class FID must be high for classes 1 and 2)."""
+
+    conditional = True
+    kind = "stub"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wrong = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def sample(self, n, *, y=None, generator=None):
+        y = torch.zeros(n, dtype=torch.long) if self.wrong > 0 else y
+        x = torch.rand(n, 1, 8, 8, generator=generator) * 0.23
+        for i in range(n):
+            x[i, :, 2 * y[i] + 1 : 2 * y[i] + 3, :] = 0.9
+        return x
+
+
+def test_per_class_fid_with_conditional_stub(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(MODEL_TYPES, "cond_stub", (_StubConfig, _ConditionalStub))
+    values = {}
+    for wrong in (0.0, 1.0):
+        run = tmp_path / f"run{wrong}"
+        model = _ConditionalStub(_StubConfig())
+        model.wrong.fill_(wrong)
+        save_model(model, run / "checkpoints" / "epoch-0001")
+        torch.save({}, run / "checkpoints" / "epoch-0001" / "trainer_state.pt")
+        write_yaml(run / "config.yaml", _tiny_config(image_folder, run).to_dict())
+        result = evaluate_run(run, metrics="fid,confidence,nll", num_samples=60, device="cpu")
+        assert result["not_applicable"]["nll"].startswith("the model has no encode")
+        assert [r["class"] for r in result["fid"]["per_class"]] == ["c0", "c1", "c2"]
+        assert result["confidence"]["generated"]["label_accuracy"] is not None
+        values[wrong] = [r["value"] for r in result["fid"]["per_class"]]
+    # right classes: every per-class FID small; class 0 for every label: classes 1 and 2 far off
+    assert values[1.0][1] > 5 * values[0.0][1] and values[1.0][2] > 5 * values[0.0][2]
