@@ -143,8 +143,8 @@ def cas(
     for row in rows:
         print(f"CAS row {row!r}: training on {len(sets[row]):,} images ({sets[row].source}), {settings['epochs']} epochs")
         model, info = train_classifier(sets[row], epochs=settings["epochs"], batch_size=settings["batch_size"],
-                                       lr=settings["lr"], augment=settings["augment"], widths=tuple(settings["widths"]),
-                                       seed=seed, device=dev)
+                                       lr=settings["lr"], augment=settings["augment"], flip=settings.get("flip"),
+                                       widths=tuple(settings["widths"]), seed=seed, device=dev)
         acc = classifier_accuracy(model, real_test, device=dev)
         results[row] = {"train_images": len(sets[row]), "train_source": sets[row].source,
                         "train_time_s": info["train_time_s"], **{k: acc[k] for k in ("top1", "per_class", "confusion")}}
@@ -183,10 +183,17 @@ def markdown_table(report: dict) -> str:
         f"Test: {report['test_images']:,} images of the real test split of {report['test_source']}. "
         f"Synthetic: {report['synthetic_source']}.",
         f"Classifier: ResNetClassifier widths {tuple(r['widths'])}, {r['epochs']} epochs, batch {r['batch_size']}, "
-        f"SGD-Nesterov one-cycle peak lr {r['lr']}, augmentation {'on' if r['augment'] else 'off'}, seed {r['seed']}, "
+        f"SGD-Nesterov one-cycle peak lr {r['lr']}, augmentation {_augmentation(r)}, seed {r['seed']}, "
         f"identical for every row; device {report['device']}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _augmentation(recipe: dict) -> str:
+    if not recipe["augment"]:
+        return "off"
+    flip = recipe.get("flip")
+    return "random crop" + {True: " + horizontal flip", False: " (no flip)"}.get(flip, " (+ flip for RGB)")
 
 
 def _confusion_figure(report: dict):
