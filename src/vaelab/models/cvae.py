@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.errors import ConfigError
-from vaelab.losses import LossOutput, decoder_mean, kl_normal, recon_nll
+from vaelab.losses import LossOutput, decoder_mean
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 
 
@@ -83,7 +83,7 @@ class CVAE(ConvVAE):
 
     def decode(self, z: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, latent_dim)`` and ``(B,)`` labels -> ``(B, C, H, W)`` pixel means in ``config.pixel_range``."""
-        return decoder_mean(self.decode_logits(z, y=y), self.config.pixel_range)
+        return decoder_mean(self.decode_logits(z, y=y), self.config.pixel_range, likelihood=self.config.recon_likelihood)
 
     def loss(
         self, x: torch.Tensor, *, beta: float = 1.0, y: torch.Tensor | None = None, generator: torch.Generator | None = None
@@ -96,12 +96,7 @@ class CVAE(ConvVAE):
         """
         mu, logvar = self.encode(x, y=y)
         z = self.reparameterize(mu, logvar, generator)
-        logits = self.decode_logits(z, y=y)
-        cfg = self.config
-        recon, mean = recon_nll(logits, x, cfg.recon_likelihood, sigma=cfg.recon_sigma, pixel_range=cfg.pixel_range)
-        kl = kl_normal(mu, logvar).sum(1)
-        mse = (mean - x).pow(2).flatten(1).mean(1)
-        return LossOutput(loss=(recon + beta * kl).mean(), recon=recon, kl=kl, mse=mse, mu=mu, logvar=logvar)
+        return self.loss_terms(x, self.decode_logits(z, y=y), mu, logvar, beta=beta)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
