@@ -35,9 +35,9 @@ from vaelab.config import load_config
 from vaelab.data import ImageSplit, batches, load_split, to_uint8, write_tensor_file
 from vaelab.errors import ConfigError, DataError, VaelabError
 from vaelab.io import git_sha, write_json
+from vaelab.models import load_model
 from vaelab.plots import save_grid
 from vaelab.training import last_checkpoint, select_device
-from vaelab.models import load_model
 
 # method -> how z is drawn for class c (eps ~ N(0, I); mean_c, std_c, Cov_c are statistics of mu over class c)
 METHODS: dict[str, str] = {
