@@ -182,7 +182,8 @@ def markdown_table(report: dict) -> str:
         "",
         f"Test: {report['test_images']:,} images of the real test split of {report['test_source']}. "
         f"Synthetic: {report['synthetic_source']}.",
-        f"Classifier: ResNetClassifier widths {tuple(r['widths'])}, {r['epochs']} epochs, batch {r['batch_size']}, "
+        f"Classifier: ResNetClassifier widths {tuple(r['widths'])}, {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''}, "
+        f"batch {r['batch_size']}, "
         f"SGD-Nesterov one-cycle peak lr {r['lr']}, augmentation {_augmentation(r)}, seed {r['seed']}, "
         f"identical for every row; device {report['device']}.",
     ]
