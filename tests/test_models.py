@@ -4,7 +4,8 @@ import torch
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.models import PRESETS, build_config, build_model, load_model, preset_kind, save_model
 
-SHAPES = {"mnist-small": (1, 28, 28), "cifar-seed": (3, 32, 32), "conv": (3, 16, 16)}
+SHAPES = {"mnist-small": (1, 28, 28), "cifar-seed": (3, 32, 32), "conv": (3, 16, 16),
+          "cvae-mnist": (1, 28, 28), "cvae-cifar": (3, 32, 32), "cvae-conv": (3, 16, 16)}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in PRESETS if preset_kind(n) == "vae"))  # DDPMs: test_ddpm.py
@@ -14,11 +15,12 @@ def test_preset_shapes(name):
         pytest.fail(f"add an input shape for new preset {name!r} to SHAPES")
     model = build_model(build_config(name, data_shape=shape)).eval()
     x = torch.rand(3, *shape)
-    mu, logvar = model.encode(x)
+    given = {"y": torch.tensor([0, 1, 2])} if model.conditional else {}  # class labels for conditional models
+    mu, logvar = model.encode(x, **given)
     d = model.config.latent_dim
     assert mu.shape == logvar.shape == (3, d)
-    assert model.decode(mu).shape == (3, *shape)
-    out = model.loss(x, beta=1.0)
+    assert model.decode(mu, **given).shape == (3, *shape)
+    out = model.loss(x, beta=1.0, **given)
     assert out.recon.shape == out.kl.shape == out.mse.shape == (3,)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     s = model.sample(5, generator=torch.Generator().manual_seed(0))

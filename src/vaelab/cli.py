@@ -25,7 +25,8 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
                    help="do not write TensorBoard logs to RUN_DIR/tb/")
     if not full:
         return
-    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | ddpm-28 | ddpm-32")
+    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | cvae-mnist | cvae-cifar | cvae-conv | "
+                                   "ddpm-28 | ddpm-32 | ddpm")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int)
@@ -59,6 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion runs: ddpm (T-step ancestral, default) or ddim")
     p.add_argument("--steps", type=int, help="diffusion runs: denoising steps (ddpm: T, ddim: 50 by default)")
+    p.add_argument("--class", dest="class_label", help="conditional models: class index or name to draw")
+
+    p = sub.add_parser("synth", help="write a labelled synthetic dataset decoded from a VAE run's latent space")
+    p.add_argument("--run", required=True, help="run folder of a trained VAE or conditional VAE")
+    p.add_argument("--out", required=True, help="folder to create (ImageFolder of PNGs + train.safetensors + manifest.json)")
+    p.add_argument("--per-class", "--per_class", dest="per_class", type=int, default=5000)
+    p.add_argument("--method", help="class-mean (default for VAEs) | class-std | class-gaussian | prior (default for CVAEs)")
+    p.add_argument("--noise-scale", "--noise_scale", dest="noise_scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("cas", help="classification accuracy score: train on real / synthetic / both, test on real")
+    p.add_argument("--synthetic", required=True, help="synthetic set folder (train.safetensors or train/<class>/*)")
+    p.add_argument("--dataset", required=True, help="the real dataset: mnist | fashion-mnist | cifar10 | imagefolder | tensors")
+    p.add_argument("--data-root", "--data_root", dest="data_root", help="folder holding the real dataset")
+    p.add_argument("--out", help="results folder to create (default SYNTHETIC/cas)")
+    p.add_argument("--epochs", type=int, help="classifier epochs for every row (default: the evaluator recipe's)")
+    p.add_argument("--rows", help="comma-separated subset of real,synthetic,real+synthetic (default: all three)")
+    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="first N real train images")
+    p.add_argument("--test-subset", "--test_subset", dest="test_subset", type=int, help="first N real test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
 
     p = sub.add_parser("evaluate", help="compute FID/KID, confidence, reconstruction, likelihood, latent and speed metrics of a run")
     p.add_argument("--run", required=True, help="run folder")
@@ -166,8 +189,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from vaelab.generation import sample_run
 
-            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device, sampler=args.sampler,
-                             steps=args.steps))
+            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device, class_label=args.class_label,
+                             sampler=args.sampler, steps=args.steps))
+        elif args.command == "synth":
+            from vaelab.synthesis import synthesize
+
+            out = synthesize(args.run, args.out, per_class=args.per_class, method=args.method,
+                             noise_scale=args.noise_scale, seed=args.seed, device=args.device)
+            print(f"synthetic dataset: {out} (manifest.json, train.safetensors, train/<class>/*.png, synthetic_grid.png)")
+        elif args.command == "cas":
+            from vaelab.cas import ROWS, cas
+
+            rows = tuple(r.strip() for r in args.rows.split(",") if r.strip()) if args.rows else ROWS
+            report = cas(args.synthetic, args.dataset, data_root=args.data_root, out=args.out, epochs=args.epochs,
+                         seed=args.seed, device=args.device, train_subset=args.train_subset,
+                         test_subset=args.test_subset, rows=rows)
+            print("\n" + report["table"])
         elif args.command == "evaluate":
             from vaelab.evaluation import describe, evaluate_run
             from vaelab.generation import run_sampler_options

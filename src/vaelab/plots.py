@@ -89,16 +89,38 @@ def latent_scatter(points: np.ndarray, labels: np.ndarray, classes: list[str], p
     save_figure(fig, path)
 
 
+def _given(y: torch.Tensor | None) -> dict:
+    """Keyword arguments that pass class labels to a conditional model (none for an unconditional one)."""
+    return {} if y is None else {"y": y}
+
+
 @torch.no_grad()
-def interpolations(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
+def interpolations(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, *,
+                   y_a: torch.Tensor | None = None, y_b: torch.Tensor | None = None) -> torch.Tensor:
     """Decode linear paths ``z = (1-t) mu_a + t mu_b`` for ``t`` in ``linspace(0, 1, steps)``.
+
+    For a conditional model pass the labels ``y_a``, ``y_b`` (int64 ``(P,)``): each image is encoded
+    with its own label and the whole path is decoded with ``y_a`` (the style of ``b`` drawn as class ``a``).
 
     Returns ``(P * steps, C, H, W)`` decoder means, row ``p`` holding pair ``p``'s path.
     """
-    mu_a, mu_b = model.encode(x_a)[0], model.encode(x_b)[0]
+    mu_a, mu_b = model.encode(x_a, **_given(y_a))[0], model.encode(x_b, **_given(y_b))[0]
     t = torch.linspace(0, 1, steps, device=mu_a.device)[None, :, None]
     z = (1 - t) * mu_a[:, None] + t * mu_b[:, None]  # (P, steps, D)
-    return model.decode(z.flatten(0, 1))
+    return model.decode(z.flatten(0, 1), **_given(None if y_a is None else y_a.repeat_interleave(steps)))
+
+
+@torch.no_grad()
+def per_class_samples(model, *, per_class: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Samples of a conditional model, one row per class, column ``j`` sharing one ``z_j ~ N(0, I)``.
+
+    Returns ``(num_classes * per_class, C, H, W)`` decoder means, class-major.
+    """
+    device = next(model.parameters()).device
+    k = model.config.num_classes
+    z = torch.randn(per_class, model.config.latent_dim, generator=generator).to(device)
+    y = torch.arange(k, device=device).repeat_interleave(per_class)
+    return model.decode(z.repeat(k, 1), y=y)
 
 
 @torch.no_grad()
@@ -113,10 +135,16 @@ def write_run_pictures(run_dir: Path, model, test: ImageSplit, mu: torch.Tensor,
         training_curves(rows, run_dir / "training_curves.png")
     pick = torch.randperm(len(test), generator=gen)[:20]
     x = to_pixels(test.images[pick.to(test.images.device)], pr).to(device)
-    save_grid(torch.cat([x[:8], model.reconstruct(x[:8])]), run_dir / "reconstructions.png", nrow=8, pixel_range=pr)
+    y = test.labels[pick.to(test.labels.device)].to(device) if model.conditional else None
+    save_grid(torch.cat([x[:8], model.reconstruct(x[:8], **_given(None if y is None else y[:8]))]),
+              run_dir / "reconstructions.png", nrow=8, pixel_range=pr)
     z = torch.randn(64, model.config.latent_dim, generator=gen).to(device)
-    save_grid(model.decode(z), run_dir / "samples.png", nrow=8, pixel_range=pr)
-    save_grid(interpolations(model, x[8:14], x[14:20]), run_dir / "interpolation.png", nrow=10, pixel_range=pr)
+    y_samples = torch.arange(64, device=device) % model.config.num_classes if model.conditional else None
+    save_grid(model.decode(z, **_given(y_samples)), run_dir / "samples.png", nrow=8, pixel_range=pr)
+    y_a, y_b = (None, None) if y is None else (y[8:14], y[14:20])
+    save_grid(interpolations(model, x[8:14], x[14:20], y_a=y_a, y_b=y_b), run_dir / "interpolation.png", nrow=10, pixel_range=pr)
+    if model.conditional:
+        save_grid(per_class_samples(model, generator=gen), run_dir / "per_class_samples.png", nrow=10, pixel_range=pr)
     labels = test.labels.cpu().numpy()
     latent_scatter(mu.numpy(), labels, test.classes, run_dir / "latent_mu_pca.png",
                    title=f"PCA of posterior means mu ({test.source} test, n={len(labels):,})")

@@ -8,6 +8,7 @@ Run folder::
 
     config.yaml  metrics.jsonl  summary.json  tb/ (TensorBoard events)  checkpoints/epoch-NNNN/{model.safetensors,config.json,trainer_state.pt}
     training_curves.png  reconstructions.png  samples.png  interpolation.png  latent_mu_pca.png  latent_sigma_pca.png
+    per_class_samples.png (conditional models: one row per class, one z per column)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from vaelab.data import ImageSplit, batches, load_split, split_validation
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.io import append_jsonl, git_sha, read_jsonl, write_json, write_yaml
 from vaelab.losses import beta_at
-from vaelab.models import build_config, build_model, load_model, save_model
+from vaelab.models import build_config, build_model, load_model, model_fields, save_model
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015), section 5.2
 COLLAPSE_KL_NATS = 0.1
@@ -237,7 +238,10 @@ def prepare(config: TrainConfig, *, resume_from: str | Path | None = None):
     config = config.resolved()
     device = select_device(config.device)
     data = load_run_data(config, device)
-    model_config = build_config(config.model, data_shape=data.train.shape, **config.model_overrides())
+    overrides = config.model_overrides()
+    if "num_classes" in model_fields(config.model):  # conditional models size their label input from the data
+        overrides["num_classes"] = len(data.train.classes)
+    model_config = build_config(config.model, data_shape=data.train.shape, **overrides)
     if config.out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         config.out = str(Path("runs") / f"{config.dataset}-{config.model}-{stamp}")

@@ -14,6 +14,7 @@ from vaelab.data.sources import (
     resolve_root,
     split_validation,
 )
+from vaelab.data.tensors import read_tensor_file, write_tensor_file
 
 __all__ = [
     "DATASETS",
@@ -23,8 +24,10 @@ __all__ = [
     "cache_dir",
     "describe_roots",
     "load_split",
+    "read_tensor_file",
     "resolve_root",
     "split_validation",
     "to_pixels",
     "to_uint8",
+    "write_tensor_file",
 ]

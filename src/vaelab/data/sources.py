@@ -9,6 +9,9 @@ Supported names (``DATASETS``):
   numbers are labelled with that source, see ``ImageSplit.source``).
 - ``imagefolder``: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` read with torchvision's
   ``ImageFolder``; every image must have the size of the first one.
+- ``tensors``: ``ROOT/{train,test}.safetensors`` holding ``images`` uint8 ``(N, C, H, W)`` and
+  ``labels`` int64 ``(N,)``, class names and source in the metadata (see ``vaelab.data.tensors``;
+  ``vaelab synth`` writes one). Read directly, not cached.
 
 The data root is resolved in this order: the explicit ``data_root`` argument (``--data-root``),
 the ``VAELAB_DATA`` environment variable, ``../shared/datasets`` if it exists, and finally
@@ -103,6 +106,7 @@ DATASETS: dict[str, _Dataset] = {
     "fashion-mnist": _Dataset("FashionMNIST", "Fashion-MNIST", _torchvision_download("FashionMNIST")),
     "cifar10": _Dataset("cifar-10-batches-py", "CIFAR-10", _torchvision_download("CIFAR10")),
     "imagefolder": _Dataset(None, "ImageFolder", None),
+    "tensors": _Dataset(None, "tensor file", None),
 }
 
 
@@ -125,6 +129,8 @@ def _present(name: str, root: Path) -> bool:
         return all((raw / f).exists() for files in _MNIST_FILES.values() for f in files)
     if name == "cifar10":
         return (root / "cifar-10-batches-py").is_dir() or (root / "cifar10-jpeg" / "train").is_dir()
+    if name == "tensors":
+        return (root / "train.safetensors").is_file() or (root / "test.safetensors").is_file()
     return (root / "train").is_dir()
 
 
@@ -161,6 +167,8 @@ def resolve_root(name: str, data_root: str | os.PathLike | None = None, *, downl
     spec = DATASETS[name]
     if name == "imagefolder" and data_root is None:
         raise DataError("dataset 'imagefolder' needs --data-root PATH, a folder with train/<class>/* and test/<class>/*")
+    if name == "tensors" and data_root is None:
+        raise DataError("dataset 'tensors' needs --data-root PATH, a folder with train.safetensors and/or test.safetensors")
     tried = []
     for root, why in describe_roots(data_root):
         if _present(name, root):
@@ -180,6 +188,7 @@ def resolve_root(name: str, data_root: str | os.PathLike | None = None, *, downl
         "fashion-mnist": "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
         "cifar10": "cifar-10-batches-py/ (torchvision pickles) or cifar10-jpeg/{train,test}/<class>/*",
         "imagefolder": "train/<class>/* and test/<class>/*",
+        "tensors": "train.safetensors or test.safetensors",
     }[name]
     raise DataError(
         f"dataset {name!r} not found. Looked for {expected} in:\n"
@@ -343,6 +352,10 @@ def load_split(name: str, split: str, data_root: str | os.PathLike | None = None
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     root = resolve_root(name, data_root)
+    if name == "tensors":
+        from vaelab.data.tensors import read_tensor_file
+
+        return read_tensor_file(root / f"{split}.safetensors")
     files, source = _source_files(name, root, split)
     key = _fingerprint(name, split, files)
     cache_file = cache_dir() / "datasets" / f"{name}-{split}-{key}.safetensors"

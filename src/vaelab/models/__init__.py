@@ -1,7 +1,8 @@
 """Model registry: preset names -> (config class, default fields), and weight save/load.
 
 Presets fix the input shape where the architecture is tied to it (``cifar-seed``,
-``mnist-small``); ``conv`` takes its input shape from the dataset.
+``mnist-small``); ``conv`` takes its input shape from the dataset. ``cvae-mnist``, ``cvae-cifar`` and
+``cvae-conv`` are their conditional twins.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from vaelab.io import atomic_path, write_json
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 from vaelab.models.ddpm import DDPM, DDPMConfig
+from vaelab.models.cvae import CVAE, CVAEConfig
 
 # model_type (stored in config.json) -> (config class, model class)
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "conv_vae": (ConvVAEConfig, ConvVAE),
     "ddpm": (DDPMConfig, DDPM),
+    "cvae": (CVAEConfig, CVAE),
     "classifier": (ClassifierConfig, ResNetClassifier),
 }
 
@@ -44,6 +47,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm-32": ("ddpm", dict(in_channels=3, image_size=32, widths=(64, 128, 256))),
     "ddpm": ("ddpm", dict(widths=(32, 64, 128))),  # input shape from the dataset (side divisible by 4)
 }
+# conditional VAEs mirror the unconditional presets layer for layer (num_classes comes from the dataset)
+PRESETS["cvae-mnist"] = ("cvae", PRESETS["mnist-small"][1])
+PRESETS["cvae-cifar"] = ("cvae", PRESETS["cifar-seed"][1])
+PRESETS["cvae-conv"] = ("cvae", PRESETS["conv"][1])
 # fields a preset pins to its input shape: a dataset of another shape is an error, not a resize
 SHAPE_FIELDS = ("in_channels", "image_size")
 
@@ -57,6 +64,12 @@ def preset_kind(name: str) -> str:
     """``"vae"`` or ``"ddpm"``: the ``kind`` of the model class behind preset ``name``."""
     check_preset(name)
     return MODEL_TYPES[PRESETS[name][0]][1].kind
+
+
+def model_fields(name: str) -> set[str]:
+    """The config fields of preset ``name``'s model type (e.g. to see whether it takes ``num_classes``)."""
+    check_preset(name)
+    return {f.name for f in fields(MODEL_TYPES[PRESETS[name][0]][0]) if f.init}
 
 
 def build_config(name: str, *, data_shape: tuple[int, int, int] | None = None, **overrides: Any):

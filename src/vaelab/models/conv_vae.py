@@ -170,7 +170,11 @@ class ConvVAE(nn.Module):
         _reject_labels(y)
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar, generator)
-        logits = self.decode_logits(z)
+        return self.loss_terms(x, self.decode_logits(z), mu, logvar, beta=beta)
+
+    def loss_terms(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *,
+                   beta: float) -> LossOutput:
+        """Steps 4-5 of ``loss`` for decoder ``logits`` of a ``z`` drawn from ``N(mu, exp(logvar))``."""
         cfg = self.config
         recon, mean = recon_nll(logits, x, cfg.recon_likelihood, sigma=cfg.recon_sigma, pixel_range=cfg.pixel_range)
         kl = kl_normal(mu, logvar).sum(1)

@@ -1,0 +1,292 @@
+"""Labelled synthetic datasets decoded from a trained VAE's latent space.
+
+Class-mean latent synthesis: encode the real train split, take the posterior means ``mu`` of each
+class ``c``, and sample codes around that class's statistics; decode them and label them ``c``.
+``METHODS`` lists the latent distributions. A conditional VAE (``cvae-*``) can instead draw from its
+prior ``z ~ N(0, I)`` with the condition ``c`` (``method="prior"``).
+
+Output folder (written to a temporary folder, then renamed, so it is complete or absent)::
+
+    OUT/train/<class>/NNNNN.png   ImageFolder of PNGs   -> load_split("imagefolder", "train", data_root=OUT)
+    OUT/train.safetensors         images uint8 (N,C,H,W), labels int64 (N,)
+                                                        -> load_split("tensors", "train", data_root=OUT)
+    OUT/class_latents.safetensors per-class mean/std/count of mu (class-* methods)
+    OUT/manifest.json             source run, method, noise, counts, seed, classes, timings
+    OUT/synthetic_grid.png        one row per class (first 10 classes), 10 samples each
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torchvision.io import encode_png, write_file
+from tqdm.auto import tqdm
+
+import vaelab
+from vaelab.config import load_config
+from vaelab.data import ImageSplit, batches, load_split, to_uint8, write_tensor_file
+from vaelab.errors import ConfigError, DataError, VaelabError
+from vaelab.io import git_sha, write_json
+from vaelab.models import load_model
+from vaelab.plots import save_grid
+from vaelab.training import last_checkpoint, select_device
+
+# method -> how z is drawn for class c (eps ~ N(0, I); mean_c, std_c, Cov_c are statistics of mu over class c)
+METHODS: dict[str, str] = {
+    "class-mean": "z = mean_c + noise_scale * eps",
+    "class-std": "z = mean_c + noise_scale * std_c * eps",
+    "class-gaussian": "z = mean_c + noise_scale * L_c eps, L_c L_c^T = Cov_c (full covariance)",
+    "prior": "z = noise_scale * eps, decoded with condition c (conditional models only)",
+}
+GRID_CLASSES, GRID_PER_CLASS = 10, 10
+
+
+@dataclass
+class ClassLatentStats:
+    """Per-class statistics of posterior means.
+
+    Attributes:
+        mean: ``(K, D)`` float32, mean of ``mu`` over the images of each class.
+        std: ``(K, D)`` float32, unbiased standard deviation of ``mu`` within each class (0 for one image).
+        cov: ``(K, D, D)`` float32, unbiased covariance of ``mu`` within each class (0 for one image).
+        count: ``(K,)`` int64, images per class.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    cov: torch.Tensor
+    count: torch.Tensor
+
+
+def class_latent_stats(mu: torch.Tensor, labels: torch.Tensor, num_classes: int) -> ClassLatentStats:
+    """Mean, std and covariance of ``mu`` ``(N, D)`` within each class of ``labels`` ``(N,)`` int64.
+
+    Raises:
+        DataError: shapes disagree, labels fall outside ``0..num_classes-1``, or a class has no images.
+    """
+    if mu.ndim != 2 or labels.shape != (mu.shape[0],):
+        raise DataError(f"expected mu (N, D) and labels (N,), got {tuple(mu.shape)} and {tuple(labels.shape)}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(f"labels span {int(labels.min())}..{int(labels.max())}, expected 0..{num_classes - 1}")
+    mu = mu.double()
+    count = torch.bincount(labels, minlength=num_classes)
+    empty = (count == 0).nonzero().flatten().tolist()
+    if empty:
+        raise DataError(f"class(es) {empty} have no images to take a latent mean from")
+    onehot = torch.nn.functional.one_hot(labels, num_classes).double()  # (N, K)
+    mean = onehot.T @ mu / count[:, None]
+    centered = mu - mean[labels]
+    # sum over the images of class k of centered^T centered, for every k at once
+    scatter = torch.einsum("nk,nd,ne->kde", onehot, centered, centered)
+    cov = scatter / (count - 1).clamp(min=1)[:, None, None]
+    std = torch.diagonal(cov, dim1=1, dim2=2).sqrt()
+    return ClassLatentStats(mean.float(), std.float(), cov.float(), count)
+
+
+def _given(y: torch.Tensor, model) -> dict:
+    return {"y": y} if model.conditional else {}
+
+
+@torch.no_grad()
+def encode_class_stats(model, split: ImageSplit, *, batch_size: int = 500) -> ClassLatentStats:
+    """Encode ``split`` (on the model's device) with ``model`` and return the per-class stats of ``mu``."""
+    device = next(model.parameters()).device
+    mus = []
+    images, labels = split.images.to(device), split.labels.to(device)
+    for x, y in tqdm(batches(images, labels, batch_size, pixel_range=model.config.pixel_range),
+                     total=-(-len(split) // batch_size), desc="encoding real train split", unit="batch", leave=False):
+        mus.append(model.encode(x, **_given(y, model))[0])
+    return class_latent_stats(torch.cat(mus).cpu(), split.labels.cpu(), len(split.classes))
+
+
+def sample_latents(stats: ClassLatentStats | None, c: int, n: int, *, method: str, noise_scale: float,
+                   latent_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n, latent_dim)`` codes for class ``c`` drawn as ``METHODS[method]`` says (CPU, float32)."""
+    eps = torch.randn(n, latent_dim, generator=generator)
+    if method == "prior":
+        return noise_scale * eps
+    if method == "class-mean":
+        return stats.mean[c] + noise_scale * eps
+    if method == "class-std":
+        return stats.mean[c] + noise_scale * stats.std[c] * eps
+    # a tiny jitter keeps the Cholesky factor defined for rank-deficient covariances
+    cov = stats.cov[c].double() + 1e-6 * torch.eye(latent_dim, dtype=torch.float64)
+    return stats.mean[c] + noise_scale * (eps.double() @ torch.linalg.cholesky(cov).T).float()
+
+
+def class_folders(classes: list[str]) -> list[str]:
+    """ImageFolder folder names for ``classes`` that reload in the same label order.
+
+    The class names themselves when they are safe file names and already sorted (torchvision's
+    ``ImageFolder`` numbers folders in sorted order); otherwise ``NN-<name with unsafe characters
+    replaced by _>``.
+    """
+    safe = [re.sub(r"[^\w .+-]", "_", c).strip() or "class" for c in classes]
+    if safe == list(classes) and safe == sorted(safe) and len(set(safe)) == len(safe) and not any(s.startswith(".") for s in safe):
+        return safe
+    width = len(str(len(classes) - 1))
+    return [f"{i:0{width}d}-{s}" for i, s in enumerate(safe)]
+
+
+def _check_args(per_class: int, noise_scale: float, method: str | None, out: Path) -> None:
+    if not isinstance(per_class, int) or isinstance(per_class, bool) or per_class <= 0:
+        raise ConfigError(f"--per-class must be a positive integer, got {per_class!r}")
+    if not noise_scale >= 0:
+        raise ConfigError(f"--noise-scale must be >= 0, got {noise_scale!r}")
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"unknown synthesis method {method!r}; valid: {', '.join(METHODS)}")
+    if out.exists():
+        raise VaelabError(f"{out} already exists; choose another --out (synthesis never overwrites a folder)")
+
+
+def synthesize(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    per_class: int = 5000,
+    method: str | None = None,
+    noise_scale: float = 1.0,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 500,
+) -> Path:
+    """Write a labelled synthetic dataset decoded from the newest checkpoint of ``run_dir``.
+
+    Args:
+        run_dir: a run folder written by ``vaelab train`` (its ``config.yaml`` names the dataset).
+        out: the folder to create (see the module docstring for its layout); must not exist.
+        per_class: images per class.
+        method: a key of ``METHODS``; default ``"class-mean"`` for unconditional VAEs, ``"prior"``
+            for conditional ones.
+        noise_scale: scale of ``eps`` (1.0: the seeds' ``mean_c + N(0, I)``).
+        seed: seeds every latent draw (``torch.Generator`` on CPU, so results match across devices).
+        device: where encoding and decoding run.
+        batch_size: images per encoder/decoder call.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ConfigError: non-positive ``per_class``, negative ``noise_scale``, unknown method, or
+            ``"prior"`` with an unconditional model.
+        DataError: the run's dataset has fewer than 2 classes (unlabelled), or its class count
+            differs from the conditional model's.
+        VaelabError: ``out`` exists, or ``run_dir`` is not a run folder with a checkpoint.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    _check_args(per_class, noise_scale, method, out)
+    if not (run_dir / "config.yaml").is_file():
+        raise VaelabError(f"{run_dir} has no config.yaml; expected a run folder written by 'vaelab train'")
+    config = load_config(run_dir / "config.yaml")
+    ckpt = last_checkpoint(run_dir)
+    dev = select_device(device)
+    model = load_model(ckpt, device=dev)
+    if getattr(model, "kind", None) != "vae" or not hasattr(model, "encode"):
+        raise ConfigError(f"{run_dir} holds a {type(model).__name__}; latent synthesis needs a VAE (encode/decode)")
+    method = method or ("prior" if model.conditional else "class-mean")
+    if method == "prior" and not model.conditional:
+        raise ConfigError(f"method 'prior' needs a conditional model (cvae-*); {run_dir} holds an unconditional "
+                          f"{config.model}: use one of {', '.join(m for m in METHODS if m != 'prior')}")
+    train = load_split(config.dataset, "train", config.data_root)
+    if config.train_subset:
+        train = train.subset(slice(0, config.train_subset))
+    classes = list(train.classes)
+    if len(classes) < 2:
+        raise DataError(f"{run_dir} was trained on {train.source}, which has {len(classes)} class ({classes}): "
+                        "the images are unlabelled, and class-conditional synthesis needs at least 2 labelled classes")
+    if model.conditional and model.config.num_classes != len(classes):
+        raise DataError(f"the model of {run_dir} has {model.config.num_classes} classes but {train.source} has {len(classes)}")
+
+    t0 = time.perf_counter()
+    stats = None if method == "prior" else encode_class_stats(model, train, batch_size=batch_size)
+    images = _decode_all(model, stats, len(classes), per_class, method=method, noise_scale=noise_scale,
+                         seed=seed, batch_size=batch_size)
+    labels = torch.arange(len(classes)).repeat_interleave(per_class)
+    source = f"synthetic ({method}, noise {noise_scale:g}) from {config.model} run {run_dir.name} on {train.source}"
+    split = ImageSplit(images, labels, classes, source, "tensors")
+    manifest = {
+        "format": "vaelab synthetic dataset",
+        "source_run": str(run_dir.resolve()),
+        "checkpoint": ckpt.name,
+        "model": config.model,
+        "conditional": bool(model.conditional),
+        "dataset": config.dataset,
+        "real_source": train.source,
+        "encoded_images": None if stats is None else len(train),
+        "method": method,
+        "method_formula": METHODS[method],
+        "noise_scale": noise_scale,
+        "per_class": per_class,
+        "num_images": len(split),
+        "counts": {c: per_class for c in classes},
+        "classes": classes,
+        "folders": class_folders(classes),
+        "image_shape": list(split.shape),
+        "seed": seed,
+        "source": source,
+        "files": {"imagefolder": "train/<class>/NNNNN.png", "tensors": "train.safetensors",
+                  "grid": "synthetic_grid.png", "class_latents": None if stats is None else "class_latents.safetensors"},
+        "generate_time_s": time.perf_counter() - t0,
+        "device": str(dev),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "vaelab_version": vaelab.__version__,
+        "git_sha": git_sha(),
+    }
+    _write_folder(out, split, stats, manifest)
+    return out
+
+
+@torch.no_grad()
+def _decode_all(model, stats, num_classes: int, per_class: int, *, method: str, noise_scale: float, seed: int,
+                batch_size: int) -> torch.Tensor:
+    """``uint8`` ``(num_classes * per_class, C, H, W)``, class-major."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    bar = tqdm(total=num_classes * per_class, desc=f"decoding ({method})", unit="img")
+    for c in range(num_classes):
+        for start in range(0, per_class, batch_size):
+            n = min(batch_size, per_class - start)
+            z = sample_latents(stats, c, n, method=method, noise_scale=noise_scale,
+                               latent_dim=model.config.latent_dim, generator=gen).to(device)
+            y = torch.full((n,), c, dtype=torch.int64, device=device)
+            out.append(to_uint8(model.decode(z, **_given(y, model)), model.config.pixel_range).cpu())
+            bar.update(n)
+    bar.close()
+    return torch.cat(out)
+
+
+def _write_folder(out: Path, split: ImageSplit, stats: ClassLatentStats | None, manifest: dict) -> None:
+    """Everything into a hidden temporary sibling of ``out``, then one ``os.replace``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        folders = manifest["folders"]
+        width = max(5, len(str(manifest["per_class"] - 1)))
+        for folder in folders:
+            (tmp / "train" / folder).mkdir(parents=True)
+        index = torch.zeros(len(folders), dtype=torch.int64)
+        for img, label in tqdm(zip(split.images, split.labels.tolist()), total=len(split), desc="writing PNGs",
+                               unit="img", leave=False):
+            write_file(str(tmp / "train" / folders[label] / f"{int(index[label]):0{width}d}.png"), encode_png(img))
+            index[label] += 1
+        write_tensor_file(split, tmp / "train.safetensors")
+        if stats is not None:
+            save_file({"mean": stats.mean, "std": stats.std, "count": stats.count}, str(tmp / "class_latents.safetensors"),
+                      metadata={"classes": str(manifest["classes"]), "what": "statistics of the posterior means mu"})
+        rows = torch.arange(min(GRID_CLASSES, len(folders)))
+        pick = (rows[:, None] * manifest["per_class"] + torch.arange(min(GRID_PER_CLASS, manifest["per_class"]))).flatten()
+        save_grid(split.images[pick].float() / 255.0, tmp / "synthetic_grid.png", nrow=min(GRID_PER_CLASS, manifest["per_class"]))
+        write_json(tmp / "manifest.json", manifest)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
