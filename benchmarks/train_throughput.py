@@ -61,7 +61,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
-    p.add_argument("--bare-steps", type=int, default=20)
+    p.add_argument("--bare-steps", type=int, default=60)
     p.add_argument("--train-subset", type=int, default=4096, help="train images for the real loop's epoch")
     p.add_argument("--data-root", default=None)
     args = p.parse_args()

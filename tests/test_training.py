@@ -152,3 +152,9 @@ def test_posterior_collapse_is_warned_about(tmp_path, in_repo, capsys):
 def test_healthy_run_keeps_kl_above_the_collapse_threshold(trained_run):
     rows = [json.loads(line) for line in (trained_run[1] / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["val_kl"] > 1.0
+
+
+def test_a_tiny_test_split_still_gets_every_picture(tmp_path, in_repo):
+    run_dir = train(tiny_mnist(tmp_path, train_subset=300, test_subset=5))
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name

@@ -133,7 +133,8 @@ def write_run_pictures(run_dir: Path, model, test: ImageSplit, mu: torch.Tensor,
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     if rows:
         training_curves(rows, run_dir / "training_curves.png")
-    pick = torch.randperm(len(test), generator=gen)[:20]
+    # 8 images to reconstruct + 6 interpolation pairs; a tiny test split repeats its images
+    pick = torch.randperm(len(test), generator=gen).repeat(-(-20 // len(test)))[:20]
     x = to_pixels(test.images[pick.to(test.images.device)], pr).to(device)
     y = test.labels[pick.to(test.labels.device)].to(device) if model.conditional else None
     save_grid(torch.cat([x[:8], model.reconstruct(x[:8], **_given(None if y is None else y[:8]))]),
