@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torchvision.io import encode_png, write_file
 from tqdm.auto import tqdm
 
 import vaelab
@@ -277,7 +276,7 @@ def _write_folder(out: Path, split: ImageSplit, stats: ClassLatentStats | None, 
         index = torch.zeros(len(folders), dtype=torch.int64)
         for img, label in tqdm(zip(split.images, split.labels.tolist()), total=len(split), desc="writing PNGs",
                                unit="img", leave=False):
-            write_file(str(tmp / "train" / folders[label] / f"{int(index[label]):0{width}d}.png"), encode_png(img))
+            _write_png(img, tmp / "train" / folders[label] / f"{int(index[label]):0{width}d}.png")
             index[label] += 1
         write_tensor_file(split, tmp / "train.safetensors")
         if stats is not None:
@@ -290,3 +289,11 @@ def _write_folder(out: Path, split: ImageSplit, stats: ClassLatentStats | None, 
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_png(img: torch.Tensor, path: Path) -> None:
+    """One ``uint8`` ``(C, H, W)`` image (C = 1 or 3) as a PNG file."""
+    from PIL import Image
+
+    arr = img.permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
