@@ -158,3 +158,9 @@ def test_a_tiny_test_split_still_gets_every_picture(tmp_path, in_repo):
     run_dir = train(tiny_mnist(tmp_path, train_subset=300, test_subset=5))
     for name in RUN_FILES:
         assert (run_dir / name).is_file(), name
+
+
+def test_summary_gives_bits_per_dim_only_for_a_discrete_likelihood(trained_run):
+    summary = json.loads((trained_run[1] / "summary.json").read_text())
+    assert summary["test_neg_elbo_bits_per_dim"] is None  # Bernoulli on gray-level MNIST
+    assert "surrogate" in summary["likelihood"]

@@ -36,7 +36,7 @@ from vaelab.config import load_config
 from vaelab.data import ImageSplit, load_split, to_pixels, to_uint8
 from vaelab.errors import ConfigError, DataError, VaelabError
 from vaelab.io import git_sha, write_json
-from vaelab.losses import kl_normal, recon_nll
+from vaelab.losses import kl_normal, likelihood_note, recon_nll
 from vaelab.training import ACTIVE_UNIT_THRESHOLD, COLLAPSE_KL_NATS, active_units, binarize_split, last_checkpoint, select_device
 
 METRICS = ("fid", "kid", "confidence", "recon", "nll", "latent", "speed")
@@ -299,20 +299,6 @@ def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w, 1) - math.log(log_w.shape[1])
 
 
-def _likelihood_note(model, split: ImageSplit) -> tuple[bool, str]:
-    lik = model.config.recon_likelihood
-    if lik == "discretized_logistic":
-        return True, "discretised logistic over 256 levels (Salimans et al. 2017): a likelihood of the 8-bit images"
-    binary = bool(((split.images == 0) | (split.images == 255)).all())
-    if lik == "bernoulli" and binary:
-        return True, "Bernoulli on binary images: a likelihood of the binarised data"
-    if lik == "bernoulli":
-        return False, ("Bernoulli on gray-level pixels is a surrogate, not a normalised likelihood of 8-bit images; "
-                       "bits/dim not reported (train with binarize: true or recon_likelihood: discretized_logistic)")
-    return False, ("a continuous density on pixel values, not a discrete likelihood of 8-bit images; bits/dim not "
-                   "reported (train with recon_likelihood: discretized_logistic)")
-
-
 # ---------------------------------------------------------------------------- the suite
 
 
@@ -452,7 +438,7 @@ def _nll(model, test: ImageSplit, *, k: int, subset: int | None, device, seed: i
         log_w = importance_weights(model, x, k, y=y, generator=gen).cpu()
         sums += torch.tensor([-log_w.mean(1).sum().item(), -iwae_bound(log_w).sum().item(), len(x)], dtype=torch.float64)
     neg_elbo, neg_iwae, count = sums.tolist()
-    discrete, note = _likelihood_note(model, split)
+    discrete, note = likelihood_note(model.config.recon_likelihood, split.images)
     dims = math.prod(split.shape)
     to_bpd = (lambda v: v / (dims * math.log(2))) if discrete else (lambda v: None)
     return {

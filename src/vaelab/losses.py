@@ -189,3 +189,18 @@ def beta_at(
         tau = (step % period) / period
         return beta * min(1.0, tau / ratio)
     raise ConfigError(f"unknown beta schedule {schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
+
+
+def likelihood_note(likelihood: str, images: torch.Tensor) -> tuple[bool, str]:
+    """Whether ``likelihood`` on these ``uint8`` images is a discrete likelihood (so nats convert to
+    bits/dim), and a sentence saying why or why not."""
+    if likelihood == "discretized_logistic":
+        return True, "discretised logistic over 256 levels (Salimans et al. 2017): a likelihood of the 8-bit images"
+    binary = bool(((images == 0) | (images == 255)).all())
+    if likelihood == "bernoulli" and binary:
+        return True, "Bernoulli on binary images: a likelihood of the binarised data"
+    if likelihood == "bernoulli":
+        return False, ("Bernoulli on gray-level pixels is a surrogate, not a normalised likelihood of 8-bit images; "
+                       "bits/dim not reported (train with binarize: true or recon_likelihood: discretized_logistic)")
+    return False, ("a continuous density on pixel values, not a discrete likelihood of 8-bit images; bits/dim not "
+                   "reported (train with recon_likelihood: discretized_logistic)")

@@ -30,7 +30,7 @@ from vaelab.config import TrainConfig, config_from_dict, load_config
 from vaelab.data import ImageSplit, batches, load_split, split_validation
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.io import append_jsonl, git_sha, read_jsonl, write_json, write_yaml
-from vaelab.losses import beta_at
+from vaelab.losses import beta_at, likelihood_note
 from vaelab.models import build_config, build_model, load_model, model_fields, save_model
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015), section 5.2
@@ -403,6 +403,7 @@ def finalize(run_dir: Path, model, data: RunData, config: TrainConfig, *, train_
     rows = read_jsonl(run_dir / "metrics.jsonl")
     images_seen = sum(r["images_per_s"] * r["epoch_time_s"] for r in rows)
     c, h, w = data.test.shape
+    discrete, likelihood = likelihood_note(model.config.recon_likelihood, data.test.images)
     summary = {
         "dataset": data.test.source,
         "split": "test",
@@ -414,14 +415,13 @@ def finalize(run_dir: Path, model, data: RunData, config: TrainConfig, *, train_
         "test_recon_nats": test["recon"],
         "test_kl_nats": test["kl"],
         "test_neg_elbo_nats": test["neg_elbo"],
-        "test_neg_elbo_bits_per_dim": test["neg_elbo"] / (c * h * w * math.log(2)),
+        "test_neg_elbo_bits_per_dim": test["neg_elbo"] / (c * h * w * math.log(2)) if discrete else None,
         "test_mse_per_pixel": test["mse"],
         "active_units": test["active_units"],
         "train_time_s": train_time_s,
         "train_images_per_s": images_seen / train_time_s if train_time_s else None,
-        "units": "recon/KL/-ELBO in nats per image (one z sample); MSE per pixel on "
-                 f"{model.config.pixel_range} pixels; bits/dim of a {model.config.recon_likelihood} likelihood "
-                 "on continuous pixels is not a discrete likelihood",
+        "units": f"recon/KL/-ELBO in nats per image (one z sample); MSE per pixel on {model.config.pixel_range} pixels",
+        "likelihood": likelihood,
         **_provenance(device, config.seed),
     }
     write_json(run_dir / "summary.json", summary)
