@@ -280,7 +280,7 @@ def compare_runs(
                               [r["label"] for r in results if "samples" in r["pictures"]], tmp / "compare_samples.png")
         hists = [(r["label"], r["evaluation"]["confidence"]) for r in results if "confidence" in r["evaluation"]]
         if hists:
-            plots.confidence_overlay(hists, tmp / "confidence_hist.png")
+            plots.confidence_hist(hists, tmp / "confidence_hist.png")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -395,8 +395,7 @@ def _confidence(evaluator, fake, fake_y, test, run_dir: Path, *, device) -> dict
     if fake_y is not None:
         out["generated"]["label_accuracy"] = float((fake_logits.argmax(1) == fake_y).double().mean())
         out["label_accuracy_definition"] = "share of samples generated with label c that the evaluator classifies as c"
-    plots.confidence_hist(fake_logits.softmax(1).max(1).values.numpy(), real_logits.softmax(1).max(1).values.numpy(),
-                          run_dir / "confidence_hist.png", threshold=CONFIDENT, source=test.source)
+    plots.confidence_hist([("generated samples", out)], run_dir / "confidence_hist.png")
     plots.class_coverage(out["generated"], out["real_test"], test.classes, run_dir / "class_coverage.png", source=test.source)
     return out
 

@@ -158,20 +158,6 @@ def write_run_pictures(run_dir: Path, model, test: ImageSplit, mu: torch.Tensor,
 
 
 
-def confidence_hist(generated: np.ndarray, real: np.ndarray, path: str | Path, *, threshold: float, source: str) -> None:
-    """Histograms of the evaluator's max softmax probability on generated and on real test images."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    bins = np.linspace(0.0, 1.0, 41)
-    ax.hist(real, bins=bins, alpha=0.55, density=True, label=f"real test images (n={len(real):,})")
-    ax.hist(generated, bins=bins, alpha=0.55, density=True, label=f"generated samples (n={len(generated):,})")
-    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"confident: max-prob >= {threshold}")
-    ax.set_xlabel("evaluator max softmax probability")
-    ax.set_ylabel("density")
-    ax.set_title(f"evaluator confidence ({source})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    save_figure(fig, path)
-
-
 def class_coverage(generated: dict, real: dict, classes: list[str], path: str | Path, *, source: str) -> None:
     """Bar chart of the evaluator's predicted-class distribution, generated vs real test images."""
     k = len(classes)
@@ -279,7 +265,7 @@ def compare_samples(grids: list[Path], labels: list[str], path: str | Path) -> N
     save_figure(fig, path)
 
 
-def confidence_overlay(entries: list[tuple[str, dict]], path: str | Path) -> None:
+def confidence_hist(entries: list[tuple[str, dict]], path: str | Path) -> None:
     """Evaluator max-probability histograms of several generators (and of real test images) on one plot.
 
     ``entries``: ``(label, confidence)`` with ``confidence`` the ``"confidence"`` dict of an
