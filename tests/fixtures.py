@@ -63,3 +63,19 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, s
                 items.append((arr, c))
         out[split] = items
     return out
+
+
+def fake_run(folder: Path, dataset: str, model_name: str, **model_fields):
+    """A run folder with an untrained model of preset ``model_name`` saved as its epoch-1 checkpoint."""
+    import torch
+
+    from vaelab.config import TrainConfig
+    from vaelab.models import build_config, build_model
+    from vaelab.run import Run
+
+    torch.manual_seed(0)
+    model = build_model(build_config(model_name, **model_fields))
+    config = TrainConfig(dataset=dataset, model=model_name, out=str(folder)).resolved()
+    run = Run.create(config)
+    run.save_checkpoint(1, model, {"epoch": 1})
+    return folder

@@ -32,5 +32,8 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["train", "--dataset", "mnist", "--epochs", "0", "--out", str(tmp_path / "r")]) == 2
     assert "epochs must be a positive integer" in capsys.readouterr().err
     assert main(["sample", "--run", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "is not a run folder: no config.yaml" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("dataset: mnist\n")
+    assert main(["sample", "--run", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "has no checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "x.png").exists()

@@ -6,15 +6,16 @@ import json
 import statistics
 
 import pytest
-from fixtures import write_image_folder
+from fixtures import fake_run, write_image_folder
 
 from vaelab.cli import main
-from vaelab.comparison import compare_runs, time_generation
+from vaelab.comparison import compare_runs
 from vaelab.config import TrainConfig
 from vaelab.errors import ConfigError
-from vaelab.io import write_yaml
-from vaelab.models import build_config, build_model
-from vaelab.training import _save_checkpoint, train
+from vaelab.families import family_of
+from vaelab.metrics.speed import time_generation
+from vaelab.models import build_config, build_model, count_parameters
+from vaelab.training import train
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +48,19 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
     report = json.loads((out / "comparison.json").read_text())
     md = (out / "comparison.md").read_text()
     entries = report["entries"]
-    assert [(e["kind"], e["sampler"], e["network_evaluations"]) for e in entries] == [
-        ("vae", None, 1), ("ddpm", "ddpm", 20), ("ddpm", "ddim", 5)]
+    assert [(e["family"], e["sampler"], e["network_evaluations"]) for e in entries] == [
+        ("vae", {"sampler": "prior"}, 1), ("ddpm", {"sampler": "ddpm", "steps": 20}, 20),
+        ("ddpm", {"sampler": "ddim", "steps": 5}, 5)]
     ddpm_model = build_model(build_config("ddpm", data_shape=(1, 8, 8), widths=(8, 16), layers_per_block=1,
                                           norm_num_groups=4, num_train_timesteps=20))
-    assert entries[1]["parameters"] == entries[2]["parameters"] == ddpm_model.num_parameters
+    assert entries[1]["parameters"] == entries[2]["parameters"] == count_parameters(ddpm_model)
+    assert count_parameters(ddpm_model) == sum(p.numel() for p in ddpm_model.unet.parameters())  # EMA copy not counted
     for e in entries:
         assert e["label"] in md
         ev = e["evaluation"]
         # the metrics are evaluate_run's, with the sample counts and sampler asked for
-        assert ev["settings"]["num_samples"] == (30 if e["sampler"] == "ddpm" else 40)
-        assert ev["settings"]["sample_kwargs"] == e["sample_kwargs"]
+        assert ev["settings"]["num_samples"] == (30 if e["sampler"]["sampler"] == "ddpm" else 40)
+        assert ev["settings"]["sampler"] == e["sampler"]
         assert "speed" not in ev and "fid" in ev and "confidence" in ev
         assert f"{ev['confidence']['generated']['mean_max_prob']:.3f}" in md
         assert sum(ev["confidence"]["generated"]["max_prob_histogram"]) == ev["settings"]["num_samples"]
@@ -65,13 +68,13 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
         for n in ("150", "1000"):
             t = e["generation_time"][n]
             assert len(t["runs_s"]) == 2 and t["samples_per_s"] == pytest.approx(int(n) / t["seconds"])
-            scale = 2.0 if e["sampler"] == "ddpm" else 1.0  # 20 steps timed on 10
+            scale = 2.0 if e["sampler"]["sampler"] == "ddpm" else 1.0  # 20 steps timed on 10
             assert t["seconds"] == pytest.approx(statistics.median(t["runs_s"]) * scale)
-            assert t["method"].startswith("extrapolated") == (e["sampler"] == "ddpm")
+            assert t["method"].startswith("extrapolated") == (e["sampler"]["sampler"] == "ddpm")
         train_rows = [json.loads(line) for line in (e["run"] and open(f"{e['run']}/metrics.jsonl"))]
         assert e["training"]["epoch_time_s"] == pytest.approx(train_rows[0]["epoch_time_s"])
     assert "recon" in entries[0]["evaluation"] and "recon" in entries[1]["evaluation"]["not_applicable"]
-    assert "n/a (not a VAE)" in md and "z in R^3" in md and "20 UNet evaluations" in md
+    assert "n/a (no encoder)" in md and "z in R^3" in md and "| network passes per image | 1 | 20 | 5 |" in md
     # the DDPM entry's numbers differ from the DDIM entry's: two separate evaluations
     assert entries[1]["evaluation"]["fid"]["value"] != entries[2]["evaluation"]["fid"]["value"]
 
@@ -81,29 +84,35 @@ def test_time_generation_counts_one_batch_per_call():
                                      norm_num_groups=4, num_train_timesteps=12)).eval()
     calls = []
     model.ema_unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
-    t = time_generation(model, 7, sample_kwargs={"sampler": "ddpm", "steps": 12}, repeats=3, max_steps=4)
+    t = time_generation(model, family_of(model).sampler(model, sampler="ddpm"), 7, repeats=3, max_steps=4)
     assert calls == [7] * 4 * 4  # warm-up + 3 runs, 4 of the 12 steps each, one batch of 7
     assert t["method"].startswith("extrapolated") and t["batch_size"] == 7
 
 
-def _fake_run(folder, dataset: str, model_name: str):
-    model = build_model(build_config(model_name, **({"widths": (8, 16), "norm_num_groups": 4} if "ddpm" in model_name else {})))
-    _save_checkpoint(folder, 1, model, {"epoch": 1})
-    write_yaml(folder / "config.yaml", TrainConfig(dataset=dataset, model=model_name).to_dict())
-    return folder
-
-
 def test_compare_bad_input_is_refused_before_any_work(tmp_path):
-    a = _fake_run(tmp_path / "a", "mnist", "mnist-small")
-    b = _fake_run(tmp_path / "b", "fashion-mnist", "ddpm-28")
+    tiny_ddpm = {"widths": (8, 16), "norm_num_groups": 4}
+    a = fake_run(tmp_path / "a", "mnist", "mnist-small")
+    b = fake_run(tmp_path / "b", "fashion-mnist", "ddpm-28", **tiny_ddpm)
     with pytest.raises(ConfigError, match="different datasets: .*mnist.*fashion-mnist.*--allow-mixed"):
         compare_runs([a, b], out=tmp_path / "cmp")
     with pytest.raises(ConfigError, match="at least two run folders"):
         compare_runs([a], out=tmp_path / "cmp")
-    c = _fake_run(tmp_path / "c", "mnist", "ddpm-28")
+    c = fake_run(tmp_path / "c", "mnist", "ddpm-28", **tiny_ddpm)
     with pytest.raises(ConfigError, match=r"ddim steps must be an integer in \[1, 1000\]"):
         compare_runs([a, c], out=tmp_path / "cmp", ddim_steps=1001, device="cpu")
     with pytest.raises(ConfigError, match="num_samples must be a positive integer"):
         compare_runs([a, c], out=tmp_path / "cmp", num_samples=0)
     assert not (tmp_path / "cmp").exists()
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
+
+
+def test_compare_never_deletes_an_existing_folder(tmp_path):
+    a = fake_run(tmp_path / "a", "mnist", "mnist-small")
+    b = fake_run(tmp_path / "b", "mnist", "mnist-small")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "comparison.json").write_text("{}")  # looks like an old comparison, but compare did not write it now
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(ConfigError, match="already exists"):
+        compare_runs([a, b], out=out, device="cpu")
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "comparison.json").read_text() == "{}"

@@ -21,7 +21,7 @@ def test_presets_mirror_the_unconditional_ones(name):
     shape = (3, 32, 32) if name == "cvae-cifar" else (1, 28, 28)
     config = build_config(name, data_shape=shape, num_classes=10)
     model = build_model(config)
-    assert model.conditional and model.kind == "vae" and config.model_type == "cvae"
+    assert model.conditional and model.family == "vae" and config.model_type == "cvae"
     twin = {"cvae-mnist": "mnist-small", "cvae-cifar": "cifar-seed", "cvae-conv": "conv"}[name]
     assert PRESETS[name][1] == PRESETS[twin][1]
     x = torch.rand(2, *shape)

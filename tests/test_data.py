@@ -35,7 +35,29 @@ def test_cifar_pickle_fixture_parses_to_tensors(tmp_path):
     # the pickle stores each row as 1024 R, then G, then B values of a 32x32 image
     assert torch.equal(train.images, torch.from_numpy(data.reshape(-1, 3, 32, 32)))
     assert train.labels.tolist() == labels
-    assert train.classes[3] == "cat" and train.source == "CIFAR-10"
+    assert train.classes[3] == "cat"
+    assert train.source == "CIFAR-10 pickles (not the official files: md5 differs)"  # a fixture, honestly labelled
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted 'CIFAR-10 batch' could do to a plain pickle.load."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_cifar_pickles_are_read_without_executing_code(tmp_path, monkeypatch):
+    import pickle
+
+    write_cifar_pickles(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    bad.write_bytes(pickle.dumps({"data": _RunsCode(), "labels": [0]}))
+    with pytest.raises(DataError, match="data_batch_2 is not a readable CIFAR-10 pickle batch.*refusing to load global"):
+        load_split("cifar10", "train", tmp_path)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_image_folder_fixture_parses_to_tensors(tmp_path):

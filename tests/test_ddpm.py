@@ -7,15 +7,17 @@ import json
 import pytest
 import torch
 
+from fixtures import fake_run
+
 from vaelab.cli import main
 from vaelab.config import TrainConfig
 from vaelab.data import batches, load_split
 from vaelab.errors import ConfigError
 from vaelab.generation import sample_run
-from vaelab.io import write_yaml
-from vaelab.models import MODEL_TYPES, PRESETS, build_config, build_model, load_model, preset_kind, save_model
+from vaelab.models import MODEL_TYPES, PRESETS, build_config, build_model, load_model, preset_family, save_model
 from vaelab.models.ddpm import DDPM, DDPMConfig
-from vaelab.training import _save_checkpoint, load_run_model, resume, train
+from vaelab.run import Run
+from vaelab.training import resume, train
 
 TINY = dict(widths=(8, 16), layers_per_block=1, norm_num_groups=4)
 
@@ -34,7 +36,7 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 SHAPES = {"ddpm-28": (1, 28, 28), "ddpm-32": (3, 32, 32), "ddpm": (3, 12, 12)}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in PRESETS if preset_kind(n) == "ddpm"))
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if preset_family(n) == "ddpm"))
 def test_presets_build_and_denoise_their_shape(name):
     shape = SHAPES.get(name)
     if shape is None:
@@ -49,7 +51,7 @@ def test_presets_are_registered_and_build():
     assert MODEL_TYPES["ddpm"] == (DDPMConfig, DDPM)
     for name in ("ddpm-28", "ddpm-32"):
         config = build_config(name, **TINY)
-        assert config.model_type == "ddpm" and build_model(config).kind == "ddpm"
+        assert config.model_type == "ddpm" and build_model(config).family == "ddpm"
     assert PRESETS["ddpm-28"][1]["image_size"] == 28 and PRESETS["ddpm-32"][1]["in_channels"] == 3
     attn = [type(b).__name__ for b in build_model(build_config("ddpm-28", **TINY)).unet.down_blocks]
     assert attn == ["DownBlock2D", "AttnDownBlock2D"]  # attention at the lowest resolution only
@@ -148,15 +150,27 @@ def test_ddpm_sampler_runs_all_t_steps_and_chunks_batches():
     assert [t for t, _, _ in states][0] == 19 and states[-1][0] == 0 and len(states) == 11
 
 
-def test_ddim_is_deterministic_given_the_noise_and_ddpm_is_not():
+@pytest.mark.parametrize("sampler, stochastic", [("ddpm", True), ("ddim", False)])
+def test_only_the_ddpm_step_draws_fresh_noise(sampler, stochastic):
+    """The same state x_t and noise estimate stepped with two different generators: the ancestral DDPM step
+    adds fresh noise (sigma_t > 0, Ho et al. 2020 alg. 2), DDIM with eta = 0 is deterministic (Song et al. 2021)."""
     model = tiny(num_train_timesteps=50).eval()
-    a = model.sample(2, sampler="ddim", steps=10, generator=torch.Generator().manual_seed(3))
-    b = model.sample(2, sampler="ddim", steps=10, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(a, b)
-    gen = torch.Generator().manual_seed(3)
-    c = model.sample(2, generator=gen)
-    d = model.sample(2, generator=gen)
-    assert not torch.equal(c, d)
+    g = torch.Generator().manual_seed(0)
+    x_t, eps = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    outs = []
+    for seed in (1, 2):
+        scheduler = model.make_scheduler(sampler, 10)
+        t = scheduler.timesteps[0]
+        outs.append(scheduler.step(eps, t, x_t, generator=torch.Generator().manual_seed(seed)).prev_sample)
+    assert torch.equal(outs[0], outs[1]) != stochastic
+
+
+def test_sampling_is_reproducible_from_the_seed():
+    model = tiny(num_train_timesteps=20).eval()
+    for sampler in ("ddpm", "ddim"):
+        a, b, c = (model.sample(2, sampler=sampler, steps=10, generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4))
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(a, c)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +180,6 @@ def test_ddim_is_deterministic_given_the_noise_and_ddpm_is_not():
         (dict(sampler="ddim", steps=1001), r"in \[1, 1000\]"),
         (dict(sampler="ddpm", steps=-3), r"ddpm steps"),
         (dict(sampler="euler"), r"unknown sampler 'euler'; valid: ddpm, ddim"),
-        (dict(y=torch.zeros(2, dtype=torch.int64)), "unconditional"),
     ],
 )
 def test_bad_sampling_input_is_a_clear_error(kwargs, match):
@@ -202,7 +215,7 @@ def test_vae_only_options_on_a_ddpm_run_are_rejected():
 
 def test_class_conditional_model_takes_labels():
     model = tiny(class_conditional=True, num_classes=3, num_train_timesteps=10).eval()
-    assert model.conditional and not DDPM.conditional
+    assert model.conditional and not tiny().conditional
     with pytest.raises(ConfigError, match="needs labels y"):
         model.loss(torch.rand(2, 1, 8, 8))
     assert model.loss(torch.rand(2, 1, 8, 8), y=torch.tensor([0, 2])).loss.ndim == 0
@@ -263,14 +276,22 @@ def test_train_writes_a_diffusion_run_folder(tmp_path, in_repo, capsys):
     resume(run, epochs=2)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert int(load_run_model(run).ema_updates) == rows[-1]["step"] == 8
+    assert int(Run(run).load_model().ema_updates) == rows[-1]["step"] == 8
+
+
+def test_an_unconditional_ddpm_ignores_labels():
+    model = tiny(num_train_timesteps=10).eval()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(model.sample(2, sampler="ddim", steps=3, generator=gen()),
+                               model.sample(2, y=torch.tensor([0, 1]), sampler="ddim", steps=3, generator=gen()))
 
 
 def test_sampler_options_on_a_vae_run_are_rejected(tmp_path):
-    vae = build_model(build_config("mnist-small"))
-    _save_checkpoint(tmp_path, 1, vae, {"epoch": 1})
-    with pytest.raises(ConfigError, match="apply to diffusion runs only"):
-        sample_run(tmp_path, 4, tmp_path / "s.png", sampler="ddim", device="cpu")
-    assert sample_run(tmp_path, 4, tmp_path / "s.png", device="cpu").is_file()
-    write_yaml(tmp_path / "config.yaml", TrainConfig(dataset="mnist", model="mnist-small").to_dict())
-    assert main(["evaluate", "--run", str(tmp_path), "--sampler", "ddim", "--metrics", "confidence"]) == 2
+    run = fake_run(tmp_path / "vae", "mnist", "mnist-small")
+    with pytest.raises(ConfigError, match="unknown VAE sampler 'ddim'; valid: prior"):
+        sample_run(run, 4, tmp_path / "s.png", sampler="ddim", device="cpu")
+    with pytest.raises(ConfigError, match="--steps applies to diffusion samplers"):
+        sample_run(run, 4, tmp_path / "s.png", steps=5, device="cpu")
+    assert not (tmp_path / "s.png").exists()
+    assert sample_run(run, 4, tmp_path / "s.png", device="cpu").is_file()
+    assert main(["evaluate", "--run", str(run), "--sampler", "ddim", "--metrics", "confidence"]) == 2

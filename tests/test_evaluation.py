@@ -10,23 +10,19 @@ import torch
 from scipy import linalg
 from torch import nn
 
-from vaelab import evaluation
+from types import SimpleNamespace
+
 from vaelab.config import TrainConfig
 from vaelab.data import ImageSplit
 from vaelab.errors import ConfigError, DataError, VaelabError
-from vaelab.evaluation import (
-    ClassifierFeatures,
-    InceptionFeatures,
-    confidence_metrics,
-    evaluate_run,
-    fid_from_features,
-    importance_weights,
-    inception_weights_path,
-    iwae_bound,
-    kid_from_features,
-)
+from vaelab.evaluation import evaluate_run
+from vaelab.families import FAMILIES, Sampler
 from vaelab.io import write_yaml
 from vaelab.losses import discretized_logistic_nll
+from vaelab.metrics.confidence import confidence_metrics
+from vaelab.metrics.distances import fid_from_features, kid_from_features
+from vaelab.metrics.features import ClassifierFeatures, InceptionFeatures, inception_weights_path
+from vaelab.metrics.likelihood import importance_weights, iwae_bound
 from vaelab.models import MODEL_TYPES, save_model
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
@@ -215,7 +211,7 @@ def test_evaluate_run_vae(image_folder, tmp_path, monkeypatch):
 
 def test_evaluate_run_bad_input(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(VaelabError, match="no checkpoint"):
+    with pytest.raises(VaelabError, match="no config.yaml"):
         evaluate_run(tmp_path)
     run = train(_tiny_config(image_folder, tmp_path / "run"))
     for kwargs, match in ((dict(iwae_k=0), "iwae_k"), (dict(num_samples=-1), "num_samples"),
@@ -271,8 +267,7 @@ class _ConditionalStub(nn.Module):
     """A class-conditional generator without encode/decode: draws the bar of class y, or of class 0 for
     every y when ``wrong`` (so per-class FID must be high for classes 1 and 2)."""
 
-    conditional = True
-    kind = "stub"
+    family = "stub"
 
     def __init__(self, config):
         super().__init__()
@@ -287,9 +282,20 @@ class _ConditionalStub(nn.Module):
         return x
 
 
+# a model family of its own, registered the way a new family is: the evaluation only uses the contract
+STUB_FAMILY = SimpleNamespace(
+    NAME="stub",
+    NOT_APPLICABLE={"nll": "the stub has no encoder"},
+    sample_labels=lambda model, n: torch.arange(n) % 3,
+    sampler=lambda model, run=None, *, sampler=None, steps=None: Sampler(
+        "bars", {"sampler": "bars"}, "bars", 1, "none", lambda n, generator, y: model.sample(n, y=y, generator=generator)),
+)
+
+
 def test_per_class_fid_with_conditional_stub(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(MODEL_TYPES, "cond_stub", (_StubConfig, _ConditionalStub))
+    monkeypatch.setitem(FAMILIES, "stub", STUB_FAMILY)
     values = {}
     for wrong in (0.0, 1.0):
         run = tmp_path / f"run{wrong}"
@@ -299,7 +305,7 @@ def test_per_class_fid_with_conditional_stub(image_folder, tmp_path, monkeypatch
         torch.save({}, run / "checkpoints" / "epoch-0001" / "trainer_state.pt")
         write_yaml(run / "config.yaml", _tiny_config(image_folder, run).to_dict())
         result = evaluate_run(run, metrics="fid,confidence,nll", num_samples=60, device="cpu")
-        assert result["not_applicable"]["nll"].startswith("the model has no encode")
+        assert result["not_applicable"]["nll"] == "the stub has no encoder"
         assert [r["class"] for r in result["fid"]["per_class"]] == ["c0", "c1", "c2"]
         assert result["confidence"]["generated"]["label_accuracy"] is not None
         values[wrong] = [r["value"] for r in result["fid"]["per_class"]]

@@ -2,25 +2,25 @@ import pytest
 import torch
 
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.models import PRESETS, build_config, build_model, load_model, preset_kind, save_model
+from vaelab.models import PRESETS, build_config, build_model, load_model, preset_family, save_model
 
 SHAPES = {"mnist-small": (1, 28, 28), "cifar-seed": (3, 32, 32), "conv": (3, 16, 16),
           "cvae-mnist": (1, 28, 28), "cvae-cifar": (3, 32, 32), "cvae-conv": (3, 16, 16)}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in PRESETS if preset_kind(n) == "vae"))  # DDPMs: test_ddpm.py
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if preset_family(n) == "vae"))  # DDPMs: test_ddpm.py
 def test_preset_shapes(name):
     shape = SHAPES.get(name)
     if shape is None:
         pytest.fail(f"add an input shape for new preset {name!r} to SHAPES")
     model = build_model(build_config(name, data_shape=shape)).eval()
     x = torch.rand(3, *shape)
-    given = {"y": torch.tensor([0, 1, 2])} if model.conditional else {}  # class labels for conditional models
-    mu, logvar = model.encode(x, **given)
+    y = torch.tensor([0, 1, 2])  # class labels: used by conditional models, ignored by the others
+    mu, logvar = model.encode(x, y=y)
     d = model.config.latent_dim
     assert mu.shape == logvar.shape == (3, d)
-    assert model.decode(mu, **given).shape == (3, *shape)
-    out = model.loss(x, beta=1.0, **given)
+    assert model.decode(mu, y=y).shape == (3, *shape)
+    out = model.loss(x, beta=1.0, y=y)
     assert out.recon.shape == out.kl.shape == out.mse.shape == (3,)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     s = model.sample(5, generator=torch.Generator().manual_seed(0))
@@ -71,10 +71,14 @@ def test_unknown_model_and_field():
         build_config("conv", widths=(1, 2))
 
 
-def test_unconditional_model_rejects_labels():
-    m = build_model(build_config("mnist-small"))
-    with pytest.raises(ConfigError, match="unconditional"):
-        m.sample(2, y=torch.zeros(2, dtype=torch.long))
+def test_unconditional_model_ignores_labels():
+    m = build_model(build_config("mnist-small")).eval()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    y = torch.tensor([3, 7])
+    torch.testing.assert_close(m.sample(2, generator=gen()), m.sample(2, y=y, generator=gen()))
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(m.encode(x)[0], m.encode(x, y=y)[0])
+    assert m.loss(x, y=y, generator=gen()).loss == m.loss(x, generator=gen()).loss
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):

@@ -144,7 +144,7 @@ def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
 
     calls = []
 
-    def fake_evaluate_run(run_dir, *, metrics, fid_features, num_samples, device):
+    def fake_evaluate_run(run_dir, *, metrics, fid_features, num_samples, device, sampler=None, steps=None):
         calls.append((run_dir.name, metrics, fid_features, num_samples))
         fid = {"metric": "FID", "value": 10.0 * len(calls), "feature_space": "test features", "num_samples": num_samples,
                "floor": {"value": 1.5}}
@@ -159,3 +159,27 @@ def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
     assert "FID [test features] (123 samples vs test)" in (finished_sweep / "sweep.md").read_text()
     run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=123)
     assert len(calls) == 2  # evaluated points are not evaluated again
+
+
+def test_a_ddpm_sweep_finishes_with_its_table_and_report(tmp_path, monkeypatch):
+    """A sweep over a diffusion preset: its own columns (eps-MSE), FID of DDIM samples, a report with DDPM captions."""
+    from vaelab.reports import write_report
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    base = tiny_base(model="ddpm-28", train_subset=128, test_subset=64,
+                     model_args={"widths": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "num_train_timesteps": 10})
+    import vaelab.evaluator
+
+    real_recipe = vaelab.evaluator.default_recipe
+    monkeypatch.setattr(vaelab.evaluator, "default_recipe",
+                        lambda d: {**real_recipe(d), "epochs": 1, "widths": (4, 8)})  # a tiny evaluator for speed
+    out = run_sweep(base, {"lr": [1e-3, 2e-3]}, out=tmp_path / "ddpm", num_samples=32, sampler="ddim", steps=3)
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [c["key"] for c in sweep["columns"]][:3] == ["lr", "eps_mse", "fid"]
+    for p in sweep["points"]:
+        assert p["metrics"]["eps_mse"] > 0 and p["metrics"]["fid"] is not None and p["sampler"] == {"sampler": "ddim", "steps": 3}
+    md = (out / "sweep.md").read_text()
+    assert "| lr | test eps-MSE | FID" in md and md.count("\n| ") == 3
+    page = write_report(out).read_text()
+    assert "One sample of the full T-step DDPM sampler" in page  # a DDPM point's own captions
+    assert "Samples from the prior" not in page and "no caption for this file name" not in page

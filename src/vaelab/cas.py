@@ -33,7 +33,7 @@ from vaelab.errors import ConfigError, DataError, VaelabError  # noqa: E402
 from vaelab.evaluator import classifier_accuracy, default_recipe, train_classifier  # noqa: E402
 from vaelab.io import git_sha, write_json, write_text  # noqa: E402
 from vaelab.plots import save_figure  # noqa: E402
-from vaelab.training import select_device  # noqa: E402
+from vaelab.runtime import select_device  # noqa: E402
 
 ROWS = ("real", "synthetic", "real+synthetic")
 

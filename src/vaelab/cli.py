@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -42,6 +41,12 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
 
 
+def _sampler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", help="how to draw images, by model family: VAE prior (default); "
+                                     "DDPM ddpm (T-step ancestral, default) | ddim")
+    p.add_argument("--steps", type=int, help="diffusion samplers: denoising steps (ddpm: T, ddim: 50 by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaelab", description="Train, sample and evaluate VAEs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion runs: ddpm (T-step ancestral, default) or ddim")
-    p.add_argument("--steps", type=int, help="diffusion runs: denoising steps (ddpm: T, ddim: 50 by default)")
+    _sampler_options(p)
     p.add_argument("--class", dest="class_label", help="conditional models: class index or name to draw")
 
     p = sub.add_parser("synth", help="write a labelled synthetic dataset decoded from a VAE run's latent space")
@@ -93,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nll-subset", type=int, help="likelihood on the first N test images only (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion runs: sampler for the generated images")
-    p.add_argument("--steps", type=int, help="diffusion runs: denoising steps (ddpm: T, ddim: 50 by default)")
+    _sampler_options(p)
 
     p = sub.add_parser("compare", help="compare trained runs (e.g. a VAE and a DDPM): cost, speed and every evaluation metric")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run folders")
@@ -130,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="points trained at once, as separate processes")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation (no FID)")
     p.add_argument("--fid-features", default="classifier", help="feature space of the FID (see vaelab.evaluation)")
-    p.add_argument("--num-samples", type=int, default=10000, help="prior samples per point for the FID")
+    p.add_argument("--num-samples", type=int, default=10000, help="generated samples per point for the FID")
+    _sampler_options(p)
 
     p = sub.add_parser("report", help="write FOLDER/report.html for a run, sweep or comparison folder")
     p.add_argument("path", help="run, sweep or comparison folder")
@@ -143,17 +147,17 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None):
     from vaelab.config import TrainConfig, config_from_dict, load_config, with_overrides
 
     config = load_config(args.config) if args.config else config_from_dict(base or {})
-    skip = {"command", "config", "resume", "axes", "jobs", "evaluate", "fid_features", "num_samples"}
+    skip = {"command", "config", "resume", "axes", "jobs", "evaluate", "fid_features", "num_samples", "sampler", "steps"}
     return with_overrides(config, {k: v for k, v in vars(args).items() if k not in skip})
 
 
 def _print_outputs(run_dir: Path) -> None:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    keys = ("test_recon_nats", "test_kl_nats", "test_neg_elbo_nats", "test_mse_per_pixel", "active_units", "train_time_s")
-    if "test_eps_mse" in summary:  # a diffusion run
-        keys = ("test_eps_mse", "parameters", "train_time_s", "train_images_per_s")
+    from vaelab.run import Run
+
+    run = Run(run_dir)
+    summary = run.summary()
     print(f"\nrun folder: {run_dir}")
-    print(f"test split of {summary['dataset']}: " + ", ".join(f"{k}={summary[k]:.4g}" for k in keys))
+    print(f"test split of {summary['dataset']}: " + ", ".join(f"{k}={summary[k]:.4g}" for k in run.family.HEADLINE))
     for f in sorted(run_dir.glob("*.png")) + [run_dir / "summary.json", run_dir / "metrics.jsonl"]:
         print(f"  {f}")
 
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             axes = parse_axes(args.axes)
             config = _config_from_args(args)
             sweep_dir = run_sweep(config, axes, out=args.out or "runs/sweep", jobs=args.jobs, evaluate=args.evaluate,
-                                  fid_features=args.fid_features, num_samples=args.num_samples)
+                                  fid_features=args.fid_features, num_samples=args.num_samples, sampler=args.sampler,
+                                  steps=args.steps)
             print(f"sweep folder: {sweep_dir}\n  {sweep_dir / 'sweep.md'}\nreport: {write_report(sweep_dir)}")
         elif args.command == "report":
             from vaelab.reports import report_command
@@ -207,12 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + report["table"])
         elif args.command == "evaluate":
             from vaelab.evaluation import describe, evaluate_run
-            from vaelab.generation import run_sampler_options
 
             result = evaluate_run(args.run, metrics=args.metrics, fid_features=args.fid_features, num_samples=args.num_samples,
                                   iwae_k=args.iwae_k, nll_subset=args.nll_subset, inception_weights=args.inception_weights,
-                                  seed=args.seed, device=args.device,
-                                  sample_kwargs=run_sampler_options(args.run, sampler=args.sampler, steps=args.steps))
+                                  seed=args.seed, device=args.device, sampler=args.sampler, steps=args.steps)
             print(describe(result))
             print(f"  {Path(args.run) / 'eval.json'}")
         elif args.command == "compare":
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"comparison folder: {out}")
         elif args.command == "evaluator":
             from vaelab.evaluator import build_evaluator, describe_evaluator
-            from vaelab.training import select_device
+            from vaelab.runtime import select_device
 
             _, info = build_evaluator(args.dataset, data_root=args.data_root, device=select_device(args.device), force=args.force)
             print(describe_evaluator(info))

@@ -1,12 +1,13 @@
 """Side-by-side comparison of trained runs (e.g. a beta-VAE and a DDPM): cost, speed and sample quality.
 
-For every run: model kind, parameters, latent space, generation steps, training time per epoch and
-images/s (from its ``metrics.jsonl``), generation time for 150 and 1,000 samples (same device, one
-batch, warmed up, median of repeats) and every metric of ``vaelab evaluate``
-(``vaelab.evaluation.evaluate_run``). A diffusion run appears twice: the full ``T``-step ancestral
-DDPM sampler and DDIM with ``ddim_steps`` steps.
+For every entry: model family, parameters, latent space, network passes per image, training time
+per epoch and images/s (from its ``metrics.jsonl``), generation time for 150 and 1,000 samples
+(``vaelab.metrics.speed.time_generation``: same device, one batch, warmed up, median of repeats)
+and every metric of ``vaelab evaluate`` (``vaelab.evaluation.evaluate_run``). Each run gives the
+entries its family names (``comparison_samplers``): a VAE its prior sampler, a diffusion run the
+full ``T``-step ancestral DDPM sampler and DDIM with ``ddim_steps`` steps.
 
-Output folder (written to a temporary folder, then renamed into place)::
+Output folder (must be new; written to a temporary folder, then renamed into place)::
 
     comparison.md  comparison.json  compare_samples.png  confidence_hist.png
     samples_<entry>.png  confidence_<entry>.png   (the per-entry pictures of evaluate_run)
@@ -14,24 +15,21 @@ Output folder (written to a temporary folder, then renamed into place)::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import statistics
-import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
 from vaelab import plots
-from vaelab.config import load_config
-from vaelab.errors import ConfigError, VaelabError
-from vaelab.io import git_sha, read_jsonl, write_json, write_text
-from vaelab.training import last_checkpoint, load_run_model, select_device
-
-TIMING_SIZES = (150, 1000)
+from vaelab.errors import ConfigError
+from vaelab.families import family_of
+from vaelab.io import write_json, write_text
+from vaelab.metrics.speed import SIZES as TIMING_SIZES
+from vaelab.metrics.speed import time_generation
+from vaelab.models import count_parameters
+from vaelab.run import Run
+from vaelab.runtime import provenance, select_device
 
 
 def _check_positive(name: str, value, *, allow_none: bool = False) -> None:
@@ -45,85 +43,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def _entries(run_dirs: list[Path], models: list, ddim_steps: int) -> list[dict]:
-    """One entry per (run, sampler): a VAE gives one, a DDPM two (T-step DDPM and DDIM)."""
-    entries = []
-    for run_dir, model in zip(run_dirs, models):
-        name = run_dir.name
-        cfg = model.config
-        if model.kind == "ddpm":
-            T = cfg.num_train_timesteps
-            model.make_scheduler("ddim", ddim_steps)  # raises a clear error for steps outside [1, T]
-            c, s = cfg.in_channels, cfg.image_size
-            noise = f"no compact latent: x_T is {c}x{s}x{s} Gaussian noise, the size of the image"
-            entries.append(dict(run=run_dir, label=f"{name} (DDPM, {T} steps)", kind="ddpm", sampler="ddpm", steps=T,
-                                sample_kwargs={"sampler": "ddpm", "steps": T},
-                                latent_space=f"{noise}; fresh noise at every step (stochastic)",
-                                generation_steps=f"{T} UNet evaluations (ancestral DDPM)"))
-            entries.append(dict(run=run_dir, label=f"{name} (DDIM, {ddim_steps} steps)", kind="ddpm", sampler="ddim",
-                                steps=ddim_steps, sample_kwargs={"sampler": "ddim", "steps": ddim_steps},
-                                latent_space=f"{noise}; DDIM (eta 0) maps x_T to x_0 deterministically",
-                                generation_steps=f"{ddim_steps} UNet evaluations (DDIM, eta 0)"))
-        else:
-            latent = getattr(cfg, "latent_dim", None)
-            likelihood = getattr(cfg, "recon_likelihood", "?")
-            entries.append(dict(run=run_dir, label=f"{name} ({model.kind.upper()})", kind=model.kind, sampler=None, steps=1,
-                                sample_kwargs={},
-                                latent_space=f"z in R^{latent}, prior N(0, I); encoder gives q(z|x) ({likelihood} decoder)",
-                                generation_steps="1 decoder pass"))
-    return entries
-
-
-@torch.no_grad()
-def time_generation(
-    model,
-    n: int,
-    *,
-    sample_kwargs: dict,
-    repeats: int = 3,
-    max_steps: int | None = None,
-    num_classes: int | None = None,
-    seed: int = 0,
-) -> dict:
-    """Seconds to draw ``n`` samples in one batch: one warm-up call, then the median of ``repeats``.
-
-    A diffusion sampler with more than ``max_steps`` steps is timed with ``max_steps`` steps (same
-    network, same per-step work) and the median scaled by ``steps / max_steps``; the result says so.
-
-    Returns:
-        dict with ``seconds`` (for ``n`` samples), ``samples_per_s``, ``runs_s`` (the timed runs),
-        ``method``, ``batch_size``.
-    """
-    device = next(model.parameters()).device
-    kwargs = dict(sample_kwargs)
-    full = kwargs.get("steps", 1)
-    timed_steps = full
-    if model.kind == "ddpm":
-        kwargs["batch_size"] = n  # one batch, like the VAE's single decoder pass
-        if max_steps is not None and full > max_steps:
-            timed_steps = kwargs["steps"] = max_steps
-    y = torch.arange(n, device=device) % num_classes if getattr(model, "conditional", False) and num_classes else None
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def once() -> float:
-        t0 = time.perf_counter()
-        model.sample(n, y=y, generator=gen, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    once()  # warm-up: allocator, kernels, lazy initialisation
-    runs = [once() for _ in range(repeats)]
-    seconds = statistics.median(runs) * full / timed_steps
-    method = f"median of {repeats} runs after a warm-up"
-    if timed_steps != full:
-        method = f"extrapolated: median of {repeats} runs of {timed_steps} of the {full} steps (after a warm-up), x {full}/{timed_steps}"
-    return {"seconds": seconds, "samples_per_s": n / seconds, "runs_s": runs, "method": method, "batch_size": n}
-
-
-def _training_stats(run_dir: Path) -> dict:
-    rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+def _training_stats(run: Run) -> dict:
+    rows = run.metrics()
+    summary = run.summary() or {}
     if not rows:
         return {"epochs": 0, "note": "no metrics.jsonl rows"}
     seconds = sum(r["epoch_time_s"] for r in rows)
@@ -161,8 +83,8 @@ def compare_runs(
 
     Args:
         run_dirs: two or more run folders written by ``vaelab train``.
-        out: the comparison folder to create (default ``runs/compare-<timestamp>``); an existing
-            folder is replaced only if it holds a previous comparison.
+        out: the comparison folder to create (default ``runs/compare-<timestamp>``); it must not
+            exist (an empty folder is accepted): compare never deletes or replaces a folder.
         num_samples: generated images per entry for FID/KID/confidence.
         ddpm_num_samples: the same for the full ``T``-step DDPM sampler (default ``num_samples``;
             the ``T``-step chain is ``T / ddim_steps`` times slower than DDIM).
@@ -182,8 +104,8 @@ def compare_runs(
 
     Raises:
         ConfigError: fewer than two runs, a non-positive count, DDIM steps outside ``[1, T]``,
-            an unknown metric, runs on different datasets without ``allow_mixed``, or ``out`` a
-            folder that is not a previous comparison. VaelabError: a folder is not a finished run.
+            an unknown metric, runs on different datasets without ``allow_mixed``, or an existing
+            ``out``. VaelabError: a folder is not a run with a checkpoint.
             All raised before any work.
     """
     from vaelab.evaluation import METRICS, evaluate_run
@@ -205,12 +127,10 @@ def compare_runs(
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(METRICS)}")
-    configs = []
-    for run_dir in run_dirs:
-        if not (run_dir / "config.yaml").is_file():
-            raise VaelabError(f"{run_dir} is not a run folder: config.yaml is missing (expected a folder written by 'vaelab train')")
-        last_checkpoint(run_dir)
-        configs.append(load_config(run_dir / "config.yaml"))
+    runs = [Run(r) for r in run_dirs]
+    for run in runs:
+        run.last_checkpoint()
+    configs = [run.config for run in runs]
     datasets = {(c.dataset, c.data_root if c.dataset == "imagefolder" else None) for c in configs}
     if len(datasets) > 1 and not allow_mixed:
         listing = ", ".join(f"{r} ({c.dataset}{' at ' + str(c.data_root) if c.dataset == 'imagefolder' else ''})"
@@ -218,13 +138,13 @@ def compare_runs(
         raise ConfigError(f"the runs were trained on different datasets: {listing}; compare runs of one dataset "
                           "or pass --allow-mixed")
     out = Path(out) if out else Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and any(out.iterdir()) and not (out / "comparison.json").is_file():
-        raise ConfigError(f"--out {out} exists and is not a previous comparison; choose another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} already exists; choose a new folder (compare never replaces or deletes one)")
     dev = select_device(device)
-    models = [load_run_model(r, device=dev) for r in run_dirs]
-    entries = _entries(run_dirs, models, ddim_steps)
-    if len(entries) < 2:
-        raise ConfigError("compare needs at least two entries")
+    models = [run.load_model(dev) for run in runs]
+    # one entry per (run, sampler): a VAE gives its prior sampler, a DDPM the T-step chain and DDIM
+    entries = [(run, model, sampler) for run, model in zip(runs, models)
+               for sampler in family_of(model).comparison_samplers(model, run, ddim_steps=ddim_steps)]
 
     # 2. per entry: timing, then the evaluation suite
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -232,47 +152,41 @@ def compare_runs(
     tmp.mkdir(parents=True)
     try:
         results = []
-        for entry in entries:
-            model = models[run_dirs.index(entry["run"])]
-            config = configs[run_dirs.index(entry["run"])]
-            n_classes = getattr(model.config, "num_classes", None)
-            print(f"comparing {entry['label']}: timing generation ({', '.join(map(str, TIMING_SIZES))} samples)")
-            timing = {str(n): time_generation(model, n, sample_kwargs=entry["sample_kwargs"], repeats=timing_repeats,
-                                              max_steps=timing_max_steps, num_classes=n_classes, seed=seed)
-                      for n in TIMING_SIZES}
-            n_eval = ddpm_num_samples if entry["sampler"] == "ddpm" and ddpm_num_samples else num_samples
-            print(f"comparing {entry['label']}: evaluate_run with {n_eval:,} samples")
-            evaluation = evaluate_run(entry["run"], metrics=metrics, fid_features=fid_features, num_samples=n_eval,
+        for run, model, sampler in entries:
+            family = family_of(model)
+            label = f"{run.path.name} ({family.NAME.upper()}, {sampler.label})"
+            print(f"comparing {label}: timing generation ({', '.join(map(str, TIMING_SIZES))} samples)")
+            timing = {str(n): time_generation(model, sampler, n, repeats=timing_repeats, max_steps=timing_max_steps,
+                                              seed=seed) for n in TIMING_SIZES}
+            n_eval = ddpm_num_samples if sampler.name == "ddpm" and ddpm_num_samples else num_samples
+            print(f"comparing {label}: evaluate_run with {n_eval:,} samples")
+            evaluation = evaluate_run(run.path, metrics=metrics, fid_features=fid_features, num_samples=n_eval,
                                       iwae_k=iwae_k, nll_subset=nll_subset, device=str(dev), seed=seed,
-                                      sample_kwargs=entry["sample_kwargs"] or None, inception_weights=inception_weights)
-            slug = _slug(entry["label"])
+                                      sampler=sampler.options.get("sampler"), steps=sampler.options.get("steps"),
+                                      inception_weights=inception_weights)
+            slug = _slug(label)
             pictures = {}
             # evaluate_run writes its pictures into the run folder; keep this entry's copies
             for key, src in (("samples", "eval_samples.png"), ("confidence", "confidence_hist.png")):
-                if (entry["run"] / src).is_file():
+                if (run.path / src).is_file():
                     pictures[key] = f"{key}_{slug}.png"
-                    shutil.copyfile(entry["run"] / src, tmp / pictures[key])
-            params = getattr(model, "num_parameters", None) or sum(p.numel() for p in model.parameters() if p.requires_grad)
+                    shutil.copyfile(run.path / src, tmp / pictures[key])
             results.append({
-                "label": entry["label"], "run": str(entry["run"]), "dataset": config.dataset, "model": config.model,
-                "kind": entry["kind"], "sampler": entry["sampler"], "parameters": params,
-                "latent_space": entry["latent_space"], "generation_steps": entry["generation_steps"],
-                "network_evaluations": entry["steps"], "sample_kwargs": entry["sample_kwargs"],
-                "training": _training_stats(entry["run"]), "generation_time": timing, "evaluation": evaluation,
+                "label": label, "run": str(run.path), "dataset": run.config.dataset, "model": run.config.model,
+                "family": family.NAME, "sampler": sampler.options, "parameters": count_parameters(model),
+                "latent_space": sampler.latent_space, "network_evaluations": sampler.network_evaluations,
+                "training": _training_stats(run), "generation_time": timing, "evaluation": evaluation,
                 "pictures": pictures,
             })
 
         # 3. outputs
         report = {
             "entries": results,
-            "device": str(dev),
-            "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+            **provenance(dev, seed),
             "settings": {"num_samples": num_samples, "ddpm_num_samples": ddpm_num_samples or num_samples,
                          "ddim_steps": ddim_steps, "metrics": metrics, "fid_features": fid_features, "iwae_k": iwae_k,
                          "nll_subset": nll_subset, "timing_repeats": timing_repeats, "timing_max_steps": timing_max_steps,
                          "timing_sizes": list(TIMING_SIZES), "seed": seed, "allow_mixed": allow_mixed},
-            "git_sha": git_sha(),
-            "torch_version": torch.__version__,
         }
         write_json(tmp / "comparison.json", report)
         write_text(tmp / "comparison.md", comparison_markdown(report))
@@ -282,7 +196,7 @@ def compare_runs(
         if hists:
             plots.confidence_hist(hists, tmp / "confidence_hist.png")
         if out.exists():
-            shutil.rmtree(out)
+            out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -302,7 +216,7 @@ def comparison_markdown(report: dict) -> str:
         for key in path:
             if not isinstance(node, dict) or key not in node:
                 why = r["evaluation"].get("not_applicable", {}).get(path[0])
-                return "n/a" + (" (not a VAE)" if why else "")
+                return "n/a" + (" (no encoder)" if why else "")
             node = node[key]
         return _fmt(node, spec)
 
@@ -318,10 +232,10 @@ def comparison_markdown(report: dict) -> str:
         return f"{ev(r, metric, *a[0], spec=a[1])} / {ev(r, metric, *b[0], spec=b[1])}"
 
     rows = [
-        ("model kind", lambda r: f"{r['kind'].upper()} ({r['model']})"),
+        ("model family", lambda r: f"{r['family'].upper()} ({r['model']})"),
         ("parameters", lambda r: f"{r['parameters']:,}"),
         ("latent space", lambda r: r["latent_space"]),
-        ("generation steps", lambda r: r["generation_steps"]),
+        ("network passes per image", lambda r: str(r["network_evaluations"])),
         ("training: epochs", lambda r: str(r["training"].get("epochs"))),
         ("training: time per epoch", lambda r: f"{_fmt(r['training'].get('epoch_time_s'), '.1f')} s"),
         ("training: images/s", lambda r: _fmt(r["training"].get("images_per_s"), ".1f")),

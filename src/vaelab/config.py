@@ -9,17 +9,17 @@ from typing import Any
 
 import yaml
 
-from vaelab.data.batches import PIXEL_RANGES
-from vaelab.data.sources import check_dataset_name
+from vaelab.data.pixels import PIXEL_RANGES
+from vaelab.data.sources import DIGIT_LIKE, check_dataset_name
+from vaelab import families
 from vaelab.errors import ConfigError, DataError
 from vaelab.losses import BETA_SCHEDULES, RECON_LIKELIHOODS
-from vaelab.models import check_preset, preset_kind
+from vaelab.models import check_preset, preset_family
 
 # the seeds' spellings, accepted in YAML files as well as on the command line
 ALIASES = {"save_path": "out", "batch-size": "batch_size", "latent-dim": "latent_dim"}
 
 DEFAULT_MODEL = {"mnist": "mnist-small", "fashion-mnist": "mnist-small", "cifar10": "cifar-seed"}
-DIGIT_LIKE = ("mnist", "fashion-mnist")
 
 
 @dataclass
@@ -104,32 +104,13 @@ class TrainConfig:
         if c.model is None:
             c.model = DEFAULT_MODEL.get(c.dataset, "conv")
         check_preset(c.model)
-        if preset_kind(c.model) == "vae":
-            if c.recon_likelihood is None:
-                c.recon_likelihood = "bernoulli" if c.dataset in DIGIT_LIKE else "gaussian"
-            if c.recon_sigma is None:
-                c.recon_sigma = 0.5**0.5
-        else:
-            c.reject_vae_options()
+        families.get(preset_family(c.model)).resolve_config(c)  # family defaults; fields it has no use for are errors
         if c.augment is None:
             c.augment = c.dataset not in DIGIT_LIKE
         if c.beta_schedule is None:
             c.beta_schedule = "linear" if (c.kl_anneal_epochs or c.kl_anneal_steps) else "constant"
         c.validate()
         return c
-
-    def reject_vae_options(self) -> None:
-        """Raise ``ConfigError`` if a VAE-only field is set (for a model that has no latent or KL term)."""
-        # field -> the values that mean "not used" (a saved, resolved config holds beta_schedule 'constant')
-        vae_only = {"latent_dim": (None,), "recon_likelihood": (None,), "recon_sigma": (None,), "beta": (1.0,),
-                    "beta_schedule": (None, "constant"), "kl_anneal_epochs": (None,), "kl_anneal_steps": (None,),
-                    "tsne": (False,), "binarize": (False,)}
-        for name, unset in vae_only.items():
-            if getattr(self, name) not in unset:
-                raise ConfigError(
-                    f"{name}={getattr(self, name)!r} applies to VAEs only; model {self.model!r} is a diffusion model "
-                    f"(remove it from the config or command line)"
-                )
 
     def validate(self) -> None:
         def positive(name: str, integer: bool = True) -> None:
@@ -142,7 +123,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every", "kl_cycles"):
             positive(name)
         positive("lr", integer=False)
-        if self.recon_sigma is not None:  # None for diffusion models
+        if self.recon_sigma is not None:  # None for models without a Gaussian decoder
             positive("recon_sigma", integer=False)
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -48,8 +49,34 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def dumps(obj: Any, **kw) -> str:
+    """Strict JSON (``allow_nan=False``): NaN or infinity is a bug to fix, never a number to write.
+
+    Raises:
+        ValueError: naming the first non-finite value's key path (e.g. ``summary.test_recon_nats``).
+    """
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError as exc:
+        where = _non_finite_path(obj) or "?"
+        raise ValueError(f"refusing to write non-finite number at {where}: JSON holds no NaN/Infinity; "
+                         "store null with a reason instead") from exc
+
+
+def _non_finite_path(obj: Any, prefix: str = "") -> str | None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return prefix or "(top level)"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite_path(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as indented strict JSON (see ``dumps``), atomically."""
+    write_text(path, dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_yaml(path: str | os.PathLike, obj: Any) -> None:
@@ -60,7 +87,7 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """Append one JSON row by rewriting the file atomically (metrics files are small)."""
     path = Path(path)
     old = path.read_text() if path.exists() else ""
-    write_text(path, old + json.dumps(row) + "\n")
+    write_text(path, old + dumps(row) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -80,3 +107,8 @@ def git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write ``rows`` as a JSON-lines file (strict JSON), atomically."""
+    write_text(path, "".join(dumps(r) + "\n" for r in rows))

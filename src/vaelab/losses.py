@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vaelab.data.pixels import from_symmetric, from_unit_interval, to_symmetric
 from vaelab.errors import ConfigError
 
 RECON_LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
@@ -110,10 +111,8 @@ def decoder_mean(logits: torch.Tensor, pixel_range: str = "[0,1]", *, likelihood
     logistic locations on the ``[-1, 1]`` scale; the mean shown is that location clamped to the pixel range.
     """
     if likelihood == "discretized_logistic":
-        loc = logits[:, : logits.shape[1] // 2].clamp(-1.0, 1.0)
-        return loc if pixel_range == "[-1,1]" else (loc + 1.0) / 2.0
-    mean = torch.sigmoid(logits)
-    return mean * 2.0 - 1.0 if pixel_range == "[-1,1]" else mean
+        return from_symmetric(logits[:, : logits.shape[1] // 2], pixel_range)
+    return from_unit_interval(torch.sigmoid(logits), pixel_range)
 
 
 def discretized_logistic_nll(params: torch.Tensor, x: torch.Tensor, *, pixel_range: str = "[0,1]") -> torch.Tensor:
@@ -140,7 +139,7 @@ def discretized_logistic_nll(params: torch.Tensor, x: torch.Tensor, *, pixel_ran
     if params.shape[1] != 2 * c:
         raise ConfigError(f"discretized_logistic needs 2*C = {2 * c} decoder channels, got {params.shape[1]}")
     mu, log_s = params[:, :c], params[:, c:].clamp(min=-7.0)
-    x = x if pixel_range == "[-1,1]" else x * 2.0 - 1.0
+    x = to_symmetric(x, pixel_range)
     inv_s = torch.exp(-log_s)
     centered = x - mu
     plus = inv_s * (centered + 1.0 / 255.0)

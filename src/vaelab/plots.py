@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
-from vaelab.data import ImageSplit, to_pixels  # noqa: E402
+from vaelab.data import to_unit_interval  # noqa: E402
 from vaelab.io import atomic_path  # noqa: E402
 
 
@@ -26,14 +26,12 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 8, pixel_ra
     Images smaller than ``min_side`` pixels are enlarged with nearest-neighbour scaling so a
     28x28 digit stays readable.
     """
-    x = images.detach().float().cpu()
-    if pixel_range == "[-1,1]":
-        x = (x + 1.0) / 2.0
+    x = to_unit_interval(images.detach().float().cpu(), pixel_range)
     scale = max(1, -(-min_side // x.shape[-1]))
     if scale > 1:
         x = F.interpolate(x, scale_factor=scale, mode="nearest")
     with atomic_path(path) as tmp:
-        save_image(x.clamp(0, 1), str(tmp), nrow=nrow, padding=2, pad_value=1.0)
+        save_image(x, str(tmp), nrow=nrow, padding=2, pad_value=1.0)
 
 
 def save_figure(fig, path: str | Path) -> None:
@@ -89,75 +87,6 @@ def latent_scatter(points: np.ndarray, labels: np.ndarray, classes: list[str], p
     save_figure(fig, path)
 
 
-def _given(y: torch.Tensor | None) -> dict:
-    """Keyword arguments that pass class labels to a conditional model (none for an unconditional one)."""
-    return {} if y is None else {"y": y}
-
-
-@torch.no_grad()
-def interpolations(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, *,
-                   y_a: torch.Tensor | None = None, y_b: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode linear paths ``z = (1-t) mu_a + t mu_b`` for ``t`` in ``linspace(0, 1, steps)``.
-
-    For a conditional model pass the labels ``y_a``, ``y_b`` (int64 ``(P,)``): each image is encoded
-    with its own label and the whole path is decoded with ``y_a`` (the style of ``b`` drawn as class ``a``).
-
-    Returns ``(P * steps, C, H, W)`` decoder means, row ``p`` holding pair ``p``'s path.
-    """
-    mu_a, mu_b = model.encode(x_a, **_given(y_a))[0], model.encode(x_b, **_given(y_b))[0]
-    t = torch.linspace(0, 1, steps, device=mu_a.device)[None, :, None]
-    z = (1 - t) * mu_a[:, None] + t * mu_b[:, None]  # (P, steps, D)
-    return model.decode(z.flatten(0, 1), **_given(None if y_a is None else y_a.repeat_interleave(steps)))
-
-
-@torch.no_grad()
-def per_class_samples(model, *, per_class: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Samples of a conditional model, one row per class, column ``j`` sharing one ``z_j ~ N(0, I)``.
-
-    Returns ``(num_classes * per_class, C, H, W)`` decoder means, class-major.
-    """
-    device = next(model.parameters()).device
-    k = model.config.num_classes
-    z = torch.randn(per_class, model.config.latent_dim, generator=generator).to(device)
-    y = torch.arange(k, device=device).repeat_interleave(per_class)
-    return model.decode(z.repeat(k, 1), y=y)
-
-
-@torch.no_grad()
-def write_run_pictures(run_dir: Path, model, test: ImageSplit, mu: torch.Tensor, logvar: torch.Tensor, rows: list[dict], config) -> None:
-    """All pictures of a finished VAE run (see ``vaelab.training`` for the list)."""
-    run_dir = Path(run_dir)
-    model.eval()
-    pr = model.config.pixel_range
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    if rows:
-        training_curves(rows, run_dir / "training_curves.png")
-    # 8 images to reconstruct + 6 interpolation pairs; a tiny test split repeats its images
-    pick = torch.randperm(len(test), generator=gen).repeat(-(-20 // len(test)))[:20]
-    x = to_pixels(test.images[pick.to(test.images.device)], pr).to(device)
-    y = test.labels[pick.to(test.labels.device)].to(device) if model.conditional else None
-    save_grid(torch.cat([x[:8], model.reconstruct(x[:8], **_given(None if y is None else y[:8]))]),
-              run_dir / "reconstructions.png", nrow=8, pixel_range=pr)
-    z = torch.randn(64, model.config.latent_dim, generator=gen).to(device)
-    y_samples = torch.arange(64, device=device) % model.config.num_classes if model.conditional else None
-    save_grid(model.decode(z, **_given(y_samples)), run_dir / "samples.png", nrow=8, pixel_range=pr)
-    y_a, y_b = (None, None) if y is None else (y[8:14], y[14:20])
-    save_grid(interpolations(model, x[8:14], x[14:20], y_a=y_a, y_b=y_b), run_dir / "interpolation.png", nrow=10, pixel_range=pr)
-    if model.conditional:
-        save_grid(per_class_samples(model, generator=gen), run_dir / "per_class_samples.png", nrow=10, pixel_range=pr)
-    labels = test.labels.cpu().numpy()
-    latent_scatter(mu.numpy(), labels, test.classes, run_dir / "latent_mu_pca.png",
-                   title=f"PCA of posterior means mu ({test.source} test, n={len(labels):,})")
-    latent_scatter((0.5 * logvar).exp().numpy(), labels, test.classes, run_dir / "latent_sigma_pca.png",
-                   title=f"PCA of posterior std exp(0.5*logvar) ({test.source} test, n={len(labels):,})")
-    if config.tsne:
-        n = min(3000, len(labels))
-        latent_scatter(mu[:n].numpy(), labels[:n], test.classes, run_dir / "latent_mu_tsne.png",
-                       title=f"t-SNE of mu ({test.source} test, first {n:,})", method="tsne")
-
-
-
 def class_coverage(generated: dict, real: dict, classes: list[str], path: str | Path, *, source: str) -> None:
     """Bar chart of the evaluator's predicted-class distribution, generated vs real test images."""
     k = len(classes)
@@ -189,14 +118,6 @@ def kl_per_dim(kl: list[float], variance: list[float], path: str | Path, *, thre
 
 # ---------------------------------------------------------------------------- diffusion runs
 
-DDPM_PICTURES = {
-    "samples.png": "64 samples from the EMA weights, DDIM sampler with min(50, T) steps",
-    "denoising_steps.png": "one sample of the full T-step DDPM sampler (EMA weights): the state x_t (top) and "
-                           "the model's estimate of x_0 (bottom) at 11 timesteps from noise to image",
-    "training_curves.png": "epsilon-MSE per pixel per epoch, train (running mean) and validation",
-}
-
-
 def loss_curves(rows: list[dict], path: str | Path, *, ylabel: str) -> None:
     """One panel: train and validation loss per epoch."""
     epochs = [r["epoch"] for r in rows]
@@ -220,8 +141,7 @@ def denoising_figure(states: list[tuple[int, torch.Tensor, torch.Tensor]], path:
     fig, axes = plt.subplots(2, len(states), figsize=(1.3 * len(states), 3.2), squeeze=False)
     for col, (t, x_t, x0) in enumerate(states):
         for row, img in enumerate((x_t, x0)):
-            a = img[0].detach().float().cpu()
-            a = ((a + 1) / 2 if pixel_range == "[-1,1]" else a).clamp(0, 1).permute(1, 2, 0).numpy()
+            a = to_unit_interval(img[0].detach().float().cpu(), pixel_range).permute(1, 2, 0).numpy()
             ax = axes[row, col]
             ax.imshow(a[..., 0] if a.shape[-1] == 1 else a, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
@@ -231,24 +151,6 @@ def denoising_figure(states: list[tuple[int, torch.Tensor, torch.Tensor]], path:
     axes[1, 0].set_ylabel("x0 estimate", fontsize=8)
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
-
-
-@torch.no_grad()
-def write_ddpm_pictures(run_dir: Path, model, rows: list[dict], config) -> None:
-    """The pictures of a finished diffusion run (``DDPM_PICTURES``)."""
-    run_dir = Path(run_dir)
-    model.eval()
-    pr = model.config.pixel_range
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    if rows:
-        loss_curves(rows, run_dir / "training_curves.png", ylabel="epsilon-MSE per pixel")
-    T = model.config.num_train_timesteps
-    images = model.sample(64, generator=gen, sampler="ddim", steps=min(50, T))
-    save_grid(images, run_dir / "samples.png", nrow=8, pixel_range=pr)
-    _, states = model.denoise(1, generator=gen, sampler="ddpm", snapshots=11)
-    denoising_figure(states, run_dir / "denoising_steps.png", pixel_range=pr,
-                     title=f"DDPM ancestral sampling, T={T} steps (EMA weights)")
 
 
 # ---------------------------------------------------------------------------- comparisons

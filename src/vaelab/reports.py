@@ -15,8 +15,9 @@ What is read (top level of the folder unless said otherwise):
 - comparison folder (``comparison.json``): every ``*.json`` as tables, ``*.md`` as text, every
   ``*.png``.
 
-Captions come from a table of known file names (``CAPTIONS``); a JSON file in the folder may add
-its own with a top-level ``"captions": {"file.png": "text"}`` mapping; any other picture gets a
+Captions come from a JSON file of the folder with a top-level ``"captions": {"file.png": "text"}``
+mapping (a run's ``summary.json`` carries the captions its model family wrote), else from a table of
+known file names (``CAPTIONS``: evaluation, sweep and comparison pictures); any other picture gets a
 generic caption naming its file.
 """
 
@@ -42,33 +43,6 @@ MAX_INLINE_LIST = 12  # longer lists of numbers are summarised, not printed in f
 
 # file name -> caption; {source} is the dataset label, {n_test} the number of test images
 CAPTIONS: dict[str, str] = {
-    "training_curves.png": (
-        "Training curves: reconstruction NLL, KL(q(z|x) || p(z)) and the total loss recon + beta*KL, in nats "
-        "per image, per epoch. Train = running mean over each epoch on the {source} train split; validation = "
-        "the held-out part of the train split, evaluated at the end of each epoch."
-    ),
-    "reconstructions.png": (
-        "Reconstructions: top row, 8 random images of the {source} test split; bottom row, their "
-        "reconstructions (decoder mean at z = mu)."
-    ),
-    "samples.png": (
-        "Samples from the prior: decoder means of 64 draws z ~ N(0, I) (no test image involved) of the model "
-        "trained on {source}."
-    ),
-    "interpolation.png": (
-        "Latent interpolation: each row decodes 10 evenly spaced points on the straight line between the "
-        "posterior means mu of two {source} test images (left and right ends)."
-    ),
-    "latent_mu_pca.png": (
-        "PCA to 2-D of the posterior means mu of {n_test} {source} test images, coloured by class."
-    ),
-    "latent_sigma_pca.png": (
-        "PCA to 2-D of the posterior standard deviations exp(0.5 * logvar) of {n_test} {source} test images, "
-        "coloured by class."
-    ),
-    "latent_mu_tsne.png": (
-        "t-SNE to 2-D of the posterior means mu of (at most the first 3,000) {source} test images, coloured by class."
-    ),
     "sweep_curves.png": (
         "Sweep curves: each metric against the swept value (one line per combination of the other swept "
         "values). Recon MSE, KL and -ELBO on the {source} test split; FID of prior samples against the test "
@@ -222,8 +196,9 @@ def _sweep_sections(folder: Path) -> list[tuple[str, str]]:
     for point in points:
         strip = folder / point.get("samples", "")
         if point.get("samples") and strip.is_file():
-            strips.append(figure(strip, f"Point {point['name']}: 16 decoder means of prior draws z ~ N(0, I), the same "
-                                        "seed for every point (no test image involved)."))
+            how = ", ".join(f"{k} {v}" for k, v in point.get("sampler", {"sampler": "prior"}).items())
+            strips.append(figure(strip, f"Point {point['name']}: 16 samples ({how}), the same seed for every point "
+                                        "(no test image involved)."))
     if strips:
         sections.append(("Samples per point", "\n".join(strips)))
     if pictures:

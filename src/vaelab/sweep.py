@@ -6,9 +6,10 @@ evaluates them (``vaelab.evaluation.evaluate_run``: FID in a named feature space
 
     SWEEP_DIR/sweep_plan.yaml           base config + axes (a re-run must match it: resumable)
     SWEEP_DIR/runs/<point>/             one run folder per point (config.yaml, summary.json, eval.json, ...)
-    SWEEP_DIR/samples/<point>.png       16 prior samples per point, the same seed for every point
-    SWEEP_DIR/sweep.json  sweep.md      one row per point: swept values, test recon MSE, KL, -ELBO,
-                                        active units, FID, training time, parameters
+    SWEEP_DIR/samples/<point>.png       16 samples per point (the family's sampler), the same seed for every point
+    SWEEP_DIR/sweep.json  sweep.md      one row per point: swept values, the model family's test numbers
+                                        (VAEs: recon MSE, KL, -ELBO, active units; DDPM: eps-MSE), FID,
+                                        training time, parameters
     SWEEP_DIR/sweep_curves.png          each metric against each swept field
     SWEEP_DIR/report.html               (written by the command line, see ``vaelab.reports``)
 
@@ -20,7 +21,6 @@ what is missing.
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import subprocess
 import sys
@@ -29,23 +29,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from vaelab import plots
 from vaelab.config import ALIASES, FIELD_NAMES, TrainConfig, with_overrides
+from vaelab.data import to_pixels
 from vaelab.errors import ConfigError, VaelabError
+from vaelab.generation import generate
 from vaelab.io import write_json, write_text, write_yaml
+from vaelab.run import Run, checkpoint_dirs
+from vaelab.runtime import select_device
 
 NOT_SWEEPABLE = ("out",)  # the sweep names every point's run folder itself
 STRIP_SAMPLES = 16
 PLAN_FILE = "sweep_plan.yaml"
-# (key in a point's metrics, column label, picture title)
-METRICS = [
-    ("recon_mse", "recon MSE / pixel", "test recon MSE per pixel"),
-    ("kl", "KL (nats)", "test KL (nats / image)"),
-    ("neg_elbo", "-ELBO (nats)", "test -ELBO (nats / image)"),
-    ("active_units", "active units", "active units (test)"),
+# (key in a point's metrics, column label, picture title); the family's own columns come first
+# (``SWEEP_COLUMNS`` of ``vaelab.families``: e.g. recon MSE, KL, -ELBO, active units for VAEs)
+COMMON_METRICS = [
     ("fid", "FID", "FID"),
     ("fid_floor", "FID floor (train vs test)", "FID floor: real train vs test"),
     ("train_time_s", "train time (s)", "training time (s)"),
@@ -167,6 +167,8 @@ def run_sweep(
     evaluate: bool = True,
     fid_features: str = "classifier",
     num_samples: int = 10000,
+    sampler: str | None = None,
+    steps: int | None = None,
 ) -> Path:
     """Train (or resume) every unfinished point, evaluate them and write the sweep's files.
 
@@ -178,6 +180,7 @@ def run_sweep(
             with its log in ``SWEEP_DIR/logs/<point>.log``.
         evaluate: compute FID etc. with ``vaelab.evaluation.evaluate_run`` (into each ``eval.json``).
         fid_features, num_samples: passed to ``evaluate_run``.
+        sampler, steps: the model family's sampler for FID samples and sample strips (default the family's).
 
     Returns:
         The sweep folder.
@@ -200,8 +203,9 @@ def run_sweep(
     else:
         _train_in_processes(todo, out, jobs)
     if evaluate:
-        _evaluate_points(points, fid_features=fid_features, num_samples=num_samples, device=base.device)
-    summarize_sweep(out, points, axes, base)
+        _evaluate_points(points, fid_features=fid_features, num_samples=num_samples, device=base.device,
+                         sampler=sampler, steps=steps)
+    summarize_sweep(out, points, axes, base, sampler=sampler, steps=steps)
     return out
 
 
@@ -216,14 +220,10 @@ def _check_plan(out: Path, base: TrainConfig, axes: dict[str, list[Any]]) -> Non
         write_yaml(path, plan)
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob("epoch-*/trainer_state.pt"))
-
-
 def _train_in_process(point: Point) -> None:
     from vaelab.training import resume, train
 
-    if _has_checkpoint(point.run_dir):
+    if checkpoint_dirs(point.run_dir):
         resume(point.run_dir)
     else:
         shutil.rmtree(point.run_dir, ignore_errors=True)  # a start that died before its first checkpoint
@@ -237,7 +237,7 @@ def _train_in_processes(todo: list[Point], out: Path, jobs: int) -> None:
     while waiting or running:
         while waiting and len(running) < jobs:
             point = waiting.pop(0)
-            if _has_checkpoint(point.run_dir):
+            if checkpoint_dirs(point.run_dir):
                 args = ["train", "--resume", str(point.run_dir)]
             else:
                 shutil.rmtree(point.run_dir, ignore_errors=True)
@@ -262,40 +262,36 @@ def _train_in_processes(todo: list[Point], out: Path, jobs: int) -> None:
         raise VaelabError(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}; fix and re-run the sweep to resume")
 
 
-def _evaluate_points(points: list[Point], *, fid_features: str, num_samples: int, device: str) -> None:
+def _evaluate_points(points: list[Point], *, fid_features: str, num_samples: int, device: str,
+                     sampler: str | None, steps: int | None) -> None:
     from vaelab.evaluation import evaluate_run
 
     for i, point in enumerate(points, 1):
         if (point.run_dir / "eval.json").is_file():
             continue
         print(f"[{i}/{len(points)}] evaluating {point.name}")
-        evaluate_run(point.run_dir, metrics=["fid"], fid_features=fid_features, num_samples=num_samples, device=device)
+        evaluate_run(point.run_dir, metrics=["fid"], fid_features=fid_features, num_samples=num_samples, device=device,
+                     sampler=sampler, steps=steps)
 
 
 # ---------------------------------------------------------------------------- summary
 
 
-def point_metrics(run_dir: Path) -> dict[str, Any]:
-    """The sweep-table numbers of one finished run folder (test split; FID from ``eval.json`` if any)."""
-    from vaelab.training import load_run_model
-
-    summary = json.loads((run_dir / "summary.json").read_text())
-    model = load_run_model(run_dir)
+def point_metrics(run: Run) -> dict[str, Any]:
+    """The sweep-table numbers of one finished run (test split; its family's columns, FID from ``eval.json``)."""
+    summary = run.summary()
     metrics = {
-        "recon_mse": summary["test_mse_per_pixel"],
-        "kl": summary["test_kl_nats"],
-        "neg_elbo": summary["test_neg_elbo_nats"],
-        "active_units": summary["active_units"],
-        "latent_dim": summary["latent_dim"],
+        **run.family.sweep_metrics(summary),
         "fid": None,
         "fid_feature_space": None,
         "fid_floor": None,
         "train_time_s": summary["train_time_s"],
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": summary["parameters"],
         "epochs": summary["epochs"],
     }
-    if (run_dir / "eval.json").is_file():
-        metrics.update(fid_entry(json.loads((run_dir / "eval.json").read_text())))
+    eval_result = run.read_json("eval.json")
+    if eval_result is not None:
+        metrics.update(fid_entry(eval_result))
     return metrics
 
 
@@ -310,36 +306,38 @@ def fid_entry(eval_result: dict) -> dict[str, Any]:
     return {"fid": None, "fid_feature_space": None, "fid_floor": None}
 
 
-def summarize_sweep(out: Path, points: list[Point], axes: dict[str, list[Any]], base: TrainConfig) -> dict:
+def summarize_sweep(out: Path, points: list[Point], axes: dict[str, list[Any]], base: TrainConfig, *,
+                    sampler: str | None = None, steps: int | None = None) -> dict:
     """Write ``sweep.json``, ``sweep.md``, ``sweep_curves.png`` and the sample strips; return the sweep dict."""
-    from vaelab.training import load_run_model, select_device
-
-    rows = []
+    rows, columns_of_families = [], []
     device = select_device(base.device)
     for point in points:
-        metrics = point_metrics(point.run_dir)
-        strip = out / "samples" / f"{point.name}.png"
-        model = load_run_model(point.run_dir, device=device)
-        gen = torch.Generator(device=device).manual_seed(base.seed)
-        y = torch.arange(STRIP_SAMPLES, device=device) % model.config.num_classes if model.conditional else None
-        plots.save_grid(model.sample(STRIP_SAMPLES, y=y, generator=gen), strip, nrow=STRIP_SAMPLES,
-                        pixel_range=model.config.pixel_range)
+        run = Run(point.run_dir)
+        metrics = point_metrics(run)
+        for column in run.family.SWEEP_COLUMNS:
+            if column not in columns_of_families:
+                columns_of_families.append(column)
+        model = run.load_model(device)
+        draw = run.family.sampler(model, run, sampler=sampler, steps=steps)
+        images, _ = generate(model, draw, STRIP_SAMPLES, seed=base.seed, batch_size=STRIP_SAMPLES)
+        plots.save_grid(to_pixels(images), out / "samples" / f"{point.name}.png", nrow=STRIP_SAMPLES)
         rows.append({"name": point.name, "values": point.values, "run_dir": f"runs/{point.name}",
-                     "samples": f"samples/{point.name}.png", "metrics": metrics})
-    first = json.loads((points[0].run_dir / "summary.json").read_text())
+                     "samples": f"samples/{point.name}.png", "sampler": draw.options, "metrics": metrics})
+    first = Run(points[0].run_dir).summary()
     spaces = sorted({str(r["metrics"]["fid_feature_space"]) for r in rows if r["metrics"]["fid"] is not None})
     counts = sorted({r["metrics"].get("fid_num_samples") for r in rows if r["metrics"].get("fid_num_samples")})
     fid_label = "FID" + (f" [{'; '.join(spaces)}]" if spaces else "") + (
         f" ({', '.join(f'{n:,}' for n in counts)} samples vs test)" if counts else "")
+    metric_columns = columns_of_families + COMMON_METRICS
     columns = [{"key": k, "label": k} for k in axes] + [
-        {"key": k, "label": fid_label if k == "fid" else label} for k, label, _ in METRICS]
+        {"key": k, "label": fid_label if k == "fid" else label, "title": title} for k, label, title in metric_columns]
     budget = f"{base.epochs} epochs" + (f" on the first {base.train_subset:,} train images" if base.train_subset else "")
     sweep = {
         "description": (
             f"Grid over {', '.join(f'{k} in {v}' for k, v in axes.items())} on {first['dataset']}, {budget} per point. "
-            f"Recon MSE (per pixel, pixels in {base.pixel_range}), "
-            "KL and -ELBO (nats per image, one z sample) and active units on the test split "
-            f"({first['num_test_images']:,} images); FID of prior samples against the test split in the named "
+            f"Each model family's test numbers on the test split ({first['num_test_images']:,} images; VAEs: recon MSE "
+            f"per pixel on {base.pixel_range} pixels, KL and -ELBO in nats per image with one z sample, active units; "
+            "diffusion models: epsilon-MSE per pixel); FID of generated samples against the test split in the named "
             "feature space; training time on the machine that ran the sweep."
         ),
         "dataset": first["dataset"],
@@ -388,8 +386,9 @@ def sweep_curves(sweep: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     axes_keys = list(sweep["axes"])
-    shown = [(k, t) for k, _, t in METRICS
-             if k != "fid_floor" and any(r["metrics"].get(k) is not None for r in sweep["points"])]
+    shown = [(c["key"], c["title"]) for c in sweep["columns"]
+             if c["key"] not in sweep["axes"] and c["key"] != "fid_floor"
+             and any(r["metrics"].get(c["key"]) is not None for r in sweep["points"])]
     ncols = min(4, len(shown))
     per_key = -(-len(shown) // ncols)  # rows of panels for one swept field
     fig, panels = plt.subplots(per_key * len(axes_keys), ncols, figsize=(3.6 * ncols, 3.0 * per_key * len(axes_keys)),

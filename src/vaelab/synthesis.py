@@ -1,9 +1,12 @@
 """Labelled synthetic datasets decoded from a trained VAE's latent space.
 
-Class-mean latent synthesis: encode the real train split, take the posterior means ``mu`` of each
-class ``c``, and sample codes around that class's statistics; decode them and label them ``c``.
-``METHODS`` lists the latent distributions. A conditional VAE (``cvae-*``) can instead draw from its
-prior ``z ~ N(0, I)`` with the condition ``c`` (``method="prior"``).
+Class-mean latent synthesis: encode the images the run was trained on, take the posterior means ``mu``
+of each class ``c``, and sample codes around that class's statistics; decode them and label them
+``c``. ``METHODS`` lists the latent distributions. The seeds' recipe is "class mean + noise" without
+a noise scale; unit noise (``noise_scale=1``) is our default, not theirs. A conditional model
+(``cvae-*``, or a class-conditional DDPM) can instead draw from its own sampler with the condition
+``c`` (``method="prior"``). Which methods a model supports comes from its family
+(``synthesis_methods``).
 
 Output folder (written to a temporary folder, then renamed, so it is complete or absent)::
 
@@ -30,20 +33,20 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import vaelab
-from vaelab.config import load_config
-from vaelab.data import ImageSplit, batches, load_split, to_uint8, write_tensor_file
+from vaelab.data import ImageSplit, batches, to_uint8, write_tensor_file
 from vaelab.errors import ConfigError, DataError, VaelabError
+from vaelab.families import family_of
 from vaelab.io import git_sha, write_json
-from vaelab.models import load_model
 from vaelab.plots import save_grid
-from vaelab.training import last_checkpoint, select_device
+from vaelab.run import Run
+from vaelab.runtime import select_device
 
 # method -> how z is drawn for class c (eps ~ N(0, I); mean_c, std_c, Cov_c are statistics of mu over class c)
 METHODS: dict[str, str] = {
     "class-mean": "z = mean_c + noise_scale * eps",
     "class-std": "z = mean_c + noise_scale * std_c * eps",
     "class-gaussian": "z = mean_c + noise_scale * L_c eps, L_c L_c^T = Cov_c (full covariance)",
-    "prior": "z = noise_scale * eps, decoded with condition c (conditional models only)",
+    "prior": "the model's own sampler (VAE: z ~ N(0, I)) with condition c (conditional models only)",
 }
 GRID_CLASSES, GRID_PER_CLASS = 10, 10
 
@@ -90,10 +93,6 @@ def class_latent_stats(mu: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return ClassLatentStats(mean.float(), std.float(), cov.float(), count)
 
 
-def _given(y: torch.Tensor, model) -> dict:
-    return {"y": y} if model.conditional else {}
-
-
 @torch.no_grad()
 def encode_class_stats(model, split: ImageSplit, *, batch_size: int = 500) -> ClassLatentStats:
     """Encode ``split`` (on the model's device) with ``model`` and return the per-class stats of ``mu``."""
@@ -102,16 +101,15 @@ def encode_class_stats(model, split: ImageSplit, *, batch_size: int = 500) -> Cl
     images, labels = split.images.to(device), split.labels.to(device)
     for x, y in tqdm(batches(images, labels, batch_size, pixel_range=model.config.pixel_range),
                      total=-(-len(split) // batch_size), desc="encoding real train split", unit="batch", leave=False):
-        mus.append(model.encode(x, **_given(y, model))[0])
+        mus.append(model.encode(x, y=y)[0])
     return class_latent_stats(torch.cat(mus).cpu(), split.labels.cpu(), len(split.classes))
 
 
-def sample_latents(stats: ClassLatentStats | None, c: int, n: int, *, method: str, noise_scale: float,
+def sample_latents(stats: ClassLatentStats, c: int, n: int, *, method: str, noise_scale: float,
                    latent_dim: int, generator: torch.Generator) -> torch.Tensor:
-    """``(n, latent_dim)`` codes for class ``c`` drawn as ``METHODS[method]`` says (CPU, float32)."""
+    """``(n, latent_dim)`` codes for class ``c`` drawn as ``METHODS[method]`` says for a class-* method
+    (CPU, float32)."""
     eps = torch.randn(n, latent_dim, generator=generator)
-    if method == "prior":
-        return noise_scale * eps
     if method == "class-mean":
         return stats.mean[c] + noise_scale * eps
     if method == "class-std":
@@ -163,10 +161,12 @@ def synthesize(
         run_dir: a run folder written by ``vaelab train`` (its ``config.yaml`` names the dataset).
         out: the folder to create (see the module docstring for its layout); must not exist.
         per_class: images per class.
-        method: a key of ``METHODS``; default ``"class-mean"`` for unconditional VAEs, ``"prior"``
-            for conditional ones.
-        noise_scale: scale of ``eps`` (1.0: the seeds' ``mean_c + N(0, I)``).
-        seed: seeds every latent draw (``torch.Generator`` on CPU, so results match across devices).
+        method: a key of ``METHODS`` the model supports; default ``"class-mean"`` for unconditional
+            VAEs, ``"prior"`` for conditional models.
+        noise_scale: scale of ``eps`` for class-* methods (1.0: ``mean_c + N(0, I)``, our default; the
+            seeds name no scale).
+        seed: seeds every latent draw (class-* codes come from a CPU ``torch.Generator``, so they
+            match across devices).
         device: where encoding and decoding run.
         batch_size: images per encoder/decoder call.
 
@@ -174,34 +174,36 @@ def synthesize(
         ``out``.
 
     Raises:
-        ConfigError: non-positive ``per_class``, negative ``noise_scale``, unknown method, or
-            ``"prior"`` with an unconditional model.
+        ConfigError: non-positive ``per_class``, negative ``noise_scale``, unknown method, a method
+            the model does not support (e.g. ``"prior"`` with an unconditional model).
         DataError: the run's dataset has fewer than 2 classes (unlabelled), or its class count
             differs from the conditional model's.
         VaelabError: ``out`` exists, or ``run_dir`` is not a run folder with a checkpoint.
     """
-    run_dir, out = Path(run_dir), Path(out)
+    out = Path(out)
     _check_args(per_class, noise_scale, method, out)
-    if not (run_dir / "config.yaml").is_file():
-        raise VaelabError(f"{run_dir} has no config.yaml; expected a run folder written by 'vaelab train'")
-    config = load_config(run_dir / "config.yaml")
-    ckpt = last_checkpoint(run_dir)
+    run = Run(run_dir)
+    run_dir, config = run.path, run.config
+    ckpt = run.last_checkpoint()
     dev = select_device(device)
-    model = load_model(ckpt, device=dev)
-    if getattr(model, "kind", None) != "vae" or not hasattr(model, "encode"):
-        raise ConfigError(f"{run_dir} holds a {type(model).__name__}; latent synthesis needs a VAE (encode/decode)")
-    method = method or ("prior" if model.conditional else "class-mean")
-    if method == "prior" and not model.conditional:
-        raise ConfigError(f"method 'prior' needs a conditional model (cvae-*); {run_dir} holds an unconditional "
-                          f"{config.model}: use one of {', '.join(m for m in METHODS if m != 'prior')}")
-    train = load_split(config.dataset, "train", config.data_root)
-    if config.train_subset:
-        train = train.subset(slice(0, config.train_subset))
+    model = run.load_model(dev, checkpoint=ckpt)
+    supported = family_of(model).synthesis_methods(model)
+    if not supported:
+        raise ConfigError(f"{run_dir} holds an unconditional {config.model}: labelled synthesis needs a VAE (class "
+                          "statistics of its latent codes) or a class-conditional model")
+    method = method or supported[0]
+    if method == "prior" and noise_scale != 1.0:
+        raise ConfigError("--noise-scale applies to the class-* methods; 'prior' uses the model's own sampler")
+    if method not in supported:
+        raise ConfigError(f"method {method!r} does not apply to {config.model} ({run_dir}); valid for it: "
+                          f"{', '.join(supported)}" + (" ('prior' needs a conditional model)" if method == "prior" else ""))
+    data = run.data()
+    train = data.train  # the images the model was trained on (its subset, without the validation hold-out)
     classes = list(train.classes)
     if len(classes) < 2:
         raise DataError(f"{run_dir} was trained on {train.source}, which has {len(classes)} class ({classes}): "
                         "the images are unlabelled, and class-conditional synthesis needs at least 2 labelled classes")
-    if model.conditional and model.config.num_classes != len(classes):
+    if getattr(model.config, "num_classes", len(classes)) != len(classes):
         raise DataError(f"the model of {run_dir} has {model.config.num_classes} classes but {train.source} has {len(classes)}")
 
     t0 = time.perf_counter()
@@ -216,7 +218,7 @@ def synthesize(
         "source_run": str(run_dir.resolve()),
         "checkpoint": ckpt.name,
         "model": config.model,
-        "conditional": bool(model.conditional),
+        "family": family_of(model).NAME,
         "dataset": config.dataset,
         "real_source": train.source,
         "encoded_images": None if stats is None else len(train),
@@ -248,16 +250,22 @@ def _decode_all(model, stats, num_classes: int, per_class: int, *, method: str, 
                 batch_size: int) -> torch.Tensor:
     """``uint8`` ``(num_classes * per_class, C, H, W)``, class-major."""
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # class-* codes: CPU draws, the same images on any device
+    sampler = family_of(model).sampler(model) if method == "prior" else None
+    device_gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     bar = tqdm(total=num_classes * per_class, desc=f"decoding ({method})", unit="img")
     for c in range(num_classes):
         for start in range(0, per_class, batch_size):
             n = min(batch_size, per_class - start)
-            z = sample_latents(stats, c, n, method=method, noise_scale=noise_scale,
-                               latent_dim=model.config.latent_dim, generator=gen).to(device)
             y = torch.full((n,), c, dtype=torch.int64, device=device)
-            out.append(to_uint8(model.decode(z, **_given(y, model)), model.config.pixel_range).cpu())
+            if sampler is not None:
+                x = sampler.draw(n, device_gen, y)
+            else:
+                z = sample_latents(stats, c, n, method=method, noise_scale=noise_scale,
+                                   latent_dim=model.config.latent_dim, generator=gen).to(device)
+                x = model.decode(z, y=y)
+            out.append(to_uint8(x, model.config.pixel_range).cpu())
             bar.update(n)
     bar.close()
     return torch.cat(out)

@@ -1,243 +1,56 @@
-"""The VAE training recipe: Adam, ReduceLROnPlateau, gradient clipping, beta schedules, checkpoints.
+"""The training loop, one for every model family: Adam, ReduceLROnPlateau, gradient clipping, KL-weight
+schedules, checkpoints, and a guard that stops at the first non-finite loss or gradient.
 
 ``train(config)`` validates everything (config, data, model shape) before it creates the run
-folder, then writes, every epoch, a ``metrics.jsonl`` row and a checkpoint, and at the end
-``summary.json`` and the pictures. ``resume(RUN_DIR)`` continues a run.
-
-Run folder::
-
-    config.yaml  metrics.jsonl  summary.json  tb/ (TensorBoard events)  checkpoints/epoch-NNNN/{model.safetensors,config.json,trainer_state.pt}
-    training_curves.png  reconstructions.png  samples.png  interpolation.png  latent_mu_pca.png  latent_sigma_pca.png
-    per_class_samples.png (conditional models: one row per class, one z per column)
+folder, then writes, every epoch, a ``metrics.jsonl`` row and a checkpoint, and at the end the
+pictures and ``summary.json`` (see ``vaelab.run`` for the folder layout). ``resume(RUN_DIR)``
+continues a run from its newest checkpoint. What differs between model families (loss terms,
+validation metrics, progress line, summary fields, pictures) comes from ``vaelab.families``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-import vaelab
-from vaelab import plots, tblog
-from vaelab.config import TrainConfig, config_from_dict, load_config
-from vaelab.data import ImageSplit, batches, load_split, split_validation
-from vaelab.errors import ConfigError, VaelabError
-from vaelab.io import append_jsonl, git_sha, read_jsonl, write_json, write_yaml
-from vaelab.losses import beta_at, likelihood_note
-from vaelab.models import build_config, build_model, load_model, model_fields, save_model
+from vaelab import tblog
+from vaelab.config import TrainConfig, with_overrides
+from vaelab.data import RunData, batches
+from vaelab.errors import VaelabError
+from vaelab.families import family_of
+from vaelab.losses import beta_at
+from vaelab.models import build_config, build_model, count_parameters, model_fields
+from vaelab.run import Run, checkpoint_dirs, run_data
+from vaelab.runtime import provenance, seed_everything, select_device, synchronize
 
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015), section 5.2
-COLLAPSE_KL_NATS = 0.1
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; otherwise ``torch.device(name)``.
-
-    Raises:
-        ConfigError: the named device is not available.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} requested but MPS is not available; use --device cpu or auto")
-    return dev
+NONFINITE_HINT = ("lower --lr, keep gradient clipping on (grad_clip), or check the data for NaN/constant images; "
+                  "resume from the newest finite checkpoint with --resume RUN_DIR")
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+class NonFiniteError(VaelabError):
+    """A loss term, gradient norm or evaluation number became NaN or infinite; training stopped."""
 
 
-@dataclass
-class RunData:
-    """The three splits of a run, on the training device."""
-
-    train: ImageSplit
-    val: ImageSplit
-    test: ImageSplit
-
-
-def binarize_split(split: ImageSplit, seed: int) -> ImageSplit:
-    """A copy of ``split`` with every pixel resampled once as 0 or 255 with probability ``v / 255``
-    (stochastic binarisation, seeded; the fixed evaluation set of a dynamically binarised run)."""
-    gen = torch.Generator(device=split.images.device).manual_seed(seed)
-    p = split.images.float().div(255.0)
-    images = (torch.bernoulli(p, generator=gen) * 255).to(torch.uint8)
-    return ImageSplit(images, split.labels, split.classes, f"{split.source}, binarised (seed {seed})", split.name)
-
-
-def load_run_data(config: TrainConfig, device: torch.device | str = "cpu") -> RunData:
-    """Train/val/test splits for ``config`` (subsets applied, validation held out with ``config.seed``;
-    with ``config.binarize`` validation and test images are binarised once, see ``binarize_split``)."""
-    train = load_split(config.dataset, "train", config.data_root)
-    test = load_split(config.dataset, "test", config.data_root)
-    if train.shape != test.shape:
-        raise VaelabError(f"{config.dataset}: train images are {train.shape} but test images are {test.shape}")
-    if train.classes != test.classes:
-        raise VaelabError(f"{config.dataset}: train classes {train.classes} differ from test classes {test.classes}")
-    if config.train_subset:
-        train = train.subset(slice(0, config.train_subset))
-    if config.test_subset:
-        test = test.subset(slice(0, config.test_subset))
-    train, val = split_validation(train, config.val_fraction, config.seed)
-    if config.binarize:
-        val, test = binarize_split(val, config.seed), binarize_split(test, config.seed)
-    return RunData(train.to(device), val.to(device), test.to(device))
-
-
-# ---------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    split: ImageSplit,
-    *,
-    beta: float = 1.0,
-    batch_size: int = 500,
-    pixel_range: str = "[0,1]",
-    seed: int = 0,
-    keep_latents: bool = False,
-) -> dict:
-    """Mean loss terms of ``model`` over ``split`` (one ``z`` sample per image, seeded).
-
-    Returns:
-        dict with ``loss`` (recon + beta*kl), ``recon``, ``kl``, ``neg_elbo`` (nats per image),
-        ``mse`` (per pixel), ``mu_mean``, ``logvar_mean``, ``active_units`` (dims with
-        Cov_x(E_q[z_i]) > 0.01, Burda et al. 2015) and, if ``keep_latents``, ``mu`` and ``logvar``
-        as ``(N, latent_dim)`` CPU tensors. For a diffusion model (``model.kind == "ddpm"``): only
-        ``loss``, the mean epsilon-prediction MSE per pixel (one seeded ``t`` and noise per image).
-    """
-    if model.kind == "ddpm":
-        return _evaluate_denoising(model, split, batch_size=batch_size, pixel_range=pixel_range, seed=seed)
-    was_training = model.training
-    model.eval()
-    device = split.images.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    sums = torch.zeros(4, device=device)  # recon, kl, mse, n
-    mus, logvars = [], []
-    for x, y in batches(split.images, split.labels, batch_size, pixel_range=pixel_range):
-        out = model.loss(x, beta=beta, y=y if model.conditional else None, generator=gen)
-        sums += torch.stack([out.recon.sum(), out.kl.sum(), out.mse.sum(), torch.tensor(float(len(x)), device=device)])
-        mus.append(out.mu)
-        logvars.append(out.logvar)
-    model.train(was_training)
-    recon, kl, mse, n = sums.tolist()
-    mu, logvar = torch.cat(mus), torch.cat(logvars)
-    result = {
-        "loss": (recon + beta * kl) / n,
-        "recon": recon / n,
-        "kl": kl / n,
-        "neg_elbo": (recon + kl) / n,
-        "mse": mse / n,
-        "mu_mean": mu.mean().item(),
-        "logvar_mean": logvar.mean().item(),
-        "active_units": active_units(mu),
-    }
-    if keep_latents:
-        result["mu"], result["logvar"] = mu.cpu(), logvar.cpu()
-    return result
-
-
-@torch.no_grad()
-def _evaluate_denoising(model, split: ImageSplit, *, batch_size: int, pixel_range: str, seed: int) -> dict:
-    was_training = model.training
-    model.eval()
-    device = split.images.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    sums = torch.zeros(2, device=device)  # eps_mse, n
-    for x, y in batches(split.images, split.labels, batch_size, pixel_range=pixel_range):
-        out = model.loss(x, y=y if model.conditional else None, generator=gen)
-        sums += torch.stack([out.eps_mse.sum(), torch.tensor(float(len(x)), device=device)])
-    model.train(was_training)
-    eps_mse, n = sums.tolist()
-    return {"loss": eps_mse / n}
-
-
-def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
-    """Number of latent dims whose posterior mean varies across data: ``Var_x(mu_i) > threshold``.
-
-    Args:
-        mu: ``(N, latent_dim)`` posterior means over a dataset (N >= 2).
-    """
-    return int((mu.float().var(dim=0) > threshold).sum().item())
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_dirs(run_dir: Path) -> list[Path]:
-    ckpt = run_dir / "checkpoints"
-    if not ckpt.is_dir():
-        return []
-    return sorted(p for p in ckpt.glob("epoch-*") if p.is_dir() and (p / "trainer_state.pt").exists())
-
-
-def last_checkpoint(run_dir: str | Path) -> Path:
-    """The newest complete ``checkpoints/epoch-NNNN`` folder of a run.
-
-    Raises:
-        VaelabError: the folder has no complete checkpoint.
-    """
-    run_dir = Path(run_dir)
-    dirs = _checkpoint_dirs(run_dir)
-    if not dirs:
-        raise VaelabError(f"{run_dir} has no checkpoint (expected {run_dir}/checkpoints/epoch-NNNN/trainer_state.pt)")
-    return dirs[-1]
-
-
-def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu"):
-    """The model of the newest checkpoint of ``run_dir``, in eval mode on ``device``."""
-    return load_model(last_checkpoint(run_dir), device=device)
-
-
-def _save_checkpoint(run_dir: Path, epoch: int, model, state: dict) -> None:
-    """Write ``checkpoints/epoch-NNNN`` atomically (temp folder, then rename) and drop older ones."""
-    ckpt = run_dir / "checkpoints"
-    final = ckpt / f"epoch-{epoch:04d}"
-    tmp = ckpt / f".epoch-{epoch:04d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, tmp)
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in _checkpoint_dirs(run_dir):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------- set-up
 
 
 def prepare(config: TrainConfig, *, resume_from: str | Path | None = None):
     """Validate a run before anything is written: resolved config, device, data and model config.
+
+    Returns:
+        ``(config, device, data, model_config)``, the data on ``device``.
 
     Raises:
         ConfigError, DataError, VaelabError: the first problem found, named.
     """
     config = config.resolved()
     device = select_device(config.device)
-    data = load_run_data(config, device)
+    data = run_data(config).to(device)
     overrides = config.model_overrides()
     if "num_classes" in model_fields(config.model):  # conditional models size their label input from the data
         overrides["num_classes"] = len(data.train.classes)
@@ -245,9 +58,8 @@ def prepare(config: TrainConfig, *, resume_from: str | Path | None = None):
     if config.out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         config.out = str(Path("runs") / f"{config.dataset}-{config.model}-{stamp}")
-    run_dir = Path(config.out)
-    if resume_from is None and _checkpoint_dirs(run_dir):
-        raise VaelabError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    if resume_from is None and checkpoint_dirs(config.out):
+        raise VaelabError(f"{config.out} already holds a run; use --resume {config.out} or another --out")
     return config, device, data, model_config
 
 
@@ -257,18 +69,64 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, device: str | None
     Raises:
         VaelabError: ``run_dir`` has no ``config.yaml`` or no complete checkpoint.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise VaelabError(f"--resume {run_dir}: no config.yaml there; expected a run folder written by 'vaelab train'")
-    last_checkpoint(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    overrides = {"out": str(run_dir), "epochs": epochs, "device": device}
-    config = config_from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-    return train(config, resume_from=run_dir)
+    run = Run(run_dir)
+    run.last_checkpoint()
+    config = with_overrides(run.config, {"out": str(run.path), "epochs": epochs, "device": device})
+    return train(config, resume_from=run.path)
+
+
+def _restore_generator(gen: torch.Generator, state: dict, seed: int) -> str | None:
+    """Set ``gen`` to the saved state; a state saved on another device kind (CPU and CUDA generators keep
+    different states) cannot be transferred, so ``gen`` is re-seeded from ``seed`` and the epoch instead.
+    Returns a note for people in that case."""
+    saved_on = state.get("generator_device") or ("cpu" if state["generator"].numel() > 16 else "cuda")
+    if saved_on == gen.device.type:
+        try:
+            gen.set_state(state["generator"])
+            return None
+        except RuntimeError:
+            pass
+    gen.manual_seed(seed + state["epoch"])
+    return (f"note: the checkpoint's random generator was saved on {saved_on}, this run continues on "
+            f"{gen.device.type}: batch order and noise from here on are re-seeded (seed {seed} + epoch "
+            f"{state['epoch']}), so they differ from an uninterrupted run on one device")
+
+
+class _NonFiniteWatch:
+    """Remembers, on the device, the first step at which any watched value was NaN or infinite, and
+    which values those were, so the hot loop needs no host synchronisation; ``check`` reads it."""
+
+    def __init__(self, names: list[str], device: torch.device):
+        self.names = names
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad = torch.zeros(len(names), dtype=torch.bool, device=device)
+
+    def update(self, step: int, values: torch.Tensor) -> None:
+        bad = ~torch.isfinite(values)
+        new = bad.any() & (self.first < 0)
+        self.first = torch.where(new, step, self.first)
+        self.bad = torch.where(new, bad, self.bad)
+
+    def check(self, epoch: int, lr: float) -> None:
+        first = int(self.first)
+        if first >= 0:
+            names = [n for n, b in zip(self.names, self.bad.tolist()) if b]
+            raise NonFiniteError(f"non-finite {', '.join(names)} at epoch {epoch}, step {first + 1} (lr {lr:.3g}): "
+                                 f"training stopped, nothing after the last checkpoint was saved. Hint: {NONFINITE_HINT}")
+
+
+def _check_finite(values: dict, what: str, epoch: int) -> None:
+    bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(f"non-finite {what} {', '.join(bad)} at the end of epoch {epoch}: training stopped, "
+                             f"nothing of this epoch was saved. Hint: {NONFINITE_HINT}")
+
+
+# ---------------------------------------------------------------------------- the loop
 
 
 def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path:
-    """Train a VAE as described by ``config`` and write its run folder.
+    """Train the model described by ``config`` and write its run folder.
 
     Args:
         config: the run's settings (see ``TrainConfig``).
@@ -279,11 +137,13 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
 
     Raises:
         ConfigError, DataError, VaelabError: bad input, before the run folder is created.
+        NonFiniteError: a loss term, gradient norm or validation number became NaN/inf; the newest
+            finite checkpoint is kept and ``--resume`` continues from it.
     """
     config, device, data, model_config = prepare(config, resume_from=resume_from)
-    run_dir = Path(config.out)
     seed_everything(config.seed)
     model = build_model(model_config).to(device)
+    family = family_of(model)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=config.lr_factor, patience=config.lr_patience)
     gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -291,180 +151,118 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
     total_steps = steps_per_epoch * config.epochs
     anneal_steps = config.kl_anneal_steps or (config.kl_anneal_epochs or 0) * steps_per_epoch
 
-    start_epoch, step, elapsed, low_kl_epochs = 1, 0, 0.0, 0
+    start_epoch, step, elapsed = 1, 0, 0.0
     if resume_from is not None:
-        ckpt = last_checkpoint(run_dir)
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(load_model(ckpt).state_dict())
+        run = Run(resume_from)
+        ckpt = run.last_checkpoint()
+        state = run.trainer_state(ckpt)
+        model.load_state_dict(run.load_model(checkpoint=ckpt).state_dict())
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
+        note = _restore_generator(gen, state, config.seed)
         torch.set_rng_state(state["torch_rng"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        elapsed, low_kl_epochs = state["elapsed_s"], state["low_kl_epochs"]
-        print(f"resuming {run_dir} from {ckpt.name}")
+        start_epoch, step, elapsed = state["epoch"] + 1, state["step"], state["elapsed_s"]
+        dropped = run.drop_metrics_after(state["epoch"])
+        print(f"resuming {run.path} from {ckpt.name}" + (f" ({dropped} metrics row(s) of unsaved epochs dropped)" if dropped else ""))
+        if note:
+            print(note)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml(run_dir / "config.yaml", config.to_dict())
-    print(
-        f"training {config.model} ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters) on "
-        f"{data.train.source}: {len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test images, "
-        f"device {device}"
-    )
-    tb = tblog.open_writer(run_dir, enabled=config.tensorboard, purge_step=start_epoch)
+        run = Run.create(config)
+    rows = run.metrics()
+    print(f"training {config.model} ({count_parameters(model):,} parameters, {family.DESCRIPTION}) on "
+          f"{data.train.source}: {len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test images, "
+          f"device {device}")
 
     def beta_for(s: int) -> float:
         return beta_at(s, beta=config.beta, schedule=config.beta_schedule, anneal_steps=anneal_steps,
                        total_steps=total_steps, cycles=config.kl_cycles, ratio=config.kl_cycle_ratio)
 
-    vae = model.kind == "vae"
-    terms = ("recon", "kl") if vae else ()  # per-image loss terms tracked beside the loss
-    fmt = ".2f" if vae else ".4f"  # nats per image vs. epsilon-MSE per pixel
-    for epoch in range(start_epoch, config.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        sums = torch.zeros(2 + len(terms), device=device)  # loss, *terms, n (device-side: no per-step host sync)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
-        for i, (x, y) in enumerate(batches(data.train.images, data.train.labels, config.batch_size, shuffle=True,
-                                           augment_data=config.augment, pixel_range=config.pixel_range, generator=gen)):
-            beta = beta_for(step)
-            if config.binarize:  # dynamic binarisation: a fresh binary image every time (Salakhutdinov & Murray 2008)
-                x = torch.bernoulli(x, generator=gen)
-            out = model.loss(x, beta=beta, y=y if model.conditional else None, generator=gen)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            if model.kind == "ddpm":
-                model.update_ema()
-            step += 1
-            sums += torch.stack([out.loss.detach() * len(x), *(getattr(out, k).detach().sum() for k in terms),
-                                 torch.tensor(float(len(x)), device=device)])
-            bar.update(1)
-            if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
-                loss, *term_sums, n = sums.tolist()
-                bar.set_postfix(loss=f"{loss / n:{fmt}}", **{k: f"{v / n:.2f}" for k, v in zip(terms, term_sums)},
-                                **({"beta": f"{beta:.3g}"} if vae else {}), lr=f"{opt.param_groups[0]['lr']:.2g}")
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t0
-        elapsed += epoch_time
-        loss, *term_sums, n = sums.tolist()
-        val = evaluate(model, data.val, beta=config.beta, pixel_range=config.pixel_range, seed=config.seed)
-        sched.step(val["loss"])
-        low_kl_epochs = low_kl_epochs + 1 if vae and val["kl"] < COLLAPSE_KL_NATS else 0
-        row = {
-            "epoch": epoch, "step": step, **({"beta": beta} if vae else {}), "lr": opt.param_groups[0]["lr"],
-            "train_loss": loss / n, **{f"train_{k}": v / n for k, v in zip(terms, term_sums)},
-            **{f"val_{k}": v for k, v in val.items()},
-            "epoch_time_s": epoch_time, "images_per_s": n / epoch_time,
-        }
-        append_jsonl(run_dir / "metrics.jsonl", row)
-        tblog.log_epoch(tb, row, model, data.val, seed=config.seed)
-        if not vae:
-            tqdm.write(
-                f"epoch {epoch}/{config.epochs}  train eps-MSE {row['train_loss']:.4f} | val eps-MSE {val['loss']:.4f} | "
-                f"lr {row['lr']:.2g} | {epoch_time:.1f}s {row['images_per_s']:.0f} img/s"
-            )
-        else:
-            tqdm.write(
-                f"epoch {epoch}/{config.epochs}  train loss {row['train_loss']:.2f} recon {row['train_recon']:.2f} "
-                f"kl {row['train_kl']:.2f} | val loss {val['loss']:.2f} recon {val['recon']:.2f} kl {val['kl']:.2f} | "
-                f"mu mean {val['mu_mean']:+.3f} logvar mean {val['logvar_mean']:+.3f} | active units "
-                f"{val['active_units']}/{model_config.latent_dim} | beta {beta:.3g} lr {row['lr']:.2g} | "
-                f"{epoch_time:.1f}s {row['images_per_s']:.0f} img/s"
-            )
-        if low_kl_epochs >= 2:
-            tqdm.write(
-                f"WARNING: posterior collapse: validation KL is {val['kl']:.3f} nats/image (< {COLLAPSE_KL_NATS}) for "
-                f"{low_kl_epochs} epochs in a row; the decoder is ignoring z. Try a smaller beta, KL annealing "
-                "(--kl-anneal-epochs) or a cyclical schedule."
-            )
-        _save_checkpoint(run_dir, epoch, model, {
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "epoch": epoch, "step": step, "elapsed_s": elapsed,
-            "low_kl_epochs": low_kl_epochs,
-        })
-
-    if tb is not None:
-        tb.close()
-    finalize(run_dir, model, data, config, train_time_s=elapsed, device=device)
-    return run_dir
+    terms = tuple(family.TERMS)  # per-image loss terms tracked beside the loss
+    tb = tblog.open_writer(run.path, enabled=config.tensorboard, purge_step=start_epoch)
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            sums = torch.zeros(2 + len(terms), device=device)  # loss, *terms, n (on the device: no per-step host sync)
+            watch = _NonFiniteWatch(["loss", *terms, "gradient norm"], device)
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
+            for i, (x, y) in enumerate(batches(data.train.images, data.train.labels, config.batch_size, shuffle=True,
+                                               augment_data=config.augment, pixel_range=config.pixel_range, generator=gen)):
+                beta = beta_for(step)
+                if config.binarize:  # dynamic binarisation: a fresh binary image every time (Salakhutdinov & Murray 2008)
+                    x = torch.bernoulli(x, generator=gen)
+                out = model.loss(x, beta=beta, y=y, generator=gen)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+                opt.step()
+                family.after_step(model)
+                term_sums = [getattr(out, k).detach().sum() for k in terms]
+                watch.update(step, torch.stack([out.loss.detach(), *term_sums, grad_norm.to(device)]))
+                step += 1
+                sums += torch.stack([out.loss.detach() * len(x), *term_sums, torch.tensor(float(len(x)), device=device)])
+                bar.update(1)
+                if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
+                    watch.check(epoch, opt.param_groups[0]["lr"])
+                    loss, *means, n = sums.tolist()
+                    bar.set_postfix(loss=f"{loss / n:{family.LOSS_FORMAT}}", **{k: f"{v / n:.2f}" for k, v in zip(terms, means)},
+                                    **({"beta": f"{beta:.3g}"} if family.USES_BETA else {}), lr=f"{opt.param_groups[0]['lr']:.2g}")
+            bar.close()
+            synchronize(device)
+            epoch_time = time.perf_counter() - t0
+            elapsed += epoch_time
+            loss, *means, n = sums.tolist()
+            val = family.evaluate(model, data.val, beta=config.beta, seed=config.seed)
+            _check_finite(val, "validation", epoch)
+            sched.step(val["loss"])
+            row = {
+                "epoch": epoch, "step": step, **({"beta": beta} if family.USES_BETA else {}), "lr": opt.param_groups[0]["lr"],
+                "train_loss": loss / n, **{f"train_{k}": v / n for k, v in zip(terms, means)},
+                **{f"val_{k}": v for k, v in val.items()},
+                "epoch_time_s": epoch_time, "images_per_s": n / epoch_time,
+            }
+            run.append_metrics(row)
+            rows.append(row)
+            tblog.log_epoch(tb, row, model, data.val, seed=config.seed)
+            tqdm.write(f"epoch {epoch}/{config.epochs}  {family.epoch_line(row, model)} | lr {row['lr']:.2g} | "
+                       f"{epoch_time:.1f}s {row['images_per_s']:.0f} img/s")
+            warning = family.epoch_warning(rows)
+            if warning:
+                tqdm.write(warning)
+            run.save_checkpoint(epoch, model, {
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                "generator_device": device.type, "torch_rng": torch.get_rng_state(), "epoch": epoch, "step": step,
+                "elapsed_s": elapsed,
+            })
+    finally:
+        if tb is not None:
+            tb.close()
+    finalize(run, model, data, config, train_time_s=elapsed, device=device)
+    return run.path
 
 
-def finalize(run_dir: Path, model, data: RunData, config: TrainConfig, *, train_time_s: float, device) -> dict:
-    """Test-split evaluation, ``summary.json`` and the run's pictures."""
+def finalize(run: Run, model, data: RunData, config: TrainConfig, *, train_time_s: float, device) -> dict:
+    """Test-split evaluation, the run's pictures, then ``summary.json`` (its presence marks a finished run)."""
+    family = family_of(model)
     model.eval()
-    if model.kind == "ddpm":
-        return _finalize_ddpm(run_dir, model, data, config, train_time_s=train_time_s, device=device)
-    test = evaluate(model, data.test, beta=config.beta, pixel_range=config.pixel_range, seed=config.seed, keep_latents=True)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    images_seen = sum(r["images_per_s"] * r["epoch_time_s"] for r in rows)
-    c, h, w = data.test.shape
-    discrete, likelihood = likelihood_note(model.config.recon_likelihood, data.test.images)
-    summary = {
-        "dataset": data.test.source,
-        "split": "test",
-        "num_test_images": len(data.test),
-        "model": config.model,
-        "latent_dim": model.config.latent_dim,
-        "recon_likelihood": model.config.recon_likelihood,
-        "epochs": rows[-1]["epoch"] if rows else 0,
-        "test_recon_nats": test["recon"],
-        "test_kl_nats": test["kl"],
-        "test_neg_elbo_nats": test["neg_elbo"],
-        "test_neg_elbo_bits_per_dim": test["neg_elbo"] / (c * h * w * math.log(2)) if discrete else None,
-        "test_mse_per_pixel": test["mse"],
-        "active_units": test["active_units"],
-        "train_time_s": train_time_s,
-        "train_images_per_s": images_seen / train_time_s if train_time_s else None,
-        "units": f"recon/KL/-ELBO in nats per image (one z sample); MSE per pixel on {model.config.pixel_range} pixels",
-        "likelihood": likelihood,
-        **_provenance(device, config.seed),
-    }
-    write_json(run_dir / "summary.json", summary)
-    plots.write_run_pictures(run_dir, model, data.test, test["mu"], test["logvar"], rows, config)
-    return summary
-
-
-def _provenance(device, seed: int) -> dict:
-    return {
-        "device": str(device),
-        "seed": seed,
-        "vaelab_version": vaelab.__version__,
-        "git_sha": git_sha(),
-        "torch_version": torch.__version__,
-    }
-
-
-def _finalize_ddpm(run_dir: Path, model, data: RunData, config: TrainConfig, *, train_time_s: float, device) -> dict:
-    """``summary.json`` (test epsilon-MSE) and the pictures of a diffusion run."""
-    import diffusers
-
-    test = evaluate(model, data.test, pixel_range=config.pixel_range, seed=config.seed)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    test = family.evaluate(model, data.test, beta=config.beta, seed=config.seed, keep_latents=True)
+    rows = run.metrics()
+    _check_finite(test, "test", rows[-1]["epoch"] if rows else 0)
     images_seen = sum(r["images_per_s"] * r["epoch_time_s"] for r in rows)
     summary = {
         "dataset": data.test.source,
         "split": "test",
         "num_test_images": len(data.test),
         "model": config.model,
-        "parameters": model.num_parameters,
-        "num_timesteps": model.config.num_train_timesteps,
-        "class_conditional": model.config.class_conditional,
+        "family": family.NAME,
+        "parameters": count_parameters(model),
         "epochs": rows[-1]["epoch"] if rows else 0,
         "steps": rows[-1]["step"] if rows else 0,
-        "test_eps_mse": test["loss"],
+        **family.summary(model, data.test, config, test),
         "train_time_s": train_time_s,
         "train_images_per_s": images_seen / train_time_s if train_time_s else None,
-        "units": "eps-MSE: mean squared error of the predicted noise per pixel, one uniform t and noise draw per "
-                 "test image (trained weights, not the EMA)",
-        "pictures": plots.DDPM_PICTURES,
-        **_provenance(device, config.seed),
-        "diffusers_version": diffusers.__version__,
+        **provenance(device, config.seed),
     }
-    write_json(run_dir / "summary.json", summary)
-    plots.write_ddpm_pictures(run_dir, model, rows, config)
+    summary["captions"] = family.write_pictures(run.path, model, data, rows, config, test)
+    run.write_summary(summary)
     return summary

@@ -11,20 +11,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-PIXEL_RANGES = ("[0,1]", "[-1,1]")
-
-
-def to_pixels(x_u8: torch.Tensor, pixel_range: str = "[0,1]") -> torch.Tensor:
-    """``uint8`` 0..255 ``(B, C, H, W)`` -> ``float32`` in ``[0, 1]`` or ``[-1, 1]``."""
-    x = x_u8.float().div_(255.0)
-    return x.mul_(2.0).sub_(1.0) if pixel_range == "[-1,1]" else x
-
-
-def to_uint8(x: torch.Tensor, pixel_range: str = "[0,1]") -> torch.Tensor:
-    """Inverse of ``to_pixels``: float pixels in ``pixel_range`` -> ``uint8`` (rounded, clamped)."""
-    if pixel_range == "[-1,1]":
-        x = (x + 1.0) / 2.0
-    return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+from vaelab.data.pixels import to_pixels
 
 
 def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from vaelab.data.split import ImageSplit, RunData, binarize_split, split_validation
+from vaelab.data.tensors import read_tensor_file
 from vaelab.errors import DataError
 from vaelab.io import atomic_path
 
@@ -44,43 +47,8 @@ _CIFAR_PICKLES = {
     "test": ["test_batch"],
 }
 SPLITS = ("train", "test")
-
-
-@dataclass
-class ImageSplit:
-    """One split of an image dataset, fully decoded.
-
-    Attributes:
-        images: ``uint8`` tensor ``(N, C, H, W)``, pixel values 0..255.
-        labels: ``int64`` tensor ``(N,)`` of class indices into ``classes``.
-        classes: class names, index ``i`` names label ``i``.
-        source: a human-readable description of where the pixels came from, used to label
-            every number measured on them (e.g. ``"CIFAR-10 (JPEG q75 copy)"``).
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-    source: str
-    name: str = ""
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one image."""
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
-
-    def to(self, device: torch.device | str) -> "ImageSplit":
-        return ImageSplit(
-            self.images.to(device), self.labels.to(device), self.classes, self.source, self.name
-        )
-
-    def subset(self, index: torch.Tensor | slice) -> "ImageSplit":
-        return ImageSplit(
-            self.images[index], self.labels[index], self.classes, self.source, self.name
-        )
+# 28x28 gray digits and garments: near-binary pixels, no mirror symmetry (defaults differ from RGB photos)
+DIGIT_LIKE = ("mnist", "fashion-mnist")
 
 
 @dataclass(frozen=True)
@@ -225,44 +193,79 @@ def _read_idx(reader: Callable, path: Path, what: str) -> torch.Tensor:
         raise DataError(f"{path} is corrupt or truncated; expected {what} ({detail})") from exc
 
 
-def _read_cifar_pickles(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str], list[Path]]:
+# The only globals a CIFAR-10 batch file needs: numpy arrays. Anything else (os.system, ...) is refused,
+# so a crafted file cannot run code when it is unpickled (pickle.load would execute it).
+_SAFE_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (a CIFAR-10 batch holds only "
+                                         "dicts, lists, strings and numpy arrays)")
+        import importlib
+        import warnings
+
+        with warnings.catch_warnings():  # numpy 2 renamed numpy.core; the old name still resolves
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return getattr(importlib.import_module(module), name)
+
+
+def _load_pickle(path: Path) -> dict:
+    """One CIFAR-10 batch file, unpickled without executing code (see ``_ArrayOnlyUnpickler``).
+
+    Raises:
+        DataError: unreadable, not a dict, or asking for anything but numpy arrays.
+    """
+    try:
+        with open(path, "rb") as fh:
+            entry = _ArrayOnlyUnpickler(fh, encoding="latin1").load()
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable CIFAR-10 pickle batch ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} is not a readable CIFAR-10 pickle batch (holds a {type(entry).__name__}, expected a dict)")
+    return entry
+
+
+def _cifar_md5_ok(files: list[Path]) -> bool:
+    """Whether every batch file has the md5 of the official CIFAR-10 release (torchvision's list)."""
     from torchvision.datasets import CIFAR10
 
-    class _CIFAR10(CIFAR10):
-        # torchvision checks md5 sums of the official files; the format is what matters to us,
-        # so only existence is checked (md5=None) and unreadable files are named below.
-        train_list = [[f, None] for f, _ in CIFAR10.train_list]
-        test_list = [[f, None] for f, _ in CIFAR10.test_list]
-        meta = {**CIFAR10.meta, "md5": None}
+    known = dict(CIFAR10.train_list + CIFAR10.test_list)
+    known[CIFAR10.meta["filename"]] = CIFAR10.meta["md5"]
+    return all(hashlib.md5(f.read_bytes()).hexdigest() == known.get(f.name) for f in files)
+
+
+def _read_cifar_pickles(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str], list[Path]]:
+    """torchvision's ``cifar-10-batches-py`` layout, read without executing pickle code."""
+    import numpy as np
 
     folder = root / "cifar-10-batches-py"
     files = [folder / f for f in _CIFAR_PICKLES[split]] + [folder / "batches.meta"]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise DataError(f"CIFAR-10 pickle folder {folder} is missing {', '.join(missing)}")
-    try:
-        ds = _CIFAR10(root=str(root), train=split == "train", download=False)
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        labels = torch.as_tensor(ds.targets, dtype=torch.int64)
-    except Exception as exc:
-        raise DataError(f"{_first_bad_pickle(files)} is not a readable CIFAR-10 pickle batch ({exc})") from exc
-    if images.shape[1:] != (3, 32, 32) or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{folder}: expected (N, 32, 32, 3) uint8 data with N labels, got {tuple(ds.data.shape)}")
-    return images, labels, list(ds.classes), files
-
-
-def _first_bad_pickle(files: list[Path]) -> Path:
-    import pickle
-
-    for f in files:
+    data, labels = [], []
+    for f in files[:-1]:
+        entry = _load_pickle(f)
         try:
-            with open(f, "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")
-            if not isinstance(entry, dict):
-                return f
-        except Exception:
-            return f
-    return files[0].parent
+            arr = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            lab = list(entry.get("labels", entry.get("fine_labels")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{f}: expected 'data' uint8 (N, 3072) and 'labels' (N,), got keys {sorted(entry)} ({exc})") from exc
+        if len(lab) != len(arr):
+            raise DataError(f"{f}: {len(arr)} images but {len(lab)} labels")
+        data.append(arr)
+        labels += lab
+    meta = _load_pickle(files[-1])
+    if "label_names" not in meta:
+        raise DataError(f"{files[-1]}: no 'label_names' entry (keys {sorted(meta)})")
+    images = torch.from_numpy(np.concatenate(data)).contiguous()
+    return images, torch.as_tensor(labels, dtype=torch.int64), [str(c) for c in meta["label_names"]], files
 
 
 def _read_image_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], list[Path]]:
@@ -320,7 +323,10 @@ def _source_files(name: str, root: Path, split: str) -> tuple[list[Path], str]:
         return [raw / f for f in _MNIST_FILES[split]], desc
     if name == "cifar10" and (root / "cifar-10-batches-py").is_dir():
         folder = root / "cifar-10-batches-py"
-        return [folder / f for f in _CIFAR_PICKLES[split]] + [folder / "batches.meta"], desc
+        files = [folder / f for f in _CIFAR_PICKLES[split]] + [folder / "batches.meta"]
+        if all(f.exists() for f in files) and not _cifar_md5_ok(files):
+            desc = "CIFAR-10 pickles (not the official files: md5 differs)"
+        return files, desc
     folder = (root / "cifar10-jpeg" if name == "cifar10" else root) / split
     if not folder.is_dir():
         raise DataError(f"{folder} does not exist; an image folder dataset needs {root}/{{train,test}}/<class>/*")
@@ -353,8 +359,6 @@ def load_split(name: str, split: str, data_root: str | os.PathLike | None = None
         raise DataError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     root = resolve_root(name, data_root)
     if name == "tensors":
-        from vaelab.data.tensors import read_tensor_file
-
         return read_tensor_file(root / f"{split}.safetensors")
     files, source = _source_files(name, root, split)
     key = _fingerprint(name, split, files)
@@ -385,20 +389,34 @@ def load_split(name: str, split: str, data_root: str | os.PathLike | None = None
     return ImageSplit(images, labels, classes, source, name)
 
 
-def split_validation(train: ImageSplit, fraction: float, seed: int) -> tuple[ImageSplit, ImageSplit]:
-    """Hold out a seeded random ``fraction`` of ``train`` as a validation split.
-
-    Returns:
-        ``(train_rest, val)``; ``val`` has ``max(1, round(fraction * N))`` images.
+def load_run_data(
+    dataset: str,
+    data_root: str | os.PathLike | None = None,
+    *,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    binarize: bool = False,
+) -> RunData:
+    """Train/val/test splits of a run on CPU: the first ``train_subset`` / ``test_subset`` images,
+    a seeded ``val_fraction`` of train held out, and with ``binarize`` the validation and test
+    images binarised once with ``seed`` (see ``binarize_split``).
 
     Raises:
-        DataError: ``fraction`` outside ``(0, 1)`` or a split too small to divide.
+        DataError: missing or corrupt data, or train and test splits of different shapes or classes.
     """
-    if not 0.0 < fraction < 1.0:
-        raise DataError(f"val_fraction must be in (0, 1), got {fraction}")
-    n = len(train)
-    n_val = max(1, round(fraction * n))
-    if n_val >= n:
-        raise DataError(f"cannot hold out {n_val} of {n} training images for validation")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return train.subset(perm[n_val:]), train.subset(perm[:n_val])
+    train = load_split(dataset, "train", data_root)
+    test = load_split(dataset, "test", data_root)
+    if train.shape != test.shape:
+        raise DataError(f"{dataset}: train images are {train.shape} but test images are {test.shape}")
+    if train.classes != test.classes:
+        raise DataError(f"{dataset}: train classes {train.classes} differ from test classes {test.classes}")
+    if train_subset:
+        train = train.subset(slice(0, train_subset))
+    if test_subset:
+        test = test.subset(slice(0, test_subset))
+    train, val = split_validation(train, val_fraction, seed)
+    if binarize:
+        val, test = binarize_split(val, seed), binarize_split(test, seed)
+    return RunData(train, val, test)

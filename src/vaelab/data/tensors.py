@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from vaelab.data.sources import ImageSplit
+from vaelab.data.split import ImageSplit
 from vaelab.errors import DataError
 from vaelab.io import atomic_path
 

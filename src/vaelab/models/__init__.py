@@ -60,10 +60,15 @@ def check_preset(name: str) -> None:
         raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(PRESETS)}")
 
 
-def preset_kind(name: str) -> str:
-    """``"vae"`` or ``"ddpm"``: the ``kind`` of the model class behind preset ``name``."""
+def preset_family(name: str) -> str:
+    """The model family (a key of ``vaelab.families.FAMILIES``) of the model class behind preset ``name``."""
     check_preset(name)
-    return MODEL_TYPES[PRESETS[name][0]][1].kind
+    return MODEL_TYPES[PRESETS[name][0]][1].family
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (a DDPM's frozen EMA copy is not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def model_fields(name: str) -> set[str]:

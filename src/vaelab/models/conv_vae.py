@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from vaelab.data.batches import PIXEL_RANGES
+from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.errors import ConfigError
 from vaelab.losses import DECODER_PARAMS, RECON_LIKELIHOODS, LossOutput, decoder_mean, kl_normal, recon_nll
 
@@ -84,11 +84,6 @@ class ConvVAEConfig:
         return d
 
 
-def _reject_labels(y: torch.Tensor | None) -> None:
-    if y is not None:
-        raise ConfigError("this VAE is unconditional and takes no class labels y; train a conditional model for that")
-
-
 def _block(conv: nn.Module, out_ch: int, batch_norm: bool) -> list[nn.Module]:
     return [conv, *([nn.BatchNorm2d(out_ch)] if batch_norm else []), nn.ReLU(inplace=True)]
 
@@ -98,10 +93,13 @@ class ConvVAE(nn.Module):
 
     Shapes: images ``(B, C, H, W)`` float in ``config.pixel_range``; ``z``, ``mu``, ``logvar``
     ``(B, latent_dim)`` float32.
+
+    Every method takes class labels ``y`` (int64 ``(B,)`` or ``None``) so that all models of the VAE
+    family share one signature; this unconditional model ignores them (the conditional VAE uses them).
     """
 
-    conditional = False  # the training loop passes class labels ``y`` only to conditional models
-    kind = "vae"
+    family = "vae"  # the key of its model family in ``vaelab.families.FAMILIES``
+    conditional = False
 
     def __init__(self, config: ConvVAEConfig):
         super().__init__()
@@ -138,18 +136,20 @@ class ConvVAE(nn.Module):
 
     # ------------------------------------------------------------------ model contract
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C, H, W)`` images -> ``(mu, logvar)``, each ``(B, latent_dim)``."""
+    def encode(self, x: torch.Tensor, *, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q(z | x)``: ``(B, C, H, W)`` images -> ``(mu, logvar)``, each ``(B, latent_dim)`` (``y`` ignored)."""
         h = self.encoder(x)
         return self.fc_mu(h), self.fc_logvar(h)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """``(B, latent_dim)`` -> ``(B, C, H, W)`` decoder logits (``(B, 2C, H, W)`` for a discretised logistic)."""
+    def decode_logits(self, z: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, latent_dim)`` -> ``(B, C, H, W)`` decoder logits (``(B, 2C, H, W)`` for a discretised
+        logistic); ``y`` ignored."""
         return self.decoder(self.decoder_input(z).view(-1, *self.feature_shape))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """``(B, latent_dim)`` -> ``(B, C, H, W)`` pixel means in ``config.pixel_range``."""
-        return decoder_mean(self.decode_logits(z), self.config.pixel_range, likelihood=self.config.recon_likelihood)
+    def decode(self, z: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, latent_dim)`` (and labels ``y`` for a conditional model) -> ``(B, C, H, W)`` pixel
+        means in ``config.pixel_range``."""
+        return decoder_mean(self.decode_logits(z, y=y), self.config.pixel_range, likelihood=self.config.recon_likelihood)
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -160,17 +160,15 @@ class ConvVAE(nn.Module):
     def loss(
         self, x: torch.Tensor, *, beta: float = 1.0, y: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> LossOutput:
-        """Negative beta-ELBO of a batch with one reparameterised sample of ``z``.
+        """Negative beta-ELBO of a batch with one reparameterised sample of ``z`` (Kingma & Welling 2013,
+        eq. 10; Higgins et al. 2017 for ``beta``).
 
-        ``y`` must be ``None``: this model is unconditional (see the conditional VAE for labels).
-
-        Steps: 1. encode ``x`` to ``mu, logvar``; 2. sample ``z``; 3. decode; 4. recon NLL and
-        closed-form KL, both summed per image (nats); 5. ``loss = mean(recon + beta * kl)``.
+        Steps: 1. encode ``x`` (and ``y``) to ``mu, logvar``; 2. sample ``z``; 3. decode; 4. recon NLL
+        and closed-form KL, both summed per image (nats); 5. ``loss = mean(recon + beta * kl)``.
         """
-        _reject_labels(y)
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, y=y)
         z = self.reparameterize(mu, logvar, generator)
-        return self.loss_terms(x, self.decode_logits(z), mu, logvar, beta=beta)
+        return self.loss_terms(x, self.decode_logits(z, y=y), mu, logvar, beta=beta)
 
     def loss_terms(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *,
                    beta: float) -> LossOutput:
@@ -182,14 +180,13 @@ class ConvVAE(nn.Module):
         return LossOutput(loss=(recon + beta * kl).mean(), recon=recon, kl=kl, mse=mse, mu=mu, logvar=logvar)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder mean at the posterior mean ``z = mu``: ``(B, C, H, W)`` in ``pixel_range``."""
-        return self.decode(self.encode(x)[0])
+        return self.decode(self.encode(x, y=y)[0], y=y)
 
     @torch.no_grad()
     def sample(self, n: int, *, y: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` images from the prior: ``z ~ N(0, I)``, return the decoder means ``(n, C, H, W)``."""
-        _reject_labels(y)
+        """``n`` images from the prior: ``z ~ N(0, I)``, return the decoder means ``(n, C, H, W)`` (``y`` ignored)."""
         device = next(self.parameters()).device
         z = torch.randn(n, self.config.latent_dim, device=device, generator=generator)
         return self.decode(z)

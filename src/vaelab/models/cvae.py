@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.errors import ConfigError
-from vaelab.losses import LossOutput, decoder_mean
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 
 
@@ -45,8 +44,7 @@ class CVAE(ConvVAE):
     ``0..num_classes-1``; ``z``, ``mu``, ``logvar`` ``(B, latent_dim)`` float32.
     """
 
-    conditional = True  # the training loop passes class labels ``y``
-    kind = "vae"
+    conditional = True
 
     def __init__(self, config: CVAEConfig):
         super().__init__(config)
@@ -80,28 +78,6 @@ class CVAE(ConvVAE):
         """``p(x | z, y)``: ``(B, latent_dim)`` and ``(B,)`` labels -> ``(B, C, H, W)`` decoder logits."""
         zy = torch.cat([z, self.one_hot(y, z.shape[0])], dim=1)
         return self.decoder(self.decoder_input(zy).view(-1, *self.feature_shape))
-
-    def decode(self, z: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, latent_dim)`` and ``(B,)`` labels -> ``(B, C, H, W)`` pixel means in ``config.pixel_range``."""
-        return decoder_mean(self.decode_logits(z, y=y), self.config.pixel_range, likelihood=self.config.recon_likelihood)
-
-    def loss(
-        self, x: torch.Tensor, *, beta: float = 1.0, y: torch.Tensor | None = None, generator: torch.Generator | None = None
-    ) -> LossOutput:
-        """Negative conditional beta-ELBO, ``E_q[-log p(x|z,y)] + beta * KL(q(z|x,y) || N(0, I))``
-        (Sohn et al. 2015, eq. 4, with the prior fixed to N(0, I)), one reparameterised ``z`` per image.
-
-        Raises:
-            ConfigError: ``y`` is missing or malformed.
-        """
-        mu, logvar = self.encode(x, y=y)
-        z = self.reparameterize(mu, logvar, generator)
-        return self.loss_terms(x, self.decode_logits(z, y=y), mu, logvar, beta=beta)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder mean at ``z = mu(x, y)``: ``(B, C, H, W)`` in ``pixel_range``."""
-        return self.decode(self.encode(x, y=y)[0], y=y)
 
     @torch.no_grad()
     def sample(self, n: int, *, y: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:

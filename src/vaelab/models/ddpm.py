@@ -23,7 +23,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from vaelab.data.batches import PIXEL_RANGES
+from vaelab.data.pixels import PIXEL_RANGES, from_symmetric, to_symmetric
 from vaelab.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim")
@@ -155,8 +155,7 @@ class DDPM(nn.Module):
     ``state_dict`` so ``save_model`` stores the EMA weights too.
     """
 
-    conditional = False  # set per instance from config.class_conditional
-    kind = "ddpm"
+    family = "ddpm"  # the key of its model family in ``vaelab.families.FAMILIES``
 
     def __init__(self, config: DDPMConfig):
         super().__init__()
@@ -198,18 +197,9 @@ class DDPM(nn.Module):
         scheduler.set_timesteps(steps)
         return scheduler
 
-    def _to_unit(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 2.0 - 1.0 if self.config.pixel_range == "[0,1]" else x
-
-    def _from_unit(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.clamp(-1.0, 1.0)
-        return (x + 1.0) / 2.0 if self.config.pixel_range == "[0,1]" else x
-
     def _labels(self, y: torch.Tensor | None, n: int, device: torch.device, *, sampling: bool) -> torch.Tensor | None:
         if not self.conditional:
-            if y is not None:
-                raise ConfigError("this DDPM is unconditional and takes no class labels y; train with class_conditional: true")
-            return None
+            return None  # an unconditional model ignores labels (one signature for every model)
         if y is None:
             if not sampling:
                 raise ConfigError("this DDPM is class-conditional: loss() needs labels y")
@@ -235,7 +225,7 @@ class DDPM(nn.Module):
         Raises:
             ConfigError: labels given to an unconditional model or missing for a conditional one.
         """
-        x0 = self._to_unit(x)
+        x0 = to_symmetric(x, self.config.pixel_range)
         y = self._labels(y, len(x), x.device, sampling=False)
         t = torch.randint(0, self.config.num_train_timesteps, (len(x),), device=x.device, generator=generator)
         eps = torch.randn(x0.shape, device=x.device, dtype=x0.dtype, generator=generator)
@@ -292,7 +282,7 @@ class DDPM(nn.Module):
         net = self.ema_unet if ema else self.unet
         device = self.ema_updates.device
         y = self._labels(y, n, device, sampling=True)
-        cfg = self.config
+        cfg, pr = self.config, self.config.pixel_range
         x = torch.randn((n, cfg.in_channels, cfg.image_size, cfg.image_size), device=device, generator=generator)
         timesteps = scheduler.timesteps
         keep = set(torch.linspace(0, len(timesteps) - 1, snapshots).round().long().tolist()) if snapshots else set()
@@ -301,9 +291,9 @@ class DDPM(nn.Module):
             eps_hat = net(x, t.to(device), class_labels=y).sample
             out = scheduler.step(eps_hat, t, x, generator=generator)
             if i in keep:
-                states.append((int(t), self._from_unit(x), self._from_unit(out.pred_original_sample)))
+                states.append((int(t), from_symmetric(x, pr), from_symmetric(out.pred_original_sample, pr)))
             x = out.prev_sample
-        return self._from_unit(x), states
+        return from_symmetric(x, pr), states
 
     @torch.no_grad()
     def sample(

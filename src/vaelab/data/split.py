@@ -1,0 +1,83 @@
+"""``ImageSplit``: one split of an image dataset as tensors, and the ways vaelab cuts splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vaelab.errors import DataError
+
+
+@dataclass
+class ImageSplit:
+    """One split of an image dataset, fully decoded.
+
+    Attributes:
+        images: ``uint8`` tensor ``(N, C, H, W)``, pixel values 0..255.
+        labels: ``int64`` tensor ``(N,)`` of class indices into ``classes``.
+        classes: class names, index ``i`` names label ``i``.
+        source: a human-readable description of where the pixels came from, used to label
+            every number measured on them (e.g. ``"CIFAR-10 (JPEG q75 copy)"``).
+        name: the dataset name it was loaded as (``"mnist"``, ``"tensors"``, ...).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    source: str
+    name: str = ""
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def to(self, device: torch.device | str) -> "ImageSplit":
+        return ImageSplit(self.images.to(device), self.labels.to(device), self.classes, self.source, self.name)
+
+    def subset(self, index: torch.Tensor | slice) -> "ImageSplit":
+        return ImageSplit(self.images[index], self.labels[index], self.classes, self.source, self.name)
+
+
+@dataclass
+class RunData:
+    """The three splits of a run, as it was trained (subsets, validation hold-out, binarisation)."""
+
+    train: ImageSplit
+    val: ImageSplit
+    test: ImageSplit
+
+    def to(self, device: torch.device | str) -> "RunData":
+        return RunData(self.train.to(device), self.val.to(device), self.test.to(device))
+
+
+def split_validation(train: ImageSplit, fraction: float, seed: int) -> tuple[ImageSplit, ImageSplit]:
+    """Hold out a seeded random ``fraction`` of ``train`` as a validation split.
+
+    Returns:
+        ``(train_rest, val)``; ``val`` has ``max(1, round(fraction * N))`` images.
+
+    Raises:
+        DataError: ``fraction`` outside ``(0, 1)`` or a split too small to divide.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {fraction}")
+    n = len(train)
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise DataError(f"cannot hold out {n_val} of {n} training images for validation")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return train.subset(perm[n_val:]), train.subset(perm[:n_val])
+
+
+def binarize_split(split: ImageSplit, seed: int) -> ImageSplit:
+    """A copy of ``split`` with every pixel resampled once as 0 or 255 with probability ``v / 255``
+    (stochastic binarisation, seeded; the fixed evaluation set of a dynamically binarised run)."""
+    gen = torch.Generator(device=split.images.device).manual_seed(seed)
+    p = split.images.float().div(255.0)
+    images = (torch.bernoulli(p, generator=gen) * 255).to(torch.uint8)
+    return ImageSplit(images, split.labels, split.classes, f"{split.source}, binarised (seed {seed})", split.name)

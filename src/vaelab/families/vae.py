@@ -1,0 +1,281 @@
+"""The VAE family: VAE, beta-VAE and conditional VAE (``ConvVAE``, ``CVAE``).
+
+Loss terms in nats per image: ``recon = -log p(x | z)`` and ``kl = KL(q(z | x) || N(0, I))``
+(Kingma & Welling 2013), the training loss is ``recon + beta * kl`` (Higgins et al. 2017).
+Every model of the family takes class labels ``y`` (or ``None``) in ``encode``, ``decode``,
+``decode_logits``, ``loss``, ``reconstruct`` and ``sample``; unconditional models ignore them.
+See ``vaelab.families`` for the contract this module implements.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from vaelab import plots
+from vaelab.data import DIGIT_LIKE, ImageSplit, batches, to_pixels
+from vaelab.errors import ConfigError
+from vaelab.families.base import Sampler, constant_labels, cycle_labels
+from vaelab.losses import likelihood_note
+from vaelab.metrics.latent import COLLAPSE_KL_NATS, active_units
+from vaelab.tblog import add_grid
+
+NAME = "vae"
+DESCRIPTION = "variational autoencoder (VAE, beta-VAE, conditional VAE)"
+LOSS_UNIT = "nats per image (recon + beta * KL)"
+LOSS_FORMAT = ".2f"
+TERMS = {"recon": "nats per image", "kl": "nats per image"}
+USES_BETA = True
+HEADLINE = ("test_recon_nats", "test_kl_nats", "test_neg_elbo_nats", "test_mse_per_pixel", "active_units", "train_time_s")
+SWEEP_COLUMNS = [
+    ("recon_mse", "recon MSE / pixel", "test recon MSE per pixel"),
+    ("kl", "KL (nats)", "test KL (nats / image)"),
+    ("neg_elbo", "-ELBO (nats)", "test -ELBO (nats / image)"),
+    ("active_units", "active units", "active units (test)"),
+]
+NOT_APPLICABLE: dict[str, str] = {}
+SAMPLERS = {"prior": "z ~ N(0, I), decoded in one pass"}
+SYNTHESIS_METHODS = ("class-mean", "class-std", "class-gaussian")
+
+# file -> caption; {source} is the dataset label, {n_test} the number of test images
+PICTURES = {
+    "training_curves.png": "Training curves: reconstruction NLL, KL(q(z|x) || p(z)) and the total loss recon + beta*KL, in "
+                           "nats per image, per epoch. Train = running mean over each epoch on the {source} train split; "
+                           "validation = the held-out part of the train split, evaluated at the end of each epoch.",
+    "reconstructions.png": "Reconstructions: top row, 8 random images of the {source} test split; bottom row, their "
+                           "reconstructions (decoder mean at z = mu).",
+    "samples.png": "Samples from the prior: decoder means of 64 draws z ~ N(0, I) (no test image involved) of the model "
+                   "trained on {source}.",
+    "interpolation.png": "Latent interpolation: each row decodes 10 evenly spaced points on the straight line between the "
+                         "posterior means mu of two {source} test images (left and right ends).",
+    "latent_mu_pca.png": "PCA to 2-D of the posterior means mu of {n_test} {source} test images, coloured by class.",
+    "latent_sigma_pca.png": "PCA to 2-D of the posterior standard deviations exp(0.5 * logvar) of {n_test} {source} test "
+                            "images, coloured by class.",
+    "latent_mu_tsne.png": "t-SNE to 2-D of the posterior means mu of (at most the first 3,000) {source} test images, "
+                          "coloured by class.",
+    "per_class_samples.png": "Conditional samples: one row per class, column j decoded from the same z_j ~ N(0, I) with "
+                             "each row's label (model trained on {source}).",
+}
+
+
+def resolve_config(config) -> None:
+    """Default likelihood (Bernoulli for digit-like data, else Gaussian) and Gaussian sigma (sqrt 0.5)."""
+    if config.recon_likelihood is None:
+        config.recon_likelihood = "bernoulli" if config.dataset in DIGIT_LIKE else "gaussian"
+    if config.recon_sigma is None:
+        config.recon_sigma = 0.5**0.5
+
+
+def after_step(model) -> None:
+    """Nothing to do after an optimiser step."""
+
+
+@torch.no_grad()
+def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, batch_size: int = 500,
+             keep_latents: bool = False) -> dict:
+    """Mean loss terms of ``model`` over ``split`` (on the model's device; one seeded ``z`` per image).
+
+    Returns:
+        dict with ``loss`` (recon + beta*kl), ``recon``, ``kl``, ``neg_elbo`` (nats per image),
+        ``mse`` (per pixel), ``mu_mean``, ``logvar_mean``, ``active_units`` (dims with
+        Var_x(E_q[z_i]) > 0.01, Burda et al. 2015) and, if ``keep_latents``, ``mu`` and ``logvar``
+        as ``(N, latent_dim)`` CPU tensors.
+    """
+    was_training = model.training
+    model.eval()
+    device = split.images.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums = torch.zeros(4, device=device)  # recon, kl, mse, n
+    mus, logvars = [], []
+    for x, y in batches(split.images, split.labels, batch_size, pixel_range=model.config.pixel_range):
+        out = model.loss(x, beta=beta, y=y, generator=gen)
+        sums += torch.stack([out.recon.float().sum(), out.kl.float().sum(), out.mse.float().sum(),
+                             torch.tensor(float(len(x)), device=device)])
+        mus.append(out.mu.float())
+        logvars.append(out.logvar.float())
+    model.train(was_training)
+    recon, kl, mse, n = sums.tolist()
+    mu, logvar = torch.cat(mus), torch.cat(logvars)
+    result = {
+        "loss": (recon + beta * kl) / n,
+        "recon": recon / n,
+        "kl": kl / n,
+        "neg_elbo": (recon + kl) / n,
+        "mse": mse / n,
+        "mu_mean": mu.mean().item(),
+        "logvar_mean": logvar.mean().item(),
+        "active_units": active_units(mu) if len(mu) > 1 else 0,
+    }
+    if keep_latents:
+        result["mu"], result["logvar"] = mu.cpu(), logvar.cpu()
+    return result
+
+
+def epoch_line(row: dict, model) -> str:
+    return (f"train loss {row['train_loss']:.2f} recon {row['train_recon']:.2f} kl {row['train_kl']:.2f} | "
+            f"val loss {row['val_loss']:.2f} recon {row['val_recon']:.2f} kl {row['val_kl']:.2f} | "
+            f"mu mean {row['val_mu_mean']:+.3f} logvar mean {row['val_logvar_mean']:+.3f} | active units "
+            f"{row['val_active_units']}/{model.config.latent_dim} | beta {row['beta']:.3g}")
+
+
+def epoch_warning(rows: list[dict]) -> str | None:
+    """The posterior-collapse warning when the validation KL stayed below 0.1 nats for the last two epochs."""
+    low = 0
+    for row in reversed(rows):
+        if row["val_kl"] >= COLLAPSE_KL_NATS:
+            break
+        low += 1
+    if low < 2:
+        return None
+    return (f"WARNING: posterior collapse: validation KL is {rows[-1]['val_kl']:.3f} nats/image (< {COLLAPSE_KL_NATS}) "
+            f"for {low} epochs in a row; the decoder is ignoring z. Try a smaller beta, KL annealing "
+            "(--kl-anneal-epochs) or a cyclical schedule.")
+
+
+def summary(model, test: ImageSplit, config, metrics: dict) -> dict:
+    """Test-split numbers of a VAE run for ``summary.json`` (``metrics`` from ``evaluate``)."""
+    c, h, w = test.shape
+    discrete, likelihood = likelihood_note(model.config.recon_likelihood, test.images)
+    return {
+        "latent_dim": model.config.latent_dim,
+        "recon_likelihood": model.config.recon_likelihood,
+        "test_recon_nats": metrics["recon"],
+        "test_kl_nats": metrics["kl"],
+        "test_neg_elbo_nats": metrics["neg_elbo"],
+        "test_neg_elbo_bits_per_dim": metrics["neg_elbo"] / (c * h * w * math.log(2)) if discrete else None,
+        "test_mse_per_pixel": metrics["mse"],
+        "active_units": metrics["active_units"],
+        "units": f"recon/KL/-ELBO in nats per image (one z sample); MSE per pixel on {model.config.pixel_range} pixels",
+        "likelihood": likelihood,
+    }
+
+
+@torch.no_grad()
+def write_pictures(run_dir: Path, model, data, rows: list[dict], config, metrics: dict) -> dict[str, str]:
+    """The run's pictures (``PICTURES``) from the test split and ``metrics`` (``evaluate(keep_latents=True)``);
+    returns ``{file: caption}`` of those written."""
+    run_dir, test = Path(run_dir), data.test
+    model.eval()
+    pr = model.config.pixel_range
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    written = []
+
+    def grid(images: torch.Tensor, name: str, nrow: int) -> None:
+        plots.save_grid(images, run_dir / name, nrow=nrow, pixel_range=pr)
+        written.append(name)
+
+    if rows:
+        plots.training_curves(rows, run_dir / "training_curves.png")
+        written.append("training_curves.png")
+    # 8 images to reconstruct + 6 interpolation pairs; a tiny test split repeats its images
+    pick = torch.randperm(len(test), generator=gen).repeat(-(-20 // len(test)))[:20]
+    x = to_pixels(test.images[pick.to(test.images.device)], pr).to(device)
+    y = test.labels[pick.to(test.labels.device)].to(device)
+    grid(torch.cat([x[:8], model.reconstruct(x[:8], y=y[:8])]), "reconstructions.png", 8)
+    z = torch.randn(64, model.config.latent_dim, generator=gen).to(device)
+    y64 = cycle_labels(model, 64)
+    grid(model.decode(z, y=None if y64 is None else y64.to(device)), "samples.png", 8)
+    grid(interpolations(model, x[8:14], x[14:20], y_a=y[8:14], y_b=y[14:20]), "interpolation.png", 10)
+    if model.conditional:
+        grid(per_class_samples(model, generator=gen), "per_class_samples.png", 10)
+    mu, logvar, labels = metrics["mu"], metrics["logvar"], test.labels.cpu().numpy()
+    plots.latent_scatter(mu.numpy(), labels, test.classes, run_dir / "latent_mu_pca.png",
+                         title=f"PCA of posterior means mu ({test.source} test, n={len(labels):,})")
+    plots.latent_scatter((0.5 * logvar).exp().numpy(), labels, test.classes, run_dir / "latent_sigma_pca.png",
+                         title=f"PCA of posterior std exp(0.5*logvar) ({test.source} test, n={len(labels):,})")
+    written += ["latent_mu_pca.png", "latent_sigma_pca.png"]
+    if config.tsne:
+        n = min(3000, len(labels))
+        plots.latent_scatter(mu[:n].numpy(), labels[:n], test.classes, run_dir / "latent_mu_tsne.png",
+                             title=f"t-SNE of mu ({test.source} test, first {n:,})", method="tsne")
+        written.append("latent_mu_tsne.png")
+    return {name: PICTURES[name].format(source=test.source, n_test=f"{len(test):,}") for name in written}
+
+
+@torch.no_grad()
+def interpolations(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, *,
+                   y_a: torch.Tensor | None = None, y_b: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode linear paths ``z = (1-t) mu_a + t mu_b`` for ``t`` in ``linspace(0, 1, steps)``.
+
+    Each image is encoded with its own label and the whole path is decoded with ``y_a`` (for a
+    conditional model: the style of ``b`` drawn as class ``a``; unconditional models ignore labels).
+
+    Returns ``(P * steps, C, H, W)`` decoder means, row ``p`` holding pair ``p``'s path.
+    """
+    mu_a, mu_b = model.encode(x_a, y=y_a)[0], model.encode(x_b, y=y_b)[0]
+    t = torch.linspace(0, 1, steps, device=mu_a.device)[None, :, None]
+    z = (1 - t) * mu_a[:, None] + t * mu_b[:, None]  # (P, steps, D)
+    return model.decode(z.flatten(0, 1), y=None if y_a is None else y_a.repeat_interleave(steps))
+
+
+@torch.no_grad()
+def per_class_samples(model, *, per_class: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Samples of a conditional model, one row per class, column ``j`` sharing one ``z_j ~ N(0, I)``.
+
+    Returns ``(num_classes * per_class, C, H, W)`` decoder means, class-major.
+    """
+    device = next(model.parameters()).device
+    k = model.config.num_classes
+    z = torch.randn(per_class, model.config.latent_dim, generator=generator).to(device)
+    y = torch.arange(k, device=device).repeat_interleave(per_class)
+    return model.decode(z.repeat(k, 1), y=y)
+
+
+def log_images(writer, model, val: ImageSplit, epoch: int, seed: int) -> None:
+    """TensorBoard: 8 validation images above their reconstructions, and 16 prior samples (fixed seed)."""
+    x, y = val.images[:8], val.labels[:8]
+    if len(x):
+        x = to_pixels(x, model.config.pixel_range)
+        add_grid(writer, "reconstructions/val", torch.cat([x, model.reconstruct(x, y=y)]), model.config.pixel_range, 8, epoch)
+    gen = torch.Generator(device=val.images.device).manual_seed(seed)
+    y16 = cycle_labels(model, 16)
+    samples = model.sample(16, y=None if y16 is None else y16.to(val.images.device), generator=gen)
+    add_grid(writer, "samples/prior", samples, model.config.pixel_range, 8, epoch)
+
+
+def sweep_metrics(summary: dict) -> dict:
+    return {"recon_mse": summary["test_mse_per_pixel"], "kl": summary["test_kl_nats"],
+            "neg_elbo": summary["test_neg_elbo_nats"], "active_units": summary["active_units"],
+            "latent_dim": summary["latent_dim"]}
+
+
+def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = None) -> Sampler:
+    """How to draw images from a VAE: ``prior`` (default) decodes ``z ~ N(0, I)``.
+
+    Raises:
+        ConfigError: ``steps`` (diffusion only) or an unknown sampler.
+    """
+    if steps is not None:
+        raise ConfigError("--steps applies to diffusion samplers; a VAE decodes an image in one pass")
+    name = sampler or "prior"
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown VAE sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    cfg = model.config
+
+    def draw(n: int, generator: torch.Generator | None, y: torch.Tensor | None) -> torch.Tensor:
+        return model.sample(n, y=y, generator=generator)
+
+    return Sampler(name=name, options={"sampler": name}, label="prior", network_evaluations=1,
+                   latent_space=f"z in R^{cfg.latent_dim}, prior N(0, I); encoder gives q(z|x) ({cfg.recon_likelihood} decoder)",
+                   draw=draw)
+
+
+def comparison_samplers(model, run=None, *, ddim_steps: int = 50) -> list[Sampler]:
+    """The entries of a comparison: the prior sampler."""
+    return [sampler(model, run)]
+
+
+def sample_labels(model, n: int) -> torch.Tensor | None:
+    return cycle_labels(model, n)
+
+
+def class_labels(model, index: int, n: int) -> torch.Tensor:
+    return constant_labels(model, index, n)
+
+
+def synthesis_methods(model) -> list[str]:
+    """Conditional VAEs default to their prior with the class as condition; VAEs to class-mean codes."""
+    return ["prior", *SYNTHESIS_METHODS] if model.conditional else list(SYNTHESIS_METHODS)

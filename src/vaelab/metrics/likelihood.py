@@ -1,0 +1,84 @@
+"""Likelihood of test images under a VAE: negative ELBO and the IWAE bound (Burda et al. 2015)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from vaelab.data import ImageSplit, to_pixels
+from vaelab.errors import ConfigError
+from vaelab.losses import likelihood_note, recon_nll
+
+
+@torch.no_grad()
+def importance_weights(model, x: torch.Tensor, k: int, *, y: torch.Tensor | None = None, chunk: int | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Log importance weights ``log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x)``, ``z_i ~ q(z|x)``.
+
+    Burda et al. (2015), eq. 8. The ``k`` samples are drawn in chunks of ``chunk`` so at most
+    ``B * chunk`` images are decoded at once.
+
+    Args:
+        model: a VAE with ``encode``, ``decode_logits`` and ``config.recon_likelihood``.
+        x: ``(B, C, H, W)`` images in the model's pixel range.
+        k: samples per image; positive.
+
+    Returns:
+        ``(B, k)`` float64 log weights in nats.
+    """
+    if k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k}")
+    cfg = model.config
+    b = len(x)
+    chunk = chunk or max(1, min(k, 2000 // max(1, b)))
+    mu, logvar = model.encode(x, y=y)
+    std = (0.5 * logvar).exp()
+    out = []
+    for start in range(0, k, chunk):
+        kc = min(chunk, k - start)
+        eps = torch.randn((b, kc, mu.shape[1]), device=x.device, dtype=mu.dtype, generator=generator)
+        z = mu[:, None] + std[:, None] * eps  # (B, kc, D)
+        log_q = (-0.5 * eps.pow(2) - 0.5 * logvar[:, None] - 0.5 * math.log(2 * math.pi)).sum(2)
+        log_p_z = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(2)
+        yk = y.repeat_interleave(kc) if y is not None else None
+        logits = model.decode_logits(z.reshape(b * kc, -1), y=yk)
+        xk = x.repeat_interleave(kc, dim=0)
+        nll, _ = recon_nll(logits, xk, cfg.recon_likelihood, sigma=cfg.recon_sigma, pixel_range=cfg.pixel_range)
+        out.append((-nll.reshape(b, kc) + log_p_z - log_q).double())
+    return torch.cat(out, 1)
+
+
+def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """``L_k = log (1/k) sum_i w_i`` per row of ``(B, k)`` log weights (Burda et al. 2015, eq. 8), nats."""
+    return torch.logsumexp(log_w, 1) - math.log(log_w.shape[1])
+
+
+def nll_metrics(model, test: ImageSplit, *, k: int, subset: int | None, device, seed: int) -> dict:
+    pixel_range = model.config.pixel_range
+    n = min(len(test), subset) if subset else len(test)
+    split = test.subset(slice(0, n))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    # images per batch such that at most ~2,000 images are decoded at once
+    b = max(1, min(100, 2000 // min(k, 2000)))
+    sums = torch.zeros(3, dtype=torch.float64)  # -elbo, -iwae, count
+    for start in tqdm(range(0, n, b), desc=f"IWAE k={k}", unit="batch", leave=False):
+        x = to_pixels(split.images[start : start + b].to(device), pixel_range)
+        y = split.labels[start : start + b].to(device)
+        log_w = importance_weights(model, x, k, y=y, generator=gen).cpu()
+        sums += torch.tensor([-log_w.mean(1).sum().item(), -iwae_bound(log_w).sum().item(), len(x)], dtype=torch.float64)
+    neg_elbo, neg_iwae, count = sums.tolist()
+    discrete, note = likelihood_note(model.config.recon_likelihood, split.images)
+    dims = math.prod(split.shape)
+    to_bpd = (lambda v: v / (dims * math.log(2))) if discrete else (lambda v: None)
+    return {
+        "metric": f"negative ELBO and IWAE bound (Burda et al. 2015) with k={k}",
+        "split": f"{split.source} test split, {n:,} of {len(test):,} images" + (" (first N)" if n < len(test) else ""),
+        "k": k, "num_images": n, "recon_likelihood": model.config.recon_likelihood,
+        "neg_elbo_nats": neg_elbo / count, "iwae_nll_nats": neg_iwae / count,
+        "neg_elbo_bits_per_dim": to_bpd(neg_elbo / count), "iwae_nll_bits_per_dim": to_bpd(neg_iwae / count),
+        "units": "nats per image; bits/dim = nats / (C*H*W * ln 2)",
+        "likelihood": note,
+        "estimator": "-ELBO: mean over the k samples of -log w; IWAE: -log mean_k w on the same samples",
+    }

@@ -1,0 +1,195 @@
+"""``Run``: one run folder, opened and written in one place.
+
+Layout::
+
+    RUN_DIR/config.yaml        the resolved TrainConfig (re-runnable with --config)
+    RUN_DIR/metrics.jsonl      one strict-JSON row per finished epoch
+    RUN_DIR/summary.json       test-split numbers and provenance, written when training ends
+    RUN_DIR/checkpoints/epoch-NNNN/{model.safetensors, config.json, trainer_state.pt}
+                               the newest epoch only; written to a temp folder, then renamed
+    RUN_DIR/*.png, tb/, eval.json, report.html, ...
+
+Every command that reads a trained run (``evaluate``, ``synth``, ``sample``, ``compare``, ``sweep``,
+``train --resume``) goes through ``Run``, so they all see the same config, checkpoint and data
+splits (subset, validation hold-out and binarisation exactly as in training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from vaelab.config import TrainConfig, load_config
+from vaelab.data import RunData, load_run_data
+from vaelab.errors import VaelabError
+from vaelab.io import append_jsonl, read_jsonl, write_json, write_jsonl, write_yaml
+from vaelab.models import load_model, save_model
+
+CONFIG, METRICS, SUMMARY, CHECKPOINTS = "config.yaml", "metrics.jsonl", "summary.json", "checkpoints"
+TRAINER_STATE = "trainer_state.pt"
+
+
+class Run:
+    """An existing run folder (``config.yaml`` present).
+
+    Raises (constructor):
+        VaelabError: ``path`` holds no ``config.yaml``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / CONFIG).is_file():
+            raise VaelabError(f"{self.path} is not a run folder: no {CONFIG} there (expected a folder written by "
+                              "'vaelab train')")
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @classmethod
+    def create(cls, config: TrainConfig) -> "Run":
+        """Create ``config.out`` and write its ``config.yaml`` (``config`` must be resolved).
+
+        Raises:
+            VaelabError: the folder already holds a run with a checkpoint.
+        """
+        path = Path(config.out)
+        if checkpoint_dirs(path):
+            raise VaelabError(f"{path} already holds a run; use --resume {path} or another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        write_yaml(path / CONFIG, config.to_dict())
+        return cls(path)
+
+    # ------------------------------------------------------------------ reading
+
+    @cached_property
+    def config(self) -> TrainConfig:
+        """The run's config as trained (``config.yaml``), with ``out`` pointing at this folder."""
+        config = load_config(self.path / CONFIG)
+        config.out = str(self.path)
+        return config
+
+    @property
+    def family(self):
+        """The model family module of this run's model (see ``vaelab.families``)."""
+        from vaelab.families import get
+        from vaelab.models import preset_family
+
+        return get(preset_family(self.config.model))
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first."""
+        return checkpoint_dirs(self.path)
+
+    def last_checkpoint(self) -> Path:
+        """The newest complete ``checkpoints/epoch-NNNN`` folder.
+
+        Raises:
+            VaelabError: there is none.
+        """
+        dirs = self.checkpoints()
+        if not dirs:
+            raise VaelabError(f"{self.path} has no checkpoint (expected {self.path}/{CHECKPOINTS}/epoch-NNNN/{TRAINER_STATE})")
+        return dirs[-1]
+
+    def load_model(self, device: torch.device | str = "cpu", checkpoint: Path | None = None):
+        """The model of the newest checkpoint (or ``checkpoint``), in eval mode on ``device``."""
+        return load_model(checkpoint or self.last_checkpoint(), device=device)
+
+    def trainer_state(self, checkpoint: Path | None = None) -> dict:
+        """Optimizer, scheduler, generator and counters saved with a checkpoint (CPU tensors)."""
+        ckpt = checkpoint or self.last_checkpoint()
+        return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+    def data(self, device: torch.device | str = "cpu") -> RunData:
+        """The run's train / validation / test splits exactly as trained, on ``device``."""
+        return self._data_cpu.to(device)
+
+    @cached_property
+    def _data_cpu(self) -> RunData:
+        return run_data(self.config)
+
+    def metrics(self) -> list[dict]:
+        """The rows of ``metrics.jsonl`` (one per finished epoch)."""
+        return read_jsonl(self.path / METRICS)
+
+    def summary(self) -> dict | None:
+        """``summary.json`` (``None`` before training has finished)."""
+        path = self.path / SUMMARY
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).is_file()
+
+    def read_json(self, name: str) -> dict | None:
+        """``RUN_DIR/name`` parsed, or ``None`` if absent (e.g. ``eval.json``)."""
+        path = self.path / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    # ------------------------------------------------------------------ writing
+
+    def append_metrics(self, row: dict) -> None:
+        append_jsonl(self.path / METRICS, row)
+
+    def drop_metrics_after(self, epoch: int) -> int:
+        """Remove ``metrics.jsonl`` rows of epochs after ``epoch`` (left by a run killed before their
+        checkpoint was written, so they will be trained again); returns how many were removed."""
+        rows = self.metrics()
+        keep = [r for r in rows if r["epoch"] <= epoch]
+        if len(keep) != len(rows):
+            write_jsonl(self.path / METRICS, keep)
+        return len(rows) - len(keep)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path / SUMMARY, summary)
+
+    def save_checkpoint(self, epoch: int, model, state: dict) -> Path:
+        """Write ``checkpoints/epoch-NNNN`` atomically (temp folder, then rename), then drop older ones.
+
+        A model with a non-finite weight is never written (the newest finite checkpoint stays).
+
+        Raises:
+            VaelabError: a parameter or buffer of ``model`` is NaN or infinite.
+        """
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise VaelabError(f"not saving epoch {epoch}: non-finite values in {', '.join(bad[:5])}"
+                              f"{' ...' if len(bad) > 5 else ''}; the newest finite checkpoint is kept")
+        ckpt = self.path / CHECKPOINTS
+        final = ckpt / f"epoch-{epoch:04d}"
+        tmp = ckpt / f".epoch-{epoch:04d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(model, tmp)
+        torch.save(state, tmp / TRAINER_STATE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.checkpoints():
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete ``checkpoints/epoch-NNNN`` folders of ``run_dir`` (with ``trainer_state.pt``), oldest first."""
+    ckpt = Path(run_dir) / CHECKPOINTS
+    if not ckpt.is_dir():
+        return []
+    return sorted(p for p in ckpt.glob("epoch-*") if p.is_dir() and (p / TRAINER_STATE).exists())
+
+
+def run_data(config: TrainConfig) -> RunData:
+    """The splits a run with ``config`` trains and is tested on (CPU): see ``vaelab.data.load_run_data``."""
+    return load_run_data(config.dataset, config.data_root, train_subset=config.train_subset,
+                         test_subset=config.test_subset, val_fraction=config.val_fraction, seed=config.seed,
+                         binarize=config.binarize)
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
