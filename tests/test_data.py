@@ -43,8 +43,6 @@ class _RunsCode:
     """Unpickling this calls os.system: what a crafted 'CIFAR-10 batch' could do to a plain pickle.load."""
 
     def __reduce__(self):
-        import os
-
         return (os.system, ("touch pwned",))
 
 

@@ -1,7 +1,6 @@
 """Evaluation suite: FID/KID, confidence, IWAE, discretised logistic, latent diagnostics, evaluate_run."""
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -242,8 +241,30 @@ def test_discrete_likelihood_runs_report_bits_per_dim(image_folder, tmp_path, ov
     result = evaluate_run(run, metrics="nll,latent", iwae_k=4, device="cpu")
     nll = result["nll"]
     assert nll["num_images"] == 30 and nll["iwae_nll_bits_per_dim"] is not None
-    assert nll["iwae_nll_bits_per_dim"] == pytest.approx(nll["iwae_nll_nats"] / (64 * math.log(2)))
+    assert 0 < nll["iwae_nll_bits_per_dim"] <= nll["neg_elbo_bits_per_dim"] + 1e-6
     assert "fid" not in result and not (run / "eval_samples.png").exists()
+
+
+def test_a_coin_flip_decoder_costs_exactly_one_bit_per_dim():
+    """Hand-computed case: posterior = prior (KL 0) and decoder logits 0 on binary images: every pixel has
+    p = 1/2, so -ELBO = IWAE NLL = D ln 2 nats = 1 bit/dim, for the summary and for the IWAE estimator."""
+    from vaelab.families import vae
+    from vaelab.metrics.likelihood import nll_metrics
+
+    model = ConvVAE(ConvVAEConfig(in_channels=1, image_size=8, channels=(4, 8), latent_dim=3, fc_hidden=None)).eval()
+    with torch.no_grad():
+        for layer in (model.fc_mu, model.fc_logvar, model.decoder[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    images = (torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.5).to(torch.uint8) * 255
+    test = ImageSplit(images, torch.zeros(20, dtype=torch.int64), ["a"], "binary noise")
+    metrics = vae.evaluate(model, test)
+    summary = vae.summary(model, test, None, metrics)
+    assert metrics["kl"] == 0 and summary["test_neg_elbo_bits_per_dim"] == pytest.approx(1.0, abs=1e-6)
+    nll = nll_metrics(model, test, k=5, subset=None, device="cpu", seed=0)
+    assert nll["neg_elbo_bits_per_dim"] == pytest.approx(1.0, abs=1e-6)
+    assert nll["iwae_nll_bits_per_dim"] == pytest.approx(1.0, abs=1e-6)
+    assert nll["iwae_nll_nats"] == pytest.approx(64 * 0.6931471805599453, abs=1e-4)
 
 
 def test_binarize_needs_bernoulli(tmp_path):

@@ -72,3 +72,28 @@ def test_bad_schedules():
         beta_at(0, beta=1.0, schedule="sigmoid")
     with pytest.raises(ConfigError):
         beta_at(0, beta=1.0, schedule="linear", anneal_steps=0)
+
+
+def test_vae_neg_elbo_matches_torch_distributions():
+    """The family's -ELBO of a near-deterministic posterior (sigma ~ 1e-6, so z = mu) equals
+    -log Bernoulli(x | decoder(mu)) + KL(N(mu, sigma^2) || N(0, I)) computed with torch.distributions."""
+    from vaelab.data import ImageSplit
+    from vaelab.families import vae
+    from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
+
+    torch.manual_seed(0)
+    model = ConvVAE(ConvVAEConfig(in_channels=1, image_size=8, channels=(4, 8), latent_dim=3, fc_hidden=None)).eval()
+    with torch.no_grad():
+        model.fc_logvar.weight.zero_()
+        model.fc_logvar.bias.fill_(-27.6)  # sigma = exp(-13.8) ~ 1e-6
+    images = torch.randint(0, 2, (10, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8) * 255
+    metrics = vae.evaluate(model, ImageSplit(images, torch.zeros(10, dtype=torch.int64), ["a"], "noise"))
+    x = images.float() / 255
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        q = Normal(mu, (0.5 * logvar).exp())
+        recon = -Bernoulli(logits=model.decode_logits(mu)).log_prob(x).flatten(1).sum(1)
+        kl = kl_divergence(q, Normal(0.0, 1.0)).sum(1)
+    assert metrics["recon"] == pytest.approx(recon.mean().item(), rel=1e-4)
+    assert metrics["kl"] == pytest.approx(kl.mean().item(), rel=1e-4)
+    assert metrics["neg_elbo"] == pytest.approx((recon + kl).mean().item(), rel=1e-4)

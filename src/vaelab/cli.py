@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args: argparse.Namespace, base: dict | None = None):
-    from vaelab.config import TrainConfig, config_from_dict, load_config, with_overrides
+    from vaelab.config import config_from_dict, load_config, with_overrides
 
     config = load_config(args.config) if args.config else config_from_dict(base or {})
     skip = {"command", "config", "resume", "axes", "jobs", "evaluate", "fid_features", "num_samples", "sampler", "steps"}

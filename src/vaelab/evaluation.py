@@ -24,7 +24,6 @@ Metrics a model's family cannot support (e.g. ``nll`` for a diffusion model) are
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Iterable
 

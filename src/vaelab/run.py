@@ -17,7 +17,6 @@ splits (subset, validation hold-out and binarisation exactly as in training).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from functools import cached_property
@@ -189,7 +188,3 @@ def run_data(config: TrainConfig) -> RunData:
     return load_run_data(config.dataset, config.data_root, train_subset=config.train_subset,
                          test_subset=config.test_subset, val_fraction=config.val_fraction, seed=config.seed,
                          binarize=config.binarize)
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

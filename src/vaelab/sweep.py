@@ -21,6 +21,7 @@ what is missing.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import subprocess
 import sys
@@ -246,7 +247,10 @@ def _train_in_processes(todo: list[Point], out: Path, jobs: int) -> None:
                 args = ["train", "--config", str(config_file)]
             log = out / "logs" / f"{point.name}.log"
             handle = log.open("w")
-            proc = subprocess.Popen([sys.executable, "-m", "vaelab", *args], stdout=handle, stderr=subprocess.STDOUT)
+            # the cores are shared out: oversubscribed CPU threads slow every process down several times
+            threads = str(max(1, (os.cpu_count() or 1) // jobs))
+            proc = subprocess.Popen([sys.executable, "-m", "vaelab", *args], stdout=handle, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": threads})
             running.append((point, proc, handle, log))
             print(f"started {point.name} (pid {proc.pid}, log {log})")
         time.sleep(0.5)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from vaelab import tblog
 from vaelab.config import TrainConfig, with_overrides
-from vaelab.data import RunData, batches
+from vaelab.data import ImageSplit, RunData, batches
 from vaelab.errors import VaelabError
 from vaelab.families import family_of
 from vaelab.losses import beta_at
@@ -177,37 +177,12 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
         return beta_at(s, beta=config.beta, schedule=config.beta_schedule, anneal_steps=anneal_steps,
                        total_steps=total_steps, cycles=config.kl_cycles, ratio=config.kl_cycle_ratio)
 
-    terms = tuple(family.TERMS)  # per-image loss terms tracked beside the loss
+    terms = tuple(family.TERMS)  # per-image loss terms tracked beside the loss (for the metrics row)
     tb = tblog.open_writer(run.path, enabled=config.tensorboard, purge_step=start_epoch)
     try:
         for epoch in range(start_epoch, config.epochs + 1):
-            model.train()
             t0 = time.perf_counter()
-            sums = torch.zeros(2 + len(terms), device=device)  # loss, *terms, n (on the device: no per-step host sync)
-            watch = _NonFiniteWatch(["loss", *terms, "gradient norm"], device)
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
-            for i, (x, y) in enumerate(batches(data.train.images, data.train.labels, config.batch_size, shuffle=True,
-                                               augment_data=config.augment, pixel_range=config.pixel_range, generator=gen)):
-                beta = beta_for(step)
-                if config.binarize:  # dynamic binarisation: a fresh binary image every time (Salakhutdinov & Murray 2008)
-                    x = torch.bernoulli(x, generator=gen)
-                out = model.loss(x, beta=beta, y=y, generator=gen)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-                opt.step()
-                family.after_step(model)
-                term_sums = [getattr(out, k).detach().sum() for k in terms]
-                watch.update(step, torch.stack([out.loss.detach(), *term_sums, grad_norm.to(device)]))
-                step += 1
-                sums += torch.stack([out.loss.detach() * len(x), *term_sums, torch.tensor(float(len(x)), device=device)])
-                bar.update(1)
-                if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
-                    watch.check(epoch, opt.param_groups[0]["lr"])
-                    loss, *means, n = sums.tolist()
-                    bar.set_postfix(loss=f"{loss / n:{family.LOSS_FORMAT}}", **{k: f"{v / n:.2f}" for k, v in zip(terms, means)},
-                                    **({"beta": f"{beta:.3g}"} if family.USES_BETA else {}), lr=f"{opt.param_groups[0]['lr']:.2g}")
-            bar.close()
+            sums, step, beta = _train_epoch(model, opt, data.train, config, gen, step=step, epoch=epoch, beta_for=beta_for)
             synchronize(device)
             epoch_time = time.perf_counter() - t0
             elapsed += epoch_time
@@ -239,6 +214,43 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
             tb.close()
     finalize(run, model, data, config, train_time_s=elapsed, device=device)
     return run.path
+
+
+def _train_epoch(model, opt, train: ImageSplit, config: TrainConfig, gen: torch.Generator, *, step: int, epoch: int,
+                 beta_for) -> tuple[torch.Tensor, int, float]:
+    """One pass over ``train``. Returns the device-side sums ``[loss * n, *terms, n]``, the global step
+    after the epoch and the last KL weight. Raises ``NonFiniteError`` at the first sync after a NaN/inf."""
+    family = family_of(model)
+    terms = tuple(family.TERMS)
+    device = train.images.device
+    model.train()
+    sums = torch.zeros(2 + len(terms), device=device)  # on the device: no per-step host sync
+    watch = _NonFiniteWatch(["loss", *terms, "gradient norm"], device)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    beta = beta_for(step)
+    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False) as bar:
+        for i, (x, y) in enumerate(batches(train.images, train.labels, config.batch_size, shuffle=True,
+                                           augment_data=config.augment, pixel_range=config.pixel_range, generator=gen)):
+            beta = beta_for(step)
+            if config.binarize:  # dynamic binarisation: a fresh binary image every time (Salakhutdinov & Murray 2008)
+                x = torch.bernoulli(x, generator=gen)
+            out = model.loss(x, beta=beta, y=y, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+            opt.step()
+            family.after_step(model)
+            term_sums = [getattr(out, k).detach().sum() for k in terms]
+            watch.update(step, torch.stack([out.loss.detach(), *term_sums, grad_norm]))
+            step += 1
+            sums += torch.stack([out.loss.detach() * len(x), *term_sums, torch.tensor(float(len(x)), device=device)])
+            bar.update(1)
+            if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
+                watch.check(epoch, opt.param_groups[0]["lr"])
+                loss, *means, n = sums.tolist()
+                bar.set_postfix(loss=f"{loss / n:{family.LOSS_FORMAT}}", **{k: f"{v / n:.2f}" for k, v in zip(terms, means)},
+                                **({"beta": f"{beta:.3g}"} if family.USES_BETA else {}), lr=f"{opt.param_groups[0]['lr']:.2g}")
+    return sums, step, beta
 
 
 def finalize(run: Run, model, data: RunData, config: TrainConfig, *, train_time_s: float, device) -> dict:

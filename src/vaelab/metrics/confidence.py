@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from vaelab import plots
-from vaelab.data import ImageSplit
 
 CONFIDENT = 0.8  # "confident" sample: evaluator max-probability >= this
 MAX_PROB_BINS = 20  # histogram of the evaluator's max-probability kept in eval.json
