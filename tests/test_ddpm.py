@@ -266,6 +266,13 @@ def test_train_writes_a_diffusion_run_folder(tmp_path, in_repo, capsys):
     assert {"train_loss", "val_loss", "epoch_time_s", "images_per_s"} <= set(row) and "train_kl" not in row
     printed = capsys.readouterr()
     assert "train eps-MSE" in printed.out + printed.err
+    import html
+
+    from vaelab.reports import write_report
+
+    page = write_report(run).read_text()  # the run's own (DDPM) captions, not VAE text
+    assert html.escape(summary["captions"]["denoising_steps.png"]) in page and "One sample of the full T-step DDPM sampler" in page
+    assert "decoder" not in page and "no caption for this file name" not in page
     # sample CLI: samplers, and bad steps / VAE options are clear errors with exit code 2
     assert main(["sample", "--run", str(run), "--n", "4", "--out", str(tmp_path / "s.png"), "--sampler", "ddim", "--steps", "5"]) == 0
     assert (tmp_path / "s.png").is_file()
