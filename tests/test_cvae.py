@@ -73,7 +73,7 @@ def test_output_depends_on_the_class_after_training_on_mnist(shared_datasets):
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for x, y in batches(train_split.images, train_split.labels, 64, shuffle=True, generator=gen):
+    for x, y in batches(train_split.images, train_split.labels, 64, order=torch.randperm(len(train_split), generator=gen)):
         opt.zero_grad()
         model.loss(x, y=y, generator=gen).loss.backward()
         opt.step()

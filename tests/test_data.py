@@ -189,12 +189,27 @@ def test_batches_cover_the_split_once_and_scale():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
     labels = torch.arange(10)
     seen = []
-    for x, y in batches(images, labels, 4, shuffle=True, generator=torch.Generator().manual_seed(0), pixel_range="[-1,1]"):
+    for x, y in batches(images, labels, 4, order=torch.randperm(10, generator=torch.Generator().manual_seed(0)),
+                        pixel_range="[-1,1]"):
         assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
         assert torch.equal(to_uint8(x, "[-1,1]")[:, 0, 0, 0].long(), y)
         seen += y.tolist()
     assert sorted(seen) == list(range(10))
     assert len(list(batches(images, labels, 4, drop_last=True))) == 2
+
+
+def test_sharded_batches_deal_each_global_batch_out_to_the_ranks():
+    images = torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1)
+    labels = torch.arange(11)
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(1))
+    single = [y.tolist() for _, y in batches(images, labels, 4, order=order)]
+    ranks = [[y.tolist() for _, y in batches(images, labels, 2, order=order, rank=r, world_size=2)] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # equal step counts; the last global batch (3 images) splits 2 + 1
+    for step, global_batch in enumerate(single):
+        assert sorted(ranks[0][step] + ranks[1][step]) == sorted(global_batch)  # the union is the single-process batch
+    flips = [x for x, _ in batches(images.expand(11, 1, 1, 4).contiguous(), labels, 11, flip=True,
+                                   generator=torch.Generator().manual_seed(0))][0]
+    assert flips.shape == (11, 1, 1, 4)  # flips only: no crop, no padding
 
 
 def test_augment_crop_and_flip_are_batched_shifts():

@@ -19,6 +19,7 @@ from vaelab.models import check_preset, preset_family
 # the seeds' spellings, accepted in YAML files as well as on the command line
 ALIASES = {"save_path": "out", "batch-size": "batch_size", "latent-dim": "latent_dim"}
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MODEL = {"mnist": "mnist-small", "fashion-mnist": "mnist-small", "cifar10": "cifar-seed"}
 
 
@@ -28,7 +29,8 @@ class TrainConfig:
 
     Data: ``dataset`` (mnist | fashion-mnist | cifar10 | imagefolder), ``data_root``,
     ``val_fraction`` of train held out (seeded), ``train_subset``/``test_subset`` (first N images,
-    for quick runs), ``augment`` (4-px crop + flip; default on for RGB data, off for digits),
+    for quick runs), ``augment`` (random horizontal flips, no crops: the augmentation of generative
+    training; default on where the classes are mirror-symmetric, e.g. CIFAR-10, off for digits),
     ``pixel_range`` ("[0,1]" or "[-1,1]"), ``binarize`` (dynamic binarisation: every training batch
     is resampled as ``x ~ Bernoulli(pixel intensity)``, validation/test images are binarised once with
     the run's seed; for Bernoulli likelihoods comparable with the literature, e.g. MNIST VAE ~89.9 nats).
@@ -45,8 +47,12 @@ class TrainConfig:
     ``kl_anneal_epochs`` or ``kl_anneal_steps`` is set, else constant); ``kl_cycles`` and
     ``kl_cycle_ratio`` for cyclical.
 
-    Run: ``device`` (auto = cuda -> mps -> cpu), ``seed``, ``out`` (run folder), ``log_every``
-    (steps between progress-bar refreshes), ``tsne`` (also plot t-SNE of the latents),
+    Run: ``device`` (auto = cuda -> mps -> cpu), ``precision`` (auto | fp32 | bf16 | fp16: autocast
+    of the networks' forward and backward; loss sums stay float32; fp16 with a gradient scaler, CUDA
+    only; auto = bf16 where the device runs it fast, see ``vaelab.runtime.resolve_precision``),
+    ``channels_last`` (NHWC memory format for convolutions; None = where it helps), ``compile``
+    (``torch.compile`` the model), ``seed``, ``out`` (run folder), ``log_every`` (steps between
+    progress-bar refreshes and non-finite checks), ``tsne`` (also plot t-SNE of the latents),
     ``tensorboard`` (scalars and image grids every epoch in ``RUN_DIR/tb/``).
     """
 
@@ -82,6 +88,9 @@ class TrainConfig:
     kl_cycle_ratio: float = 0.5
 
     device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
     seed: int = 0
     out: str | None = None
     log_every: int = 25
@@ -150,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"kl_cycle_ratio must be in (0, 1], got {self.kl_cycle_ratio}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
 

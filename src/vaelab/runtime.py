@@ -1,8 +1,13 @@
-"""Where and how a computation runs: device choice, seeding, and the provenance recorded with results."""
+"""Where and how a computation runs: device, precision, data-parallel ranks, seeds, and the provenance
+recorded with results."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,3 +65,126 @@ def provenance(device: torch.device | str, seed: int | None = None) -> dict:
         "torch_version": torch.__version__,
         "git_sha": git_sha(),
     }
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from ``parts`` (e.g. ``(seed, "epoch", 3)``): independent streams for every epoch,
+    the same on every rank, and none of them depends on what was drawn before (so a resumed run draws
+    exactly what an uninterrupted one would)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matrix work natively: CUDA with compute capability >= 8.0, or a
+    CPU with AVX512-BF16 / AMX-BF16 instructions (read from /proc/cpuinfo on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where ``fast_bf16(device)``, else ``fp32``; other names are checked.
+
+    The default was chosen by measurement (README, "Speed"): on the 2-core AVX512-BF16 CPU bf16 trains
+    the CIFAR-10 seed VAE ~2x faster with the same -ELBO after the same steps.
+
+    Raises:
+        ConfigError: ``fp16`` off CUDA (float16 on a CPU is slow and needs loss scaling), or ``bf16`` on a
+            device without bfloat16 support.
+    """
+    if name == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision fp16 needs a CUDA device (with a gradient scaler); on {device.type} use bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16 support; use --precision fp16 or fp32")
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` (``fp32``: disabled)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------- data parallel
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a data-parallel job started by ``torchrun`` (rank 0 of 1 otherwise)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only process that writes files and prints progress."""
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks, in place (no-op for one process)."""
+        if self.active:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def gather(self, obj):
+        """``[obj of rank 0, obj of rank 1, ...]`` on every rank (pickled; for small CPU objects)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def distributed(device_name: str = "auto") -> tuple[Distributed, torch.device]:
+    """Join the data-parallel job ``torchrun`` started (``WORLD_SIZE`` > 1 in the environment), or run alone.
+
+    One process per GPU with NCCL (``cuda:LOCAL_RANK``), or CPU processes with gloo. Multi-node jobs
+    use torchrun's own rendezvous flags (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``); nothing
+    here is launcher-specific beyond the standard environment variables.
+
+    Returns:
+        ``(Distributed, device)``.
+
+    Raises:
+        ConfigError: the device is not available.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), select_device(device_name)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world, local), device

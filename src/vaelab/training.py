@@ -20,13 +20,22 @@ from tqdm.auto import tqdm
 
 from vaelab import tblog
 from vaelab.config import TrainConfig, with_overrides
-from vaelab.data import ImageSplit, RunData, batches
+from vaelab.data import ImageSplit, RunData, batches, global_batches
 from vaelab.errors import VaelabError
 from vaelab.families import family_of
 from vaelab.losses import beta_at
 from vaelab.models import build_config, build_model, count_parameters, model_fields
 from vaelab.run import Run, checkpoint_dirs, run_data
-from vaelab.runtime import provenance, seed_everything, select_device, synchronize
+from vaelab.runtime import (
+    Distributed,
+    autocast,
+    derive_seed,
+    distributed,
+    provenance,
+    resolve_precision,
+    seed_everything,
+    synchronize,
+)
 
 NONFINITE_HINT = ("lower --lr, keep gradient clipping on (grad_clip), or check the data for NaN/constant images; "
                   "resume from the newest finite checkpoint with --resume RUN_DIR")
@@ -40,27 +49,31 @@ class NonFiniteError(VaelabError):
 
 
 def prepare(config: TrainConfig, *, resume_from: str | Path | None = None):
-    """Validate a run before anything is written: resolved config, device, data and model config.
+    """Validate a run before anything is written: resolved config, device, precision, data and model config.
 
     Returns:
-        ``(config, device, data, model_config)``, the data on ``device``.
+        ``(config, dist, device, data, model_config)``, the data on ``device``; ``config.precision``
+        and ``config.channels_last`` resolved for the device.
 
     Raises:
         ConfigError, DataError, VaelabError: the first problem found, named.
     """
     config = config.resolved()
-    device = select_device(config.device)
+    dist, device = distributed(config.device)
+    config.precision = resolve_precision(config.precision, device)
+    if config.channels_last is None:
+        config.channels_last = device.type == "cuda"  # measured: no gain on the CPU (README, "Speed")
     data = run_data(config).to(device)
     overrides = config.model_overrides()
     if "num_classes" in model_fields(config.model):  # conditional models size their label input from the data
         overrides["num_classes"] = len(data.train.classes)
     model_config = build_config(config.model, data_shape=data.train.shape, **overrides)
     if config.out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        stamp = dist.broadcast(datetime.now().strftime("%Y%m%d-%H%M%S"))
         config.out = str(Path("runs") / f"{config.dataset}-{config.model}-{stamp}")
     if resume_from is None and checkpoint_dirs(config.out):
         raise VaelabError(f"{config.out} already holds a run; use --resume {config.out} or another --out")
-    return config, device, data, model_config
+    return config, dist, device, data, model_config
 
 
 def resume(run_dir: str | Path, *, epochs: int | None = None, device: str | None = None) -> Path:
@@ -73,23 +86,6 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, device: str | None
     run.last_checkpoint()
     config = with_overrides(run.config, {"out": str(run.path), "epochs": epochs, "device": device})
     return train(config, resume_from=run.path)
-
-
-def _restore_generator(gen: torch.Generator, state: dict, seed: int) -> str | None:
-    """Set ``gen`` to the saved state; a state saved on another device kind (CPU and CUDA generators keep
-    different states) cannot be transferred, so ``gen`` is re-seeded from ``seed`` and the epoch instead.
-    Returns a note for people in that case."""
-    saved_on = state.get("generator_device") or ("cpu" if state["generator"].numel() > 16 else "cuda")
-    if saved_on == gen.device.type:
-        try:
-            gen.set_state(state["generator"])
-            return None
-        except RuntimeError:
-            pass
-    gen.manual_seed(seed + state["epoch"])
-    return (f"note: the checkpoint's random generator was saved on {saved_on}, this run continues on "
-            f"{gen.device.type}: batch order and noise from here on are re-seeded (seed {seed} + epoch "
-            f"{state['epoch']}), so they differ from an uninterrupted run on one device")
 
 
 class _NonFiniteWatch:
@@ -140,14 +136,18 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
         NonFiniteError: a loss term, gradient norm or validation number became NaN/inf; the newest
             finite checkpoint is kept and ``--resume`` continues from it.
     """
-    config, device, data, model_config = prepare(config, resume_from=resume_from)
+    config, dist, device, data, model_config = prepare(config, resume_from=resume_from)
     seed_everything(config.seed)
     model = build_model(model_config).to(device)
     family = family_of(model)
+    if dist.active and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all ranks
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=config.lr_factor, patience=config.lr_patience)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    steps_per_epoch = sum(1 for _ in global_batches(len(data.train), config.batch_size, world_size=dist.world_size))
     total_steps = steps_per_epoch * config.epochs
     anneal_steps = config.kl_anneal_steps or (config.kl_anneal_epochs or 0) * steps_per_epoch
 
@@ -157,37 +157,42 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
         ckpt = run.last_checkpoint()
         state = run.trainer_state(ckpt)
         model.load_state_dict(run.load_model(checkpoint=ckpt).state_dict())
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])  # moves the optimizer state to the parameters' device
         sched.load_state_dict(state["scheduler"])
-        note = _restore_generator(gen, state, config.seed)
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, step, elapsed = state["epoch"] + 1, state["step"], state["elapsed_s"]
-        dropped = run.drop_metrics_after(state["epoch"])
-        print(f"resuming {run.path} from {ckpt.name}" + (f" ({dropped} metrics row(s) of unsaved epochs dropped)" if dropped else ""))
-        if note:
-            print(note)
+        dropped = run.drop_metrics_after(state["epoch"]) if dist.main else 0
+        say(dist, f"resuming {run.path} from {ckpt.name}" + (f" ({dropped} metrics row(s) of unsaved epochs dropped)" if dropped else ""))
     else:
-        run = Run.create(config)
+        run = Run.create(config) if dist.main else None
+        dist.barrier()
+        run = run or Run(config.out)
+    net = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model  # gradients averaged over ranks
+    if config.compile:
+        net = torch.compile(net)
     rows = run.metrics()
-    print(f"training {config.model} ({count_parameters(model):,} parameters, {family.DESCRIPTION}) on "
-          f"{data.train.source}: {len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test images, "
-          f"device {device}")
+    say(dist, f"training {config.model} ({count_parameters(model):,} parameters, {family.DESCRIPTION}) on "
+              f"{data.train.source}: {len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test images, "
+              f"device {device}, {config.precision}" + (f", {dist.world_size} processes" if dist.active else ""))
 
     def beta_for(s: int) -> float:
         return beta_at(s, beta=config.beta, schedule=config.beta_schedule, anneal_steps=anneal_steps,
                        total_steps=total_steps, cycles=config.kl_cycles, ratio=config.kl_cycle_ratio)
 
     terms = tuple(family.TERMS)  # per-image loss terms tracked beside the loss (for the metrics row)
-    tb = tblog.open_writer(run.path, enabled=config.tensorboard, purge_step=start_epoch)
+    tb = tblog.open_writer(run.path, enabled=config.tensorboard and dist.main, purge_step=start_epoch)
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             t0 = time.perf_counter()
-            sums, step, beta = _train_epoch(model, opt, data.train, config, gen, step=step, epoch=epoch, beta_for=beta_for)
+            sums, step, beta = _train_epoch(net, model, opt, scaler, data.train, config, dist, step=step, epoch=epoch,
+                                            beta_for=beta_for)
             synchronize(device)
             epoch_time = time.perf_counter() - t0
             elapsed += epoch_time
-            loss, *means, n = sums.tolist()
-            val = family.evaluate(model, data.val, beta=config.beta, seed=config.seed)
+            loss, *means, n = dist.all_reduce(sums).tolist()
+            val = family.evaluate(model, data.val, beta=config.beta, seed=config.seed, dist=dist)
             _check_finite(val, "validation", epoch)
             sched.step(val["loss"])
             row = {
@@ -196,70 +201,100 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
                 **{f"val_{k}": v for k, v in val.items()},
                 "epoch_time_s": epoch_time, "images_per_s": n / epoch_time,
             }
-            run.append_metrics(row)
             rows.append(row)
-            tblog.log_epoch(tb, row, model, data.val, seed=config.seed)
-            tqdm.write(f"epoch {epoch}/{config.epochs}  {family.epoch_line(row, model)} | lr {row['lr']:.2g} | "
-                       f"{epoch_time:.1f}s {row['images_per_s']:.0f} img/s")
-            warning = family.epoch_warning(rows)
-            if warning:
-                tqdm.write(warning)
-            run.save_checkpoint(epoch, model, {
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                "generator_device": device.type, "torch_rng": torch.get_rng_state(), "epoch": epoch, "step": step,
-                "elapsed_s": elapsed,
-            })
+            if dist.main:
+                run.append_metrics(row)
+                tblog.log_epoch(tb, row, model, data.val, seed=config.seed)
+                tqdm.write(f"epoch {epoch}/{config.epochs}  {family.epoch_line(row, model)} | lr {row['lr']:.2g} | "
+                           f"{epoch_time:.1f}s {row['images_per_s']:.0f} img/s")
+                warning = family.epoch_warning(rows)
+                if warning:
+                    tqdm.write(warning)
+                run.save_checkpoint(epoch, model, {
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "step": step, "elapsed_s": elapsed,
+                })
     finally:
         if tb is not None:
             tb.close()
-    finalize(run, model, data, config, train_time_s=elapsed, device=device)
+    finalize(run, model, data, config, dist, train_time_s=elapsed, device=device)
     return run.path
 
 
-def _train_epoch(model, opt, train: ImageSplit, config: TrainConfig, gen: torch.Generator, *, step: int, epoch: int,
-                 beta_for) -> tuple[torch.Tensor, int, float]:
-    """One pass over ``train``. Returns the device-side sums ``[loss * n, *terms, n]``, the global step
-    after the epoch and the last KL weight. Raises ``NonFiniteError`` at the first sync after a NaN/inf."""
+def say(dist: Distributed, text: str) -> None:
+    """Print on rank 0 only."""
+    if dist.main:
+        print(text)
+
+
+def _train_epoch(net, model, opt, scaler, train: ImageSplit, config: TrainConfig, dist: Distributed, *, step: int,
+                 epoch: int, beta_for) -> tuple[torch.Tensor, int, float]:
+    """One pass over ``train`` (this rank's shard of it). Returns the device-side sums
+    ``[loss * n, *terms, n]`` of this rank, the global step after the epoch and the last KL weight.
+
+    Randomness (batch order, flips, binarisation, the model's noise) comes from one generator seeded
+    from ``(seed, epoch)`` and is drawn for whole global batches, then sliced per rank: every rank
+    draws alike, a resumed epoch repeats exactly, and N ranks see what one process with an N times
+    larger batch would. Raises ``NonFiniteError`` at the first check after a NaN/inf.
+    """
     family = family_of(model)
     terms = tuple(family.TERMS)
     device = train.images.device
     model.train()
+    gen = torch.Generator(device=device).manual_seed(derive_seed(config.seed, "epoch", epoch))
+    order = torch.randperm(len(train), device=device, generator=gen)
     sums = torch.zeros(2 + len(terms), device=device)  # on the device: no per-step host sync
-    watch = _NonFiniteWatch(["loss", *terms, "gradient norm"], device)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    watched = ["loss", *terms] + ([] if scaler.is_enabled() else ["gradient norm"])  # fp16 overflows are the scaler's job
+    watch = _NonFiniteWatch(watched, device)
+    rank, world = dist.rank, dist.world_size
+    global_batch = config.batch_size * world
+    steps_per_epoch = sum(1 for _ in global_batches(len(train), config.batch_size, world_size=world))
     beta = beta_for(step)
-    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False) as bar:
-        for i, (x, y) in enumerate(batches(train.images, train.labels, config.batch_size, shuffle=True,
-                                           augment_data=config.augment, pixel_range=config.pixel_range, generator=gen)):
+    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False,
+              disable=not dist.main) as bar:
+        for i, (x, y) in enumerate(batches(train.images, train.labels, config.batch_size, order=order, flip=config.augment,
+                                           binarize=config.binarize, pixel_range=config.pixel_range, generator=gen,
+                                           rank=rank, world_size=world)):
             beta = beta_for(step)
-            if config.binarize:  # dynamic binarisation: a fresh binary image every time (Salakhutdinov & Murray 2008)
-                x = torch.bernoulli(x, generator=gen)
-            out = model.loss(x, beta=beta, y=y, generator=gen)
+            size = min(global_batch, len(train) - i * global_batch)
+            noise = {k: v[rank::world] for k, v in model.draw_noise(size, gen, device).items()}
+            if config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, config.precision):
+                out = net(x, beta=beta, y=y, noise=noise)
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            scaler.scale(out.loss).backward()
+            scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             family.after_step(model)
-            term_sums = [getattr(out, k).detach().sum() for k in terms]
-            watch.update(step, torch.stack([out.loss.detach(), *term_sums, grad_norm]))
+            term_sums = [getattr(out, k).detach().float().sum() for k in terms]
+            watch.update(step, torch.stack([out.loss.detach().float(), *term_sums, grad_norm.float()][: len(watched)]))
             step += 1
-            sums += torch.stack([out.loss.detach() * len(x), *term_sums, torch.tensor(float(len(x)), device=device)])
+            sums += torch.stack([out.loss.detach().float() * len(x), *term_sums, torch.tensor(float(len(x)), device=device)])
             bar.update(1)
             if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
                 watch.check(epoch, opt.param_groups[0]["lr"])
-                loss, *means, n = sums.tolist()
-                bar.set_postfix(loss=f"{loss / n:{family.LOSS_FORMAT}}", **{k: f"{v / n:.2f}" for k, v in zip(terms, means)},
-                                **({"beta": f"{beta:.3g}"} if family.USES_BETA else {}), lr=f"{opt.param_groups[0]['lr']:.2g}")
+                if dist.main:
+                    loss, *means, n = sums.tolist()  # this rank's running means: enough for a progress bar
+                    bar.set_postfix(loss=f"{loss / n:{family.LOSS_FORMAT}}", **{k: f"{v / n:.2f}" for k, v in zip(terms, means)},
+                                    **({"beta": f"{beta:.3g}"} if family.USES_BETA else {}), lr=f"{opt.param_groups[0]['lr']:.2g}")
     return sums, step, beta
 
 
-def finalize(run: Run, model, data: RunData, config: TrainConfig, *, train_time_s: float, device) -> dict:
-    """Test-split evaluation, the run's pictures, then ``summary.json`` (its presence marks a finished run)."""
+def finalize(run: Run, model, data: RunData, config: TrainConfig, dist: Distributed, *, train_time_s: float,
+             device) -> dict | None:
+    """Test-split evaluation (all ranks), then on rank 0 the run's pictures and ``summary.json`` (its
+    presence marks a finished run). Returns the summary on rank 0, ``None`` elsewhere."""
     family = family_of(model)
     model.eval()
-    test = family.evaluate(model, data.test, beta=config.beta, seed=config.seed, keep_latents=True)
-    rows = run.metrics()
+    test = family.evaluate(model, data.test, beta=config.beta, seed=config.seed, keep_latents=True, dist=dist)
+    rows = run.metrics() if dist.main else []
     _check_finite(test, "test", rows[-1]["epoch"] if rows else 0)
+    if not dist.main:
+        dist.barrier()
+        return None
     images_seen = sum(r["images_per_s"] * r["epoch_time_s"] for r in rows)
     summary = {
         "dataset": data.test.source,
@@ -273,8 +308,11 @@ def finalize(run: Run, model, data: RunData, config: TrainConfig, *, train_time_
         **family.summary(model, data.test, config, test),
         "train_time_s": train_time_s,
         "train_images_per_s": images_seen / train_time_s if train_time_s else None,
+        "precision": config.precision,
+        "processes": dist.world_size,
         **provenance(device, config.seed),
     }
     summary["captions"] = family.write_pictures(run.path, model, data, rows, config, test)
     run.write_summary(summary)
+    dist.barrier()
     return summary

@@ -9,7 +9,7 @@ and binarisation), ``tensors`` (the safetensors dataset format), ``batches`` (on
 augmentation), ``pixels`` (every pixel-range conversion).
 """
 
-from vaelab.data.batches import augment, batches
+from vaelab.data.batches import augment, batches, global_batches
 from vaelab.data.pixels import PIXEL_RANGES, from_symmetric, from_unit_interval, to_pixels, to_symmetric, to_uint8, to_unit_interval
 from vaelab.data.sources import DATASETS, DIGIT_LIKE, cache_dir, check_dataset_name, describe_roots, load_run_data, load_split, resolve_root
 from vaelab.data.split import ImageSplit, RunData, binarize_split, split_validation
@@ -23,6 +23,7 @@ __all__ = [
     "RunData",
     "augment",
     "batches",
+    "global_batches",
     "binarize_split",
     "cache_dir",
     "check_dataset_name",

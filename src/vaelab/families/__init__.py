@@ -18,7 +18,7 @@ The contract (module-level names of a family module)::
 
     resolve_config(config)                     fill family defaults into a TrainConfig, reject fields that do not apply
     after_step(model)                          called after every optimiser step (e.g. an EMA update)
-    evaluate(model, split, *, beta, seed, batch_size, keep_latents) -> dict
+    evaluate(model, split, *, beta, seed, keep_latents, dist) -> dict
                                                mean loss terms over a split; "loss" drives the LR schedule
     epoch_line(row, model) -> str              one line per epoch for people
     epoch_warning(rows) -> str | None          a warning from the metrics history (e.g. posterior collapse)

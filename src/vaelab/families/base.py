@@ -7,7 +7,9 @@ from typing import Callable
 
 import torch
 
+from vaelab.data import to_pixels
 from vaelab.errors import ConfigError
+from vaelab.runtime import Distributed, derive_seed
 
 
 @dataclass
@@ -52,3 +54,36 @@ def constant_labels(model, index: int, n: int) -> torch.Tensor:
     if not 0 <= index < k:
         raise ConfigError(f"--class {index} is out of range; the model has classes 0..{k - 1}")
     return torch.full((n,), index, dtype=torch.int64)
+
+
+EVAL_BLOCK = 500  # images per noise block in evaluation: the draws do not depend on batch size or ranks
+
+
+def eval_blocks(model, split, *, seed: int, dist: Distributed | None = None, block: int = EVAL_BLOCK):
+    """Iterate over ``split`` for evaluation: yields ``(x, y, noise, idx)`` for this rank's share.
+
+    The split is cut into blocks of ``block`` images; the model's noise for a block (``model.draw_noise``)
+    comes from a generator seeded from ``(seed, block index)`` and each rank takes the rows
+    ``rank::world_size`` of the block. Every image thus gets the same noise with any number of ranks,
+    so reduced sums equal the single-process numbers (up to float summation order).
+    """
+    dist = dist or Distributed()
+    device = split.images.device
+    pixel_range = model.config.pixel_range
+    for b, start in enumerate(range(0, len(split), block)):
+        idx = torch.arange(start, min(start + block, len(split)), device=device)
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "eval", b))
+        noise = model.draw_noise(len(idx), gen, device)
+        local = idx[dist.rank :: dist.world_size]
+        if len(local):
+            yield (to_pixels(split.images[local], pixel_range), split.labels[local],
+                   {k: v[dist.rank :: dist.world_size] for k, v in noise.items()}, local)
+
+
+def gather_rows(dist: Distributed, idx: torch.Tensor, *rows: torch.Tensor) -> list[torch.Tensor]:
+    """Reassemble per-rank rows (``rows[k][j]`` belongs to image ``idx[j]``) into full CPU tensors in image order."""
+    if not dist.active:
+        return [r.cpu() for r in rows]
+    parts = dist.gather((idx.cpu(), [r.cpu() for r in rows]))
+    order = torch.cat([p[0] for p in parts]).argsort()
+    return [torch.cat([p[1][k] for p in parts])[order] for k in range(len(rows))]

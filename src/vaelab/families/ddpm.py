@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from vaelab import plots
-from vaelab.data import ImageSplit, batches
+from vaelab.data import ImageSplit
 from vaelab.errors import ConfigError
-from vaelab.families.base import Sampler, constant_labels, cycle_labels
+from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks
 from vaelab.models.ddpm import DEFAULT_DDIM_STEPS, SAMPLERS
+from vaelab.runtime import Distributed
 
 NAME = "ddpm"
 DESCRIPTION = "denoising diffusion model (DDPM, DDIM sampling)"
@@ -60,20 +61,20 @@ def after_step(model) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, batch_size: int = 500,
-             keep_latents: bool = False) -> dict:
+def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, keep_latents: bool = False,
+             dist: Distributed | None = None) -> dict:
     """``{"loss": mean epsilon-MSE per pixel}`` over ``split``, one seeded ``t`` and noise draw per image
-    (trained weights, not the EMA)."""
+    (trained weights, not the EMA; the same with any number of data-parallel ranks, see ``eval_blocks``)."""
+    dist = dist or Distributed()
     was_training = model.training
     model.eval()
     device = split.images.device
-    gen = torch.Generator(device=device).manual_seed(seed)
     sums = torch.zeros(2, device=device)  # eps_mse, n
-    for x, y in batches(split.images, split.labels, batch_size, pixel_range=model.config.pixel_range):
-        out = model.loss(x, y=y, generator=gen)
-        sums += torch.stack([out.eps_mse.float().sum(), torch.tensor(float(len(x)), device=device)])
+    for x, y, noise, _ in eval_blocks(model, split, seed=seed, dist=dist):
+        out = model.loss(x, y=y, noise=noise)
+        sums += torch.stack([out.eps_mse.sum(), torch.tensor(float(len(x)), device=device)])
     model.train(was_training)
-    eps_mse, n = sums.tolist()
+    eps_mse, n = dist.all_reduce(sums).tolist()
     return {"loss": eps_mse / n}
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from vaelab import plots
-from vaelab.data import DIGIT_LIKE, ImageSplit, batches, to_pixels
+from vaelab.data import DIGIT_LIKE, ImageSplit, to_pixels
 from vaelab.errors import ConfigError
-from vaelab.families.base import Sampler, constant_labels, cycle_labels
+from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks, gather_rows
 from vaelab.losses import likelihood_note
 from vaelab.metrics.latent import COLLAPSE_KL_NATS, active_units
+from vaelab.runtime import Distributed
 from vaelab.tblog import add_grid
 
 NAME = "vae"
@@ -73,31 +74,34 @@ def after_step(model) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, batch_size: int = 500,
-             keep_latents: bool = False) -> dict:
-    """Mean loss terms of ``model`` over ``split`` (on the model's device; one seeded ``z`` per image).
+def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, keep_latents: bool = False,
+             dist: Distributed | None = None) -> dict:
+    """Mean loss terms of ``model`` over ``split`` (on the model's device), one seeded ``z`` per image
+    (see ``eval_blocks``: the same numbers with any number of data-parallel ranks), in float32.
 
     Returns:
         dict with ``loss`` (recon + beta*kl), ``recon``, ``kl``, ``neg_elbo`` (nats per image),
         ``mse`` (per pixel), ``mu_mean``, ``logvar_mean``, ``active_units`` (dims with
         Var_x(E_q[z_i]) > 0.01, Burda et al. 2015) and, if ``keep_latents``, ``mu`` and ``logvar``
-        as ``(N, latent_dim)`` CPU tensors.
+        as ``(N, latent_dim)`` CPU tensors in the split's order.
     """
+    dist = dist or Distributed()
     was_training = model.training
     model.eval()
     device = split.images.device
-    gen = torch.Generator(device=device).manual_seed(seed)
     sums = torch.zeros(4, device=device)  # recon, kl, mse, n
-    mus, logvars = [], []
-    for x, y in batches(split.images, split.labels, batch_size, pixel_range=model.config.pixel_range):
-        out = model.loss(x, beta=beta, y=y, generator=gen)
-        sums += torch.stack([out.recon.float().sum(), out.kl.float().sum(), out.mse.float().sum(),
-                             torch.tensor(float(len(x)), device=device)])
+    mus, logvars, idxs = [], [], []
+    for x, y, noise, idx in eval_blocks(model, split, seed=seed, dist=dist):
+        out = model.loss(x, beta=beta, y=y, noise=noise)
+        sums += torch.stack([out.recon.sum(), out.kl.sum(), out.mse.sum(), torch.tensor(float(len(x)), device=device)])
         mus.append(out.mu.float())
         logvars.append(out.logvar.float())
+        idxs.append(idx)
     model.train(was_training)
-    recon, kl, mse, n = sums.tolist()
-    mu, logvar = torch.cat(mus), torch.cat(logvars)
+    recon, kl, mse, n = dist.all_reduce(sums).tolist()
+    d = model.config.latent_dim
+    mu, logvar = gather_rows(dist, torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.int64),
+                             torch.cat(mus) if mus else torch.zeros(0, d), torch.cat(logvars) if logvars else torch.zeros(0, d))
     result = {
         "loss": (recon + beta * kl) / n,
         "recon": recon / n,
@@ -109,7 +113,7 @@ def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, batc
         "active_units": active_units(mu) if len(mu) > 1 else 0,
     }
     if keep_latents:
-        result["mu"], result["logvar"] = mu.cpu(), logvar.cpu()
+        result["mu"], result["logvar"] = mu, logvar
     return result
 
 

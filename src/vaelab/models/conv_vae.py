@@ -151,29 +151,51 @@ class ConvVAE(nn.Module):
         means in ``config.pixel_range``."""
         return decoder_mean(self.decode_logits(z, y=y), self.config.pixel_range, likelihood=self.config.recon_likelihood)
 
+    def draw_noise(self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None) -> dict:
+        """The randomness of ``loss`` for ``n`` images: ``{"eps": (n, latent_dim)}`` standard normals, float32.
+
+        Drawing it for a whole (global) batch and slicing rows lets data-parallel ranks reproduce a
+        single-process run exactly (see ``vaelab.training``).
+        """
+        device = device or next(self.parameters()).device
+        return {"eps": torch.randn((n, self.config.latent_dim), device=device, generator=generator)}
+
     @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)`` (Kingma & Welling 2013, eq. 10)."""
-        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
         return mu + (0.5 * logvar).exp() * eps
 
     def loss(
-        self, x: torch.Tensor, *, beta: float = 1.0, y: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        beta: float = 1.0,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: dict | None = None,
     ) -> LossOutput:
         """Negative beta-ELBO of a batch with one reparameterised sample of ``z`` (Kingma & Welling 2013,
         eq. 10; Higgins et al. 2017 for ``beta``).
 
-        Steps: 1. encode ``x`` (and ``y``) to ``mu, logvar``; 2. sample ``z``; 3. decode; 4. recon NLL
-        and closed-form KL, both summed per image (nats); 5. ``loss = mean(recon + beta * kl)``.
+        Steps: 1. encode ``x`` (and ``y``) to ``mu, logvar``; 2. ``z = mu + sigma * eps`` with ``eps``
+        from ``noise`` (``draw_noise``) or drawn with ``generator``; 3. decode; 4. recon NLL and
+        closed-form KL, both summed per image in float32 (nats); 5. ``loss = mean(recon + beta * kl)``.
+        Under autocast the networks may run in bfloat16/float16; the loss arithmetic does not.
         """
         mu, logvar = self.encode(x, y=y)
-        z = self.reparameterize(mu, logvar, generator)
+        eps = (noise or self.draw_noise(len(x), generator, x.device))["eps"]
+        z = self.reparameterize(mu, logvar, eps.to(mu.dtype))
         return self.loss_terms(x, self.decode_logits(z, y=y), mu, logvar, beta=beta)
+
+    def forward(self, x: torch.Tensor, **kwargs):
+        """``loss(x, **kwargs)``: the call ``DistributedDataParallel`` wraps."""
+        return self.loss(x, **kwargs)
 
     def loss_terms(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *,
                    beta: float) -> LossOutput:
-        """Steps 4-5 of ``loss`` for decoder ``logits`` of a ``z`` drawn from ``N(mu, exp(logvar))``."""
+        """Steps 4-5 of ``loss`` for decoder ``logits`` of a ``z`` drawn from ``N(mu, exp(logvar))``, in float32."""
         cfg = self.config
+        x, logits, mu, logvar = x.float(), logits.float(), mu.float(), logvar.float()
         recon, mean = recon_nll(logits, x, cfg.recon_likelihood, sigma=cfg.recon_sigma, pixel_range=cfg.pixel_range)
         kl = kl_normal(mu, logvar).sum(1)
         mse = (mean - x).pow(2).flatten(1).mean(1)

@@ -213,26 +213,47 @@ class DDPM(nn.Module):
 
     # ------------------------------------------------------------------ model contract
 
-    def loss(
-        self, x: torch.Tensor, *, beta: float = 1.0, y: torch.Tensor | None = None, generator: torch.Generator | None = None
-    ) -> DenoisingLoss:
-        """The "simple" DDPM loss (Ho et al. 2020, eq. 14) of a batch; ``beta`` is unused (VAE contract).
+    def draw_noise(self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None) -> dict:
+        """The randomness of ``loss`` for ``n`` images: timesteps ``t`` int64 ``(n,)`` uniform in ``[0, T)``
+        and noise ``eps`` float32 ``(n, C, H, W)`` (drawn for a global batch and sliced per rank in
+        data-parallel training, so ranks reproduce a single-process run)."""
+        device = device or self.ema_updates.device
+        cfg = self.config
+        t = torch.randint(0, cfg.num_train_timesteps, (n,), device=device, generator=generator)
+        eps = torch.randn((n, cfg.in_channels, cfg.image_size, cfg.image_size), device=device, generator=generator)
+        return {"t": t, "eps": eps}
 
-        Steps: 1. map ``x`` to ``[-1, 1]``; 2. draw ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)``;
-        3. ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (``DDPMScheduler.add_noise``);
-        4. predict ``eps`` with the UNet; 5. per-image MSE, mean over the batch.
+    def loss(
+        self,
+        x: torch.Tensor,
+        *,
+        beta: float = 1.0,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: dict | None = None,
+    ) -> DenoisingLoss:
+        """The "simple" DDPM loss (Ho et al. 2020, eq. 14) of a batch; ``beta`` is unused (one signature for all models).
+
+        Steps: 1. map ``x`` to ``[-1, 1]``; 2. ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)`` from ``noise``
+        (``draw_noise``) or drawn with ``generator``; 3. ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``
+        (``DDPMScheduler.add_noise``); 4. predict ``eps`` with the UNet; 5. per-image MSE in float32,
+        mean over the batch.
 
         Raises:
-            ConfigError: labels given to an unconditional model or missing for a conditional one.
+            ConfigError: labels missing for a class-conditional model.
         """
         x0 = to_symmetric(x, self.config.pixel_range)
         y = self._labels(y, len(x), x.device, sampling=False)
-        t = torch.randint(0, self.config.num_train_timesteps, (len(x),), device=x.device, generator=generator)
-        eps = torch.randn(x0.shape, device=x.device, dtype=x0.dtype, generator=generator)
+        noise = noise or self.draw_noise(len(x), generator, x.device)
+        t, eps = noise["t"], noise["eps"].to(x0.dtype)
         x_t = self.noise_scheduler.add_noise(x0, eps, t)
         eps_hat = self.unet(x_t, t, class_labels=y).sample
-        eps_mse = (eps_hat - eps).pow(2).flatten(1).mean(1)
+        eps_mse = (eps_hat.float() - eps.float()).pow(2).flatten(1).mean(1)
         return DenoisingLoss(loss=eps_mse.mean(), eps_mse=eps_mse, t=t)
+
+    def forward(self, x: torch.Tensor, **kwargs):
+        """``loss(x, **kwargs)``: the call ``DistributedDataParallel`` wraps."""
+        return self.loss(x, **kwargs)
 
     @torch.no_grad()
     def update_ema(self) -> None:
