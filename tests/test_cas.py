@@ -34,16 +34,33 @@ def test_cas_table_real_row_beats_chance(tmp_path, mnist_train, shared_datasets)
     assert rows["real"]["top1"] > 0.5  # chance is 0.1
     assert rows["synthetic"]["top1"] < rows["real"]["top1"]  # random labels teach nothing
     assert rows["real+synthetic"]["train_images"] == 640
+    # equal optimizer steps: 3 passes over the 480 real images in batches of 32 = 45 steps for every row
+    assert [r["steps"] for r in rows.values()] == [45, 45, 45]
+    assert [r["images_seen"] for r in rows.values()] == [45 * 32] * 3
+    assert rows["synthetic"]["epochs"] == pytest.approx(45 / 5)  # the 160-image set is cycled 9 times
     for res in rows.values():
         confusion = torch.tensor(res["confusion"])
         assert confusion.shape == (10, 10) and confusion.sum() == 300
         assert abs(confusion.diagonal().sum().item() / 300 - res["top1"]) < 1e-6
         assert res["train_time_s"] > 0
+        assert res["history"][-1]["step"] == 45 and res["history"][-1]["test_accuracy"] == pytest.approx(res["top1"])
+        assert len(res["history"]) >= 5
     saved = json.loads((tmp_path / "cas" / "cas.json").read_text())
     assert saved["recipe"]["epochs"] == 3 and saved["recipe"]["seed"] == 0 and saved["test_images"] == 300
+    assert saved["budget"]["kind"] == "steps" and saved["budget"]["steps"] == 45
     table = (tmp_path / "cas" / "cas.md").read_text()
-    assert f"| real | 480 | {100 * rows['real']['top1']:.2f} % |" in table and "3 epochs" in table
-    assert (tmp_path / "cas" / "cas_confusion.png").stat().st_size > 0
+    assert f"| real | 480 | 45 | 3.00 | {100 * rows['real']['top1']:.2f} % |" in table and "same number of optimizer steps" in table
+    for png in ("cas_confusion.png", "cas_history.png"):
+        assert (tmp_path / "cas" / png).stat().st_size > 0
+
+
+def test_epochs_budget_and_no_augment(tmp_path, mnist_train, shared_datasets):
+    """The old budget (each row its own passes) gives a small set few steps; --no-augment is recorded."""
+    syn = mnist_train.subset(slice(10000, 10160))
+    report = cas(_synthetic(tmp_path / "syn", syn), "mnist", data_root=shared_datasets, out=tmp_path / "cas",
+                 rows=("real", "synthetic"), budget="epochs", augment=False, **TINY)
+    assert [r["steps"] for r in report["rows"].values()] == [45, 15]
+    assert report["recipe"]["augment"] is False and "augmentation off" in report["table"]
 
 
 def test_concat_keeps_order_and_classes(mnist_train):

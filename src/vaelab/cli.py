@@ -22,6 +22,10 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--out", "--save_path", "--save-path", dest="out", help="run folder to create")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                    help="do not write TensorBoard logs to RUN_DIR/tb/")
+    p.add_argument("--precision", help="auto (bf16 where the device runs it fast, else fp32) | fp32 | bf16 | fp16 (CUDA)")
+    p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="NHWC memory format for the convolutions (default: on CUDA only)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     if not full:
         return
     p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | cvae-mnist | cvae-cifar | cvae-conv | "
@@ -80,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="the real dataset: mnist | fashion-mnist | cifar10 | imagefolder | tensors")
     p.add_argument("--data-root", "--data_root", dest="data_root", help="folder holding the real dataset")
     p.add_argument("--out", help="results folder to create (default SYNTHETIC/cas)")
-    p.add_argument("--epochs", type=int, help="classifier epochs for every row (default: the evaluator recipe's)")
+    p.add_argument("--epochs", type=int, help="classifier epochs on the real train split (default: the evaluator "
+                                              "recipe's); with the default equal-steps budget every row gets as many steps")
+    p.add_argument("--steps", type=int, help="optimizer steps for every row (default: --epochs passes over the real train split)")
+    p.add_argument("--budget", default="steps", choices=("steps", "epochs"),
+                   help="steps: equal optimizer steps (and images seen) for every row (default); epochs: equal passes "
+                        "over each row's own set")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="train every row without crops and flips")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (CUDA)")
     p.add_argument("--rows", help="comma-separated subset of real,synthetic,real+synthetic (default: all three)")
     p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="first N real train images")
     p.add_argument("--test-subset", "--test_subset", dest="test_subset", type=int, help="first N real test images")
@@ -207,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = tuple(r.strip() for r in args.rows.split(",") if r.strip()) if args.rows else ROWS
             report = cas(args.synthetic, args.dataset, data_root=args.data_root, out=args.out, epochs=args.epochs,
+                         steps=args.steps, budget=args.budget, augment=args.augment, precision=args.precision,
                          seed=args.seed, device=args.device, train_subset=args.train_subset,
                          test_subset=args.test_subset, rows=rows)
             print("\n" + report["table"])
@@ -230,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"comparison folder: {out}")
         elif args.command == "evaluator":
             from vaelab.evaluator import build_evaluator, describe_evaluator
-            from vaelab.runtime import select_device
+            from vaelab.runtime import distributed
 
-            _, info = build_evaluator(args.dataset, data_root=args.data_root, device=select_device(args.device), force=args.force)
-            print(describe_evaluator(info))
+            dist, device = distributed(args.device)
+            _, info = build_evaluator(args.dataset, data_root=args.data_root, device=device, force=args.force, dist=dist)
+            if dist.main:
+                print(describe_evaluator(info))
     except VaelabError as exc:
         print(f"vaelab {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -23,15 +23,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vaelab.data import DATASETS, ImageSplit, cache_dir, load_split, to_pixels
+from vaelab.data import DATASETS, ImageSplit, cache_dir, global_batches, load_split, to_pixels
 from vaelab.data import augment as augment_batch
 from vaelab.errors import ConfigError, DataError
 from vaelab.io import write_json
 from vaelab.models import load_model, save_model
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
+from vaelab.runtime import Distributed, autocast, derive_seed
 
 # bump when the training code or architecture changes; the recipe values are part of the cache key too
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: per-epoch seeded batch order (data-parallel ready)
 
 # dataset -> training recipe and architecture of its evaluator (measured numbers in docs/evaluation.md)
 RECIPES: dict[str, dict] = {
@@ -71,7 +72,8 @@ def _check_split(split: ImageSplit, what: str) -> None:
 def train_classifier(
     train: ImageSplit,
     *,
-    epochs: int,
+    epochs: int | None = None,
+    steps: int | None = None,
     batch_size: int = 256,
     lr: float = 0.1,
     augment: bool,
@@ -81,35 +83,51 @@ def train_classifier(
     widths: tuple[int, ...] = (32, 64, 128),
     flip: bool | None = None,
     progress: bool = True,
+    history_every: int | None = None,
+    precision: str = "fp32",
+    dist: Distributed | None = None,
 ) -> tuple[ResNetClassifier, dict]:
     """Train a ``ResNetClassifier`` from scratch on ``train`` (real or synthetic images).
 
     Args:
         train: ``uint8`` ``(N, C, H, W)`` images with ``int64`` labels in ``0..len(classes)-1``.
-        epochs: passes over ``train``; positive.
-        batch_size: images per SGD step.
-        lr: peak learning rate of the one-cycle schedule.
+        epochs: passes over ``train`` (the budget is ``epochs * (N // global batch)`` steps), or
+        steps: the budget in optimizer steps, however many passes over ``train`` that is (the
+            fair budget when sets of different sizes are compared, as in CAS). Give exactly one.
+        batch_size: images per SGD step and process (data-parallel: ``batch_size * world_size`` per step).
+        lr: peak learning rate of the one-cycle schedule (Smith & Topin 2019).
         augment: random crop (2-px padding for 1-channel images, 4-px for RGB) and horizontal flips.
         flip: flip images left-right when augmenting; ``None``: for RGB images only (a mirrored
             digit is another symbol).
         seed: seeds the initialisation, batch order and augmentation.
         device: where the model and the whole ``uint8`` train split live during training.
-        test: if given, the returned dict holds its ``test_accuracy`` (top-1, a fraction).
+        test: if given, the returned dict holds its ``test_accuracy`` (top-1, a fraction), and each
+            history point its test accuracy.
         widths: the architecture's stage widths (see ``ClassifierConfig``).
-        progress: show a tqdm bar per epoch.
+        progress: show a tqdm bar.
+        history_every: record a history point every this many steps (and at the end): running train
+            loss and accuracy since the previous point, and ``test`` accuracy.
+        precision: ``fp32`` | ``bf16`` | ``fp16`` autocast (see ``vaelab.runtime.resolve_precision``).
+        dist: data-parallel context (``vaelab.runtime.distributed``); ranks share one batch order and
+            average their gradients (DistributedDataParallel).
 
     Returns:
-        ``(model, info)``: the model in eval mode on ``device``; ``info`` with ``epochs``,
-        ``batch_size``, ``lr``, ``augment``, ``train_images``, ``train_time_s`` (wall-clock seconds
-        of the optimisation), ``device``, ``train_source`` and, with ``test``, ``test_accuracy``,
+        ``(model, info)``: the model in eval mode on ``device``; ``info`` with ``epochs`` (passes, may
+        be fractional), ``steps``, ``batch_size``, ``lr``, ``augment``, ``train_images``,
+        ``images_seen``, ``train_time_s`` (wall-clock seconds of the optimisation), ``device``,
+        ``precision``, ``train_source``, ``history`` and, with ``test``, ``test_accuracy``,
         ``test_source``, ``test_images``.
 
     Raises:
-        ConfigError: a non-positive ``epochs``, ``batch_size`` or ``lr``.
+        ConfigError: not exactly one of ``epochs`` / ``steps``, or a non-positive ``epochs``, ``steps``,
+            ``batch_size`` or ``lr``.
         DataError: malformed splits, or labels outside ``0..len(classes)-1``.
     """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    dist = dist or Distributed()
+    if (epochs is None) == (steps is None):
+        raise ConfigError(f"give exactly one of epochs and steps, got epochs={epochs!r}, steps={steps!r}")
+    for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size), ("history_every", history_every)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if not lr > 0:
         raise ConfigError(f"lr must be positive, got {lr!r}")
@@ -128,52 +146,79 @@ def train_classifier(
         raise DataError(f"the classifier needs square images, got {h}x{w}")
     torch.manual_seed(seed)
     model = ResNetClassifier(ClassifierConfig(c, h, num_classes, tuple(widths))).to(device)
+    if dist.active and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BN and biases: no weight decay
     opt = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
                           lr=lr, momentum=MOMENTUM, nesterov=True)
-    steps_per_epoch = len(train) // batch_size or 1
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.25,
+    global_batch = batch_size * dist.world_size
+    steps_per_epoch = len(train) // global_batch or 1
+    total = steps if steps is not None else epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25,
                                                 anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    net = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
     images, labels = train.images.to(device), train.labels.to(device)
     pad = 2 if c == 1 else 4
     flip = c == 3 if flip is None else flip
+    history, step, epoch = [], 0, 0
+    sums = torch.zeros(3, device=device)  # loss * n, correct, n since the last history point (no per-step host sync)
     t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        model.train()
+    bar = tqdm(total=total, desc="classifier", unit="step", leave=False, disable=not (progress and dist.main))
+    while step < total:
+        epoch += 1
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "epoch", epoch))
+        aug_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "augment", epoch, dist.rank))
         order = torch.randperm(len(train), device=device, generator=gen)
-        sums = torch.zeros(2, device=device)  # loss * n, correct (on the device: no per-step host sync)
-        bar = tqdm(range(steps_per_epoch), desc=f"evaluator epoch {epoch}/{epochs}", unit="step", leave=False,
-                   disable=not progress)
-        for i in bar:
-            idx = order[i * batch_size : (i + 1) * batch_size] if len(train) >= batch_size else order
+        if len(train) < global_batch:  # a set smaller than one batch: every step sees all of it
+            order = order.repeat(-(-global_batch // len(train)))
+        for _, idx in global_batches(len(order), batch_size, order=order, rank=dist.rank, world_size=dist.world_size,
+                                     drop_last=True, device=device):
             xb, yb = images[idx], labels[idx]
             if augment:
-                xb = augment_batch(xb, pad=pad, flip=flip, generator=gen)
-            logits = model(to_pixels(xb))
-            loss = F.cross_entropy(logits, yb, label_smoothing=LABEL_SMOOTHING)
+                xb = augment_batch(xb, pad=pad, flip=flip, generator=aug_gen)
+            with autocast(device, precision):
+                logits = net(to_pixels(xb))
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=LABEL_SMOOTHING)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
-            sums += torch.stack([loss.detach() * len(yb), (logits.argmax(1) == yb).sum()])
-            if (i + 1) % 25 == 0 or i + 1 == steps_per_epoch:
-                n = min(len(train), (i + 1) * batch_size)
-                total, correct = sums.tolist()
-                bar.set_postfix(loss=f"{total / n:.3f}", acc=f"{correct / n:.3f}")
+            step += 1
+            sums += torch.stack([loss.detach() * len(yb), (logits.argmax(1) == yb).sum(), torch.tensor(float(len(yb)), device=device)])
+            bar.update(1)
+            if step == total or (history_every and step % history_every == 0):
+                history.append(_history_point(model, sums, step, steps_per_epoch, global_batch, test, dist, device))
+                sums.zero_()
+                bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", acc=f"{history[-1]['train_accuracy']:.3f}")
+            if step == total:
+                break
+    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     info = {
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment, "flip": flip, "widths": list(widths),
-        "train_images": len(train), "train_source": train.source, "train_time_s": time.perf_counter() - t0,
-        "device": str(device), "seed": seed,
+        "epochs": total / steps_per_epoch, "steps": total, "batch_size": batch_size, "processes": dist.world_size,
+        "lr": lr, "augment": augment, "flip": flip, "widths": list(widths), "train_images": len(train),
+        "images_seen": total * global_batch, "train_source": train.source, "train_time_s": time.perf_counter() - t0,
+        "device": str(device), "precision": precision, "seed": seed, "history": history,
     }
     model.eval()
     if test is not None:
-        acc = classifier_accuracy(model, test, device=device)
-        info.update(test_accuracy=acc["top1"], test_images=len(test), test_source=test.source)
+        info.update(test_accuracy=history[-1]["test_accuracy"], test_images=len(test), test_source=test.source)
     return model, info
+
+
+def _history_point(model, sums: torch.Tensor, step: int, steps_per_epoch: int, global_batch: int,
+                   test: ImageSplit | None, dist: Distributed, device) -> dict:
+    loss, correct, n = dist.all_reduce(sums.clone()).tolist()
+    point = {"step": step, "epoch": step / steps_per_epoch, "images_seen": step * global_batch,
+             "train_loss": loss / n, "train_accuracy": correct / n}
+    if test is not None:
+        point["test_accuracy"] = classifier_accuracy(model, test, device=device)["top1"]
+        model.train()
+    return point
 
 
 @torch.no_grad()
@@ -237,8 +282,12 @@ def evaluator_dir(dataset: str, train: ImageSplit) -> Path:
 
 
 def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None, device: torch.device | str = "cpu",
-                    force: bool = False) -> tuple[ResNetClassifier, dict]:
+                    force: bool = False, dist: Distributed | None = None) -> tuple[ResNetClassifier, dict]:
     """Train ``dataset``'s evaluator with ``default_recipe`` (unless cached) and measure it.
+
+    Evaluators always train in float32: they are the yardstick of the classifier feature space, so
+    they must not depend on the hardware's precision. With ``dist`` the ranks train it together
+    (rank 0 writes the cache; every rank returns the model).
 
     Returns:
         ``(model, info)``; ``info`` is the cached ``evaluator.json``: the recipe, ``train_time_s``,
@@ -248,6 +297,7 @@ def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
     Raises:
         DataError: unknown or missing dataset.
     """
+    dist = dist or Distributed()
     recipe = default_recipe(dataset)
     train = load_split(dataset, "train", data_root)
     folder = evaluator_dir(dataset, train)
@@ -255,15 +305,19 @@ def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
         info = json.loads((folder / "evaluator.json").read_text())
         return load_model(folder, device=device), {**info, "cached": True}
     test = load_split(dataset, "test", data_root)
-    print(f"training the {dataset} evaluator on {train.source} ({len(train):,} images, {recipe['epochs']} epochs, "
-          f"device {device}); cached at {folder}")
+    if dist.main:
+        print(f"training the {dataset} evaluator on {train.source} ({len(train):,} images, {recipe['epochs']} epochs, "
+              f"device {device}); cached at {folder}")
     model, info = train_classifier(train, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
                                    augment=recipe["augment"], flip=recipe["flip"], widths=recipe["widths"],
-                                   device=device)
+                                   device=device, dist=dist)
     acc = classifier_accuracy(model, test, device=device)
     info.update(dataset=dataset, recipe_version=RECIPE_VERSION, recipe=recipe, data_fingerprint=data_fingerprint(train),
                 test_accuracy=acc["top1"], test_per_class=acc["per_class"], test_images=len(test),
                 test_source=test.source, classes=test.classes, split="test")
+    if not dist.main:
+        dist.barrier()
+        return model, {**info, "cached": False}
     # write into a temp folder, then rename: a cached evaluator is complete or absent
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -271,6 +325,7 @@ def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
     write_json(tmp / "evaluator.json", info)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    dist.barrier()
     return model, {**info, "cached": False}
 
 
