@@ -148,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=10000, help="generated samples per point for the FID")
     _sampler_options(p)
 
+    p = sub.add_parser("study", help="run a seed study: its chain of stages, resumable, ending with its claims checked")
+    st = p.add_subparsers(dest="action", required=True)
+    p = st.add_parser("run", help="run (or resume) a study file; finished stages are skipped")
+    p.add_argument("file", help="study file (studies/*.yaml)")
+    p.add_argument("--budget", default="full", help="full (the seed's settings) or a budget the file defines, e.g. quick")
+    p.add_argument("--out", help="study folder (default runs/studies/<name>[-<budget>])")
+    p.add_argument("--device", help="device for every stage (default: each stage's)")
+
     p = sub.add_parser("report", help="write FOLDER/report.html for a run, sweep or comparison folder")
     p.add_argument("path", help="run, sweep or comparison folder")
     p.add_argument("--out", help="HTML file to write (default PATH/report.html)")
@@ -199,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
                                   fid_features=args.fid_features, num_samples=args.num_samples, sampler=args.sampler,
                                   steps=args.steps)
             print(f"sweep folder: {sweep_dir}\n  {sweep_dir / 'sweep.md'}\nreport: {write_report(sweep_dir)}")
+        elif args.command == "study":
+            from vaelab.study import run_study
+
+            run_study(args.file, budget=args.budget, out=args.out, device=args.device)
         elif args.command == "report":
             from vaelab.reports import report_command
 

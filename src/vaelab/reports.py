@@ -105,15 +105,17 @@ class ReportError(VaelabError):
 
 
 def folder_kind(folder: str | Path) -> str:
-    """``"sweep"``, ``"comparison"`` or ``"run"``, from the files in ``folder``.
+    """``"study"``, ``"sweep"``, ``"comparison"`` or ``"run"``, from the files in ``folder``.
 
     Raises:
-        ReportError: ``folder`` does not exist, or holds none of ``sweep.json``, ``comparison.json``,
-            or ``config.yaml`` with ``summary.json`` / ``metrics.jsonl``.
+        ReportError: ``folder`` does not exist, or holds none of ``study.json``, ``sweep.json``,
+            ``comparison.json``, or ``config.yaml`` with ``summary.json`` / ``metrics.jsonl``.
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ReportError(f"{folder} is not a folder; expected a run, sweep or comparison folder")
+        raise ReportError(f"{folder} is not a folder; expected a run, sweep, comparison or study folder")
+    if (folder / "study.json").is_file():
+        return "study"
     if (folder / "sweep.json").is_file():
         return "sweep"
     if (folder / "comparison.json").is_file():
@@ -143,7 +145,8 @@ def build_report(folder: str | Path) -> str:
     """The report of ``folder`` as one HTML string (see the module docstring for what it holds)."""
     folder = Path(folder)
     kind = folder_kind(folder)
-    sections = {"run": _run_sections, "sweep": _sweep_sections, "comparison": _comparison_sections}[kind](folder)
+    sections = {"run": _run_sections, "sweep": _sweep_sections, "comparison": _comparison_sections,
+                "study": _study_sections}[kind](folder)
     title = f"{kind} report: {folder.resolve().name}"
     nav = " ".join(f'<a href="#{_anchor(h)}">{html.escape(h)}</a>' for h, _ in sections)
     body = "\n".join(f'<h2 id="{_anchor(h)}">{html.escape(h)}</h2>\n{content}' for h, content in sections)
@@ -226,6 +229,35 @@ def _comparison_sections(folder: Path) -> list[tuple[str, str]]:
         sections.append(("Pictures", "\n".join(figure(p, caption(p, folder, {})) for p in pictures)))
     if (folder / "config.yaml").is_file():
         sections.append(("Config", json_tables(yaml.safe_load((folder / "config.yaml").read_text()) or {})))
+    return sections
+
+
+def _study_sections(folder: Path) -> list[tuple[str, str]]:
+    study = _read_json(folder / "study.json")
+    head = "".join(f"<th>{h}</th>" for h in ("claim", "seed", "ours", "seed's protocol", "our protocol", "verdict"))
+    body = []
+    for c in study["claims"]:
+        seed = c.get("seed") or {}
+        seed_text = f"{seed['value']:.4g}{c['unit']}" if seed.get("value") is not None else seed.get("text", "no number")
+        ours = "not measured" if c["ours"] is None else f"{c['ours']:.4g}{c['unit']}"
+        if c.get("than") is not None:
+            ours += f" vs {c['than']:.4g}{c['unit']}"
+        cells = [c["claim"], seed_text, ours, seed.get("protocol", ""), c.get("protocol", ""),
+                 f"<b>{html.escape(c['verdict'])}</b>: {html.escape(c['why'])}"]
+        body.append("<tr>" + "".join(f"<td>{x if i == 5 else html.escape(str(x))}</td>" for i, x in enumerate(cells)) + "</tr>")
+    sections = [("Claims", _p(study.get("question", "")) + _p(f"Budget: {study['budget']}.")
+                 + _table(f"<tr>{head}</tr>\n" + "\n".join(body)))]
+    stages = "".join(f"<li><code>{html.escape(s['name'])}</code> ({html.escape(s['kind'])})"
+                     + (f", {s['seconds']:.0f} s" if "seconds" in s else "") + "</li>" for s in study["stages"])
+    sections.append(("Stages", f"<ul>{stages}</ul>"))
+    for s in study["stages"]:
+        stage_dir = folder / s["name"]
+        pictures = _pictures(stage_dir, recursive=False) if stage_dir.is_dir() else []
+        if pictures:
+            ctx = _context(stage_dir, _read_json(stage_dir / "summary.json") or {})
+            sections.append((f"Stage {s['name']}", "\n".join(figure(p, caption(p, stage_dir, ctx)) for p in pictures)))
+    for note in study.get("notes", []):
+        sections.append(("Notes", _p(note)))
     return sections
 
 

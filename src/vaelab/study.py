@@ -1,0 +1,445 @@
+"""Studies: a seed experiment as one resumable chain of vaelab commands, ending with its claims checked.
+
+A study file (YAML, see ``studies/``) names the stages and the claims::
+
+    name: seed-000
+    title: ...
+    stages:                      # run in order; each writes OUT/<name>/
+      - {name: vae, kind: train, config: ../configs/cifar10-seed.yaml, set: {epochs: 20}}
+      - {name: synth, kind: synth, run: vae, per_class: 5000, method: class-mean}
+      - {name: cas, kind: cas, synthetic: synth}
+      - {name: eval, kind: evaluate, run: vae, metrics: [fid]}
+    claims:
+      - id: synthetic-top1
+        claim: "a classifier trained on 5,000 synthetic images per class reaches 72 % on real test images"
+        seed: {value: 72.0, protocol: "..."}
+        ours: {stage: cas, key: rows.synthetic.top1, scale: 100}
+        unit: "%"
+        protocol: "..."
+        verdict: {rule: within, tolerance: 3.0}
+    budgets:                     # --budget NAME: overrides by stage kind (full = none)
+      quick: {train: {epochs: 1}, synth: {per_class: 100}}
+
+Stage kinds: ``train`` (``vaelab train``; ``config`` relative to the study file, ``set`` overrides),
+``synth``, ``cas``, ``evaluate`` (``eval.json`` and its pictures are copied into the stage folder),
+``compare``, ``sweep``. A stage is finished when its output file exists (``summary.json``,
+``manifest.json``, ``cas.json``, ``eval.json``, ``comparison.json``, ``sweep.json``); a re-run skips
+finished stages, resumes an interrupted training from its checkpoint and repeats any other
+interrupted stage (those write their folders atomically). A study folder belongs to one plan: the
+same file with another budget, or an edited file, is refused.
+
+Verdict rules of a claim: ``within`` (``|ours - seed| <= tolerance``), ``at_least`` (``ours >=
+seed - tolerance``), ``order`` (two of our numbers, ``ours`` and ``than``, keep the seed's order:
+``less`` or ``greater``), ``report`` (the seed gives no comparable number: ours is reported); a
+claim can also be declared ``not_comparable`` with a reason. At a budget other than ``full`` every
+verdict is "not comparable" (the budget is named), since the seed's numbers come from its budget.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vaelab.config import TrainConfig, load_config, with_overrides
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.io import write_json, write_text, write_yaml
+
+KINDS: dict[str, dict[str, Any]] = {
+    # kind -> {"done": marker file, "keys": allowed stage keys (besides name/kind), "refs": keys naming stages}
+    "train": {"done": "summary.json", "keys": {"config", "set"}, "refs": set()},
+    "synth": {"done": "manifest.json", "keys": {"run", "per_class", "method", "noise_scale", "seed"}, "refs": {"run"}},
+    "cas": {"done": "cas.json", "keys": {"synthetic", "dataset", "rows", "epochs", "steps", "budget", "augment", "seed",
+                                         "train_subset", "test_subset", "precision"}, "refs": {"synthetic"}},
+    "evaluate": {"done": "eval.json", "keys": {"run", "metrics", "num_samples", "sampler", "steps", "fid_features",
+                                               "iwae_k", "nll_subset", "seed"}, "refs": {"run"}},
+    "compare": {"done": "comparison.json", "keys": {"runs", "num_samples", "ddpm_num_samples", "ddim_steps", "metrics",
+                                                    "fid_features", "iwae_k", "nll_subset", "timing_repeats",
+                                                    "timing_max_steps", "seed"}, "refs": {"runs"}},
+    "sweep": {"done": "sweep.json", "keys": {"config", "set", "axes", "num_samples", "fid_features", "sampler", "steps"},
+              "refs": set()},
+}
+RULES = ("within", "at_least", "order", "report")
+FULL = "full"
+PLAN_FILE = "study_plan.yaml"
+
+
+@dataclass
+class Study:
+    """A parsed, validated study file with a budget applied."""
+
+    path: Path
+    name: str
+    title: str
+    question: str
+    dataset: str
+    stages: list[dict]
+    claims: list[dict]
+    budget: str = FULL
+    budgets: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def stage(self, name: str) -> dict:
+        return next(s for s in self.stages if s["name"] == name)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_study(path: str | Path, *, budget: str = FULL) -> Study:
+    """Read and validate a study file, with ``budget``'s overrides applied to its stages.
+
+    Raises:
+        ConfigError: a missing file, invalid YAML, an unknown stage kind / key / budget, a stage that
+            refers to a later or unknown stage, a train config that does not resolve, or a claim
+            that names an unknown stage or rule; the message names the stage or claim.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    for key in ("name", "stages", "claims"):
+        if key not in doc:
+            raise ConfigError(f"{path}: missing '{key}'")
+    budgets = doc.get("budgets") or {}
+    if budget != FULL and budget not in budgets:
+        raise ConfigError(f"{path}: unknown budget {budget!r}; valid: {', '.join([FULL, *budgets])}")
+    overrides = budgets.get(budget, {}) if budget != FULL else {}
+    unknown = sorted(set(overrides) - set(KINDS))
+    if unknown:
+        raise ConfigError(f"{path}: budget {budget!r} names unknown stage kind(s) {', '.join(unknown)}; valid: {', '.join(KINDS)}")
+    stages, seen = [], set()
+    for i, raw in enumerate(doc["stages"]):
+        stages.append(_check_stage(path, raw, i, seen, overrides))
+        seen.add(stages[-1]["name"])
+    claims = [_check_claim(path, c, seen) for c in doc["claims"]]
+    return Study(path=path, name=str(doc["name"]), title=str(doc.get("title", doc["name"])),
+                 question=str(doc.get("question", "")), dataset=str(doc.get("dataset", "")), stages=stages,
+                 claims=claims, budget=budget, budgets=budgets, notes=list(doc.get("notes", [])))
+
+
+def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict) -> dict:
+    name, kind = raw.get("name"), raw.get("kind")
+    where = f"{path}: stage {i + 1}" + (f" ({name})" if name else "")
+    if not name or not isinstance(name, str) or "/" in name:
+        raise ConfigError(f"{where}: needs a 'name' (a folder name)")
+    if name in seen:
+        raise ConfigError(f"{where}: the name {name!r} is used twice")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+    spec = {k: v for k, v in raw.items() if k not in ("name", "kind")}
+    extra = sorted(set(spec) - KINDS[kind]["keys"])
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)} for a {kind} stage; valid: "
+                          f"{', '.join(sorted(KINDS[kind]['keys']))}")
+    budgeted = dict(overrides.get(kind, {}))
+    if kind in ("train", "sweep"):
+        spec["set"] = {**(spec.get("set") or {}), **budgeted}
+        if kind == "sweep" and "axes" not in spec:
+            raise ConfigError(f"{where}: a sweep stage needs 'axes' ({{field: [values]}})")
+        config = _train_config(path, spec, where)
+        try:
+            config.resolved()
+        except (ConfigError, VaelabError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    else:
+        spec.update(budgeted)
+    for ref_key in KINDS[kind]["refs"]:
+        refs = spec.get(ref_key)
+        for ref in refs if isinstance(refs, list) else [refs]:
+            if ref not in seen:
+                raise ConfigError(f"{where}: '{ref_key}: {ref}' names no earlier stage; earlier: {', '.join(sorted(seen)) or 'none'}")
+    return {"name": name, "kind": kind, **spec}
+
+
+def _train_config(path: Path, spec: dict, where: str) -> TrainConfig:
+    base = load_config(path.parent / spec["config"]) if spec.get("config") else TrainConfig()
+    try:
+        return with_overrides(base, spec.get("set") or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _check_claim(path: Path, claim: dict, stages: set[str]) -> dict:
+    where = f"{path}: claim {claim.get('id', '?')}"
+    for key in ("id", "claim", "verdict"):
+        if key not in claim:
+            raise ConfigError(f"{where}: missing '{key}'")
+    rule = claim["verdict"].get("rule")
+    if rule not in RULES:
+        raise ConfigError(f"{where}: unknown verdict rule {rule!r}; valid: {', '.join(RULES)}")
+    for ref in (claim.get("ours"), claim.get("than")):
+        if ref is not None and ref.get("stage") not in stages:
+            raise ConfigError(f"{where}: 'stage: {ref.get('stage')}' is not a stage of the study")
+    if rule == "order" and ("than" not in claim or claim["verdict"].get("seed_order") not in ("less", "greater")):
+        raise ConfigError(f"{where}: rule 'order' needs 'than' (a second value) and verdict.seed_order less|greater")
+    return claim
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def default_out(study: Study) -> Path:
+    return Path("runs") / "studies" / (study.name if study.budget == FULL else f"{study.name}-{study.budget}")
+
+
+def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = None, device: str | None = None) -> Path:
+    """Run every unfinished stage of a study, then write ``study.json``, ``study.md`` and ``report.html``.
+
+    Args:
+        path: the study file.
+        budget: ``full`` (the seed's settings) or a budget the file defines (e.g. ``quick``).
+        out: the study folder (default ``runs/studies/<name>`` or ``runs/studies/<name>-<budget>``).
+        device: passed to every stage (``None``: each stage's default).
+
+    Returns:
+        The study folder.
+
+    Raises:
+        ConfigError: an invalid study file (before any work), or a folder holding another plan.
+    """
+    study = load_study(path, budget=budget)
+    out = Path(out) if out else default_out(study)
+    _check_plan(out, study)
+    state = _read_state(out)
+    for i, stage in enumerate(study.stages, 1):
+        folder = out / stage["name"]
+        if stage["kind"] == "train" and (folder / "config.yaml").is_file():
+            _check_same_run(folder, _train_config(study.path, stage, stage["name"]))
+        if (folder / KINDS[stage["kind"]]["done"]).is_file():
+            print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']}): finished earlier, skipped")
+            continue
+        print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']})")
+        t0 = time.perf_counter()
+        STAGES[stage["kind"]](study, stage, out, device)
+        state[stage["name"]] = {"kind": stage["kind"], "seconds": time.perf_counter() - t0,
+                                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_json(out / "stages.json", state)
+    summarize(study, out)
+    from vaelab.reports import write_report
+
+    print(f"study folder: {out}\n  {out / 'study.md'}\nreport: {write_report(out)}")
+    return out
+
+
+def _check_plan(out: Path, study: Study) -> None:
+    plan = {"study": str(study.path), "name": study.name, "budget": study.budget, "stages": study.stages}
+    path = out / PLAN_FILE
+    if path.is_file():
+        old = yaml.safe_load(path.read_text())
+        if old != yaml.safe_load(yaml.safe_dump(plan)):
+            raise ConfigError(f"{out} holds another study plan (see {path}: other stages or budget); use another "
+                              "--out or the same study file and --budget")
+    else:
+        write_yaml(path, plan)
+
+
+def _read_state(out: Path) -> dict:
+    path = out / "stages.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _train(study: Study, stage: dict, out: Path, device: str | None) -> None:
+    from vaelab.run import checkpoint_dirs
+    from vaelab.training import resume, train
+
+    folder = out / stage["name"]
+    config = _train_config(study.path, stage, stage["name"])
+    if checkpoint_dirs(folder):
+        _check_same_run(folder, config)
+        resume(folder, device=device)
+        return
+    shutil.rmtree(folder, ignore_errors=True)  # a start that died before its first checkpoint
+    train(with_overrides(config, {"out": str(folder), "device": device}))
+
+
+RUNTIME_FIELDS = ("out", "device", "precision", "channels_last", "compile", "log_every", "tensorboard")
+
+
+def _check_same_run(folder: Path, config: TrainConfig) -> None:
+    """Refuse to resume a run folder whose config is not the stage's (runtime-only fields aside)."""
+    def fields(c: TrainConfig) -> dict:
+        return {k: v for k, v in c.resolved().to_dict().items() if k not in RUNTIME_FIELDS}
+
+    saved, wanted = fields(load_config(folder / "config.yaml")), fields(config)
+    diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    if diff:
+        raise ConfigError(f"{folder} holds a run with other settings ({', '.join(f'{k}: {saved.get(k)!r} vs {wanted[k]!r}' for k in diff)}); "
+                          "remove it or use another --out")
+
+
+def _synth(study: Study, stage: dict, out: Path, device: str | None) -> None:
+    from vaelab.synthesis import synthesize
+
+    args = {k: stage[k] for k in ("per_class", "method", "noise_scale", "seed") if k in stage}
+    synthesize(out / stage["run"], out / stage["name"], device=device or "auto", **args)
+
+
+def _cas(study: Study, stage: dict, out: Path, device: str | None) -> None:
+    from vaelab.cas import cas
+
+    synthetic = out / stage["synthetic"]
+    manifest = json.loads((synthetic / "manifest.json").read_text())
+    args = {k: stage[k] for k in ("epochs", "steps", "budget", "augment", "seed", "train_subset", "test_subset",
+                                  "precision") if k in stage}
+    if "rows" in stage:
+        args["rows"] = tuple(stage["rows"])
+    run_config = load_config(Path(manifest["source_run"]) / "config.yaml")
+    cas(synthetic, stage.get("dataset", manifest["dataset"]), data_root=run_config.data_root, out=out / stage["name"],
+        device=device or "auto", **args)
+
+
+def _evaluate(study: Study, stage: dict, out: Path, device: str | None) -> None:
+    from vaelab.evaluation import evaluate_run
+
+    run_dir = out / stage["run"]
+    args = {k: stage[k] for k in ("metrics", "num_samples", "sampler", "steps", "fid_features", "iwae_k", "nll_subset",
+                                  "seed") if k in stage}
+    result = evaluate_run(run_dir, device=device or "auto", **args)
+    # a snapshot of this evaluation (the run folder keeps only its latest eval.json)
+    folder = out / stage["name"]
+    tmp = out / f".{stage['name']}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for png in run_dir.glob("*.png"):
+        if png.name.startswith(("eval_", "confidence_", "class_", "kl_per_dim")):
+            shutil.copy2(png, tmp / png.name)
+    write_json(tmp / "eval.json", result)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _compare(study: Study, stage: dict, out: Path, device: str | None) -> None:
+    from vaelab.comparison import compare_runs
+
+    args = {k: stage[k] for k in ("num_samples", "ddpm_num_samples", "ddim_steps", "metrics", "fid_features", "iwae_k",
+                                  "nll_subset", "timing_repeats", "timing_max_steps", "seed") if k in stage}
+    folder = out / stage["name"]
+    shutil.rmtree(folder, ignore_errors=True)  # never finished (no comparison.json): vaelab compare wants a new folder
+    compare_runs([out / r for r in stage["runs"]], out=folder, device=device or "auto", **args)
+
+
+def _sweep(study: Study, stage: dict, out: Path, device: str | None) -> None:
+    from vaelab.sweep import run_sweep
+
+    base = _train_config(study.path, stage, stage["name"])
+    if device:
+        base = with_overrides(base, {"device": device})
+    args = {k: stage[k] for k in ("num_samples", "fid_features", "sampler", "steps") if k in stage}
+    run_sweep(base, {k: list(v) for k, v in stage["axes"].items()}, out=out / stage["name"], **args)
+
+
+STAGES = {"train": _train, "synth": _synth, "cas": _cas, "evaluate": _evaluate, "compare": _compare, "sweep": _sweep}
+
+
+# ---------------------------------------------------------------------------- claims
+
+
+def lookup(out: Path, study: Study, ref: dict) -> float | None:
+    """The number ``ref`` names: ``{stage, key: dotted.path, scale}`` in the stage's output JSON; ``None``
+    when the stage or the key is absent (not measured)."""
+    stage = study.stage(ref["stage"])
+    path = out / stage["name"] / KINDS[stage["kind"]]["done"]
+    if not path.is_file():
+        return None
+    node: Any = json.loads(path.read_text())
+    for part in str(ref["key"]).split("."):
+        if isinstance(node, list) and part.lstrip("-").isdigit():
+            index = int(part)
+            node = node[index] if -len(node) <= index < len(node) else None
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
+            node = None
+        if node is None:
+            return None
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        return None
+    return float(node) * float(ref.get("scale", 1.0))
+
+
+def verdict(claim: dict, ours: float | None, than: float | None, budget: str) -> tuple[str, str]:
+    """``(verdict, why)`` for one claim; verdict is reproduced | not reproduced | not comparable | not measured | reported."""
+    rule, v = claim["verdict"]["rule"], claim["verdict"]
+    seed = (claim.get("seed") or {}).get("value")
+    unit = claim.get("unit", "")
+    if ours is None or (rule == "order" and than is None):
+        return "not measured", "the stage that measures it has not produced this number"
+    if budget != FULL:
+        return "not comparable", f"run at budget '{budget}', not the seed's"
+    if claim.get("not_comparable"):
+        return "not comparable", str(claim["not_comparable"])
+    if rule == "report":
+        return "reported", str(v.get("why", "the seed gives no number to compare with"))
+    if rule == "within":
+        tol = float(v["tolerance"])
+        ok = abs(ours - seed) <= tol
+        return ("reproduced" if ok else "not reproduced"), f"ours {ours:.4g}{unit} vs seed {seed:.4g}{unit}, tolerance ±{tol:g}{unit}"
+    if rule == "at_least":
+        tol = float(v.get("tolerance", 0.0))
+        ok = ours >= seed - tol
+        return ("reproduced" if ok else "not reproduced"), f"ours {ours:.4g}{unit} vs seed {seed:.4g}{unit} (at least, −{tol:g})"
+    order = v["seed_order"]
+    ok = ours < than if order == "less" else ours > than
+    sign = "<" if order == "less" else ">"
+    return ("reproduced" if ok else "not reproduced"), (f"the seed has {claim.get('label', 'a')} {sign} "
+                                                        f"{claim.get('than_label', 'b')}; ours {ours:.4g} vs {than:.4g}")
+
+
+def summarize(study: Study, out: Path) -> dict:
+    """Evaluate every claim against the study folder; write ``study.json`` and ``study.md``."""
+    rows = []
+    for claim in study.claims:
+        ours = lookup(out, study, claim["ours"]) if claim.get("ours") else None
+        than = lookup(out, study, claim["than"]) if claim.get("than") else None
+        result, why = verdict(claim, ours, than, study.budget)
+        rows.append({"id": claim["id"], "claim": claim["claim"], "seed": claim.get("seed", {}), "ours": ours,
+                     "than": than, "unit": claim.get("unit", ""), "protocol": claim.get("protocol", ""),
+                     "verdict": result, "why": why})
+    state = _read_state(out)
+    report = {
+        "study": study.name, "title": study.title, "question": study.question, "dataset": study.dataset,
+        "study_file": str(study.path), "budget": study.budget,
+        "budget_overrides": study.budgets.get(study.budget, {}) if study.budget != FULL else {},
+        "claims": rows, "stages": [{"name": s["name"], "kind": s["kind"], **state.get(s["name"], {})} for s in study.stages],
+        "notes": study.notes, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / "study.json", report)
+    write_text(out / "study.md", study_markdown(report))
+    return report
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "not measured"
+    return f"{value:.4g}{unit}"
+
+
+def study_markdown(report: dict) -> str:
+    """The claims table: seed's number, ours, both protocols, verdict."""
+    lines = [f"# {report['title']}", "", report["question"], "",
+             f"Study `{report['study']}` ({report['study_file']}), budget **{report['budget']}**"
+             + (f" (overrides: {json.dumps(report['budget_overrides'])})" if report["budget_overrides"] else "") + ".", "",
+             "| claim | seed | ours | seed's protocol | our protocol | verdict |", "|---|---|---|---|---|---|"]
+    for r in report["claims"]:
+        seed = r["seed"] or {}
+        seed_text = _fmt(seed.get("value"), r["unit"]) if seed.get("value") is not None else seed.get("text", "no number")
+        ours = _fmt(r["ours"], r["unit"]) + (f" vs {_fmt(r['than'], r['unit'])}" if r["than"] is not None else "")
+        cells = [r["claim"], seed_text, ours, seed.get("protocol", ""), r["protocol"], f"**{r['verdict']}**: {r['why']}"]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    lines += ["", "Stages:", ""]
+    for s in report["stages"]:
+        took = f"{s['seconds']:.0f} s" if "seconds" in s else "not run in this folder's record"
+        lines.append(f"- `{s['name']}` ({s['kind']}): {took}")
+    for note in report["notes"]:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""Studies: the shipped study files validate, a study runs end to end at a tiny budget on real MNIST,
+and an interrupted study resumes, skipping the stages that finished."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import vaelab.study as study_module
+from vaelab.errors import ConfigError
+from vaelab.study import load_study, run_study, verdict
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = sorted((REPO / "studies").glob("*.yaml"))
+
+
+def test_five_study_files_ship_and_validate():
+    assert len(STUDIES) == 5
+    for path in STUDIES:
+        study = load_study(path)
+        assert study.claims and study.stages
+        for budget in study.budgets:
+            load_study(path, budget=budget)
+
+
+def test_bad_study_files_are_refused_before_any_work(tmp_path):
+    bad = {
+        "stages: [{name: a, kind: bake}]": "unknown kind 'bake'",
+        "stages: [{name: a, kind: synth, run: b}]": "'run: b' names no earlier stage",
+        "stages: [{name: a, kind: train, set: {epochs: 0}}]": "epochs must be a positive integer",
+        "stages: [{name: a, kind: train, colour: red}]": "unknown key\\(s\\) colour",
+    }
+    for stages, message in bad.items():
+        path = tmp_path / "s.yaml"
+        path.write_text(f"name: s\n{stages}\nclaims: []\n")
+        with pytest.raises(ConfigError, match=message):
+            load_study(path)
+    with pytest.raises(ConfigError, match="unknown budget 'huge'"):
+        load_study(REPO / "studies" / "mnist-fid.yaml", budget="huge")
+
+
+def test_verdict_rules():
+    within = {"verdict": {"rule": "within", "tolerance": 3}, "seed": {"value": 72.0}}
+    assert verdict(within, 70.5, None, "full")[0] == "reproduced"
+    assert verdict(within, 29.7, None, "full")[0] == "not reproduced"
+    assert verdict(within, 70.5, None, "quick") == ("not comparable", "run at budget 'quick', not the seed's")
+    assert verdict(within, None, None, "full")[0] == "not measured"
+    order = {"verdict": {"rule": "order", "seed_order": "greater"}, "seed": {}}
+    assert verdict(order, 30.0, 68.0, "full")[0] == "not reproduced"
+    assert verdict(order, 71.0, 68.0, "full")[0] == "reproduced"
+    assert verdict({**within, "not_comparable": "GPU vs CPU"}, 1.0, None, "full") == ("not comparable", "GPU vs CPU")
+
+
+def test_mnist_study_end_to_end_then_an_interruption_resumes(tmp_path, monkeypatch, in_repo):
+    """The shipped MNIST study at its tiny budget; the first attempt dies in the first evaluation stage."""
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "study"
+    real_evaluate = study_module.STAGES["evaluate"]
+
+    def dying(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted")
+
+    monkeypatch.setitem(study_module.STAGES, "evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(REPO / "studies" / "mnist-fid.yaml", budget="tiny", out=out, device="cpu")
+    finished = {p.parent.name for p in out.glob("*/summary.json")}
+    assert finished == {"vae", "cvae"} and not (out / "study.json").exists()
+    stamps = {name: (out / name / "summary.json").stat().st_mtime_ns for name in finished}
+
+    calls = []
+    monkeypatch.setitem(study_module.STAGES, "evaluate", lambda *a, **k: calls.append(a[1]["name"]) or real_evaluate(*a, **k))
+    run_study(REPO / "studies" / "mnist-fid.yaml", budget="tiny", out=out, device="cpu")
+    assert calls == ["eval-vae", "eval-vae-gmm", "eval-cvae"]  # the trained stages were skipped
+    assert {n: (out / n / "summary.json").stat().st_mtime_ns for n in finished} == stamps
+    report = json.loads((out / "study.json").read_text())
+    assert report["budget"] == "tiny" and len(report["claims"]) == 4
+    by_id = {c["id"]: c for c in report["claims"]}
+    assert by_id["vae-fid"]["ours"] > 0 and by_id["cvae-fid-class-3"]["ours"] > 0
+    assert {c["verdict"] for c in report["claims"]} == {"not comparable"}  # a tiny budget is not the seed's
+    md = (out / "study.md").read_text()
+    assert "| A 20-epoch MNIST VAE" in md and "45.93" in md and "budget **tiny**" in md
+    assert (out / "report.html").is_file()
+    # a third run has nothing left to do; another budget in the same folder is refused
+    calls.clear()
+    run_study(REPO / "studies" / "mnist-fid.yaml", budget="tiny", out=out, device="cpu")
+    assert calls == []
+    with pytest.raises(ConfigError, match="holds another study plan"):
+        run_study(REPO / "studies" / "mnist-fid.yaml", budget="quick", out=out, device="cpu")
