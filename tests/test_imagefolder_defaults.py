@@ -132,3 +132,11 @@ def test_small_gray_digit_folder_gives_recognisable_reconstructions_with_default
     assert nearest_neighbour_accuracy(recon) > 0.4
     assert nearest_neighbour_accuracy(train_x.mean(0).view(1, 1, 16, 16).expand_as(x)) < 0.2
     assert np.isfinite(mse)
+
+
+def test_augment_flag_on_the_command_line():
+    from vaelab.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "--augment"]).augment is True and parse(["train", "--no-augment"]).augment is False
+    assert parse(["train"]).augment is None  # unset: the dataset's (or the data's) default

@@ -193,9 +193,12 @@ def summary(model, test: ImageSplit, config, metrics: dict) -> dict:
     """Test-split numbers of a VAE run for ``summary.json`` (``metrics`` from ``evaluate``)."""
     c, h, w = test.shape
     discrete, likelihood = likelihood_note(model.config.recon_likelihood, test.images)
+    log_sigma = model.decoder_log_sigma()
     return {
         "latent_dim": model.config.latent_dim,
         "recon_likelihood": model.config.recon_likelihood,
+        # the Gaussian decoder's standard deviation in pixel units (fitted for gaussian_learned/_calibrated)
+        "decoder_sigma": None if log_sigma is None else math.exp(log_sigma.item()),
         "test_recon_nats": metrics["recon"],
         "test_kl_nats": metrics["kl"],
         "test_neg_elbo_nats": metrics["neg_elbo"],
