@@ -237,3 +237,14 @@ def test_second_stage_trains_when_first_drawn_inside_a_no_grad_loop(runs):
     draw, _, _ = _sampler(runs["cvae-conv"], "two-stage:epochs=2,hidden=8")
     with torch.no_grad():
         assert draw.draw(3, torch.Generator().manual_seed(0), None).shape == (3, 1, 8, 8)
+
+
+def test_a_collapsed_second_stage_still_samples_its_gaussian():
+    """Codes that are already N(0, I) leave the second stage nothing to model (its KL goes to 0): its density
+    is then N(mean, sigma^2 I) with sigma ~ 1, and sampling z ~ p(z | u) must give that spread, not one point."""
+    z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    codes = LatentCodes(z, torch.full_like(z, -20.0), torch.zeros(len(z), dtype=torch.int64))
+    opts = {**latent_priors.OPTIONS["two-stage"], "epochs": 15, "hidden": 32, "depth": 2, "batch_size": 128, "lr": 3e-3}
+    model, _ = train_second_stage(codes, num_classes=0, options=opts, seed=0)
+    s = model.sample(4000, generator=torch.Generator().manual_seed(0))
+    assert ((s.std(0) - 1).abs() < 0.25).all() and (s.mean(0).abs() < 0.2).all()

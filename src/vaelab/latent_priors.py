@@ -10,7 +10,7 @@ is to fit a density to the codes of the training images after training and sampl
   estimation"; Chadebec & Allassonniere 2022, "A Geometric Perspective on Variational Autoencoders",
   Table 1: MNIST FID 40.7 -> 13.1).
 - ``two-stage``: a second, small VAE (MLPs) trained on codes ``z ~ q(z | x)`` of the training images,
-  with a learned decoder standard deviation; sampling draws ``u ~ N(0, I)`` and decodes it to ``z``
+  with a learned decoder standard deviation; sampling draws ``u ~ N(0, I)`` and ``z ~ p(z | u)``
   (Dai & Wipf 2019, "Diagnosing and Enhancing VAE Models", sec. 4; Fashion-MNIST FID 43.6 -> 29.3).
 
 Conditional VAEs model ``q(z | y)`` instead: one mixture per class, or a second stage that takes the
@@ -345,10 +345,14 @@ class SecondStageVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """``n`` codes ``z`` ``(n, latent_dim)``: ``u ~ N(0, I)``, the decoder mean."""
+        """``n`` codes ``z`` ``(n, latent_dim)`` from the model's density: ``u ~ N(0, I)``, ``z = decoder(u) +
+        sigma * eps``. Dai & Wipf decode with the mean alone, which is the same when sigma has shrunk towards 0
+        (their analysis); when the second stage has collapsed to ``N(mean, sigma^2 I)`` (codes that already look
+        Gaussian) the mean alone would give one image, the noise gives that Gaussian."""
         device = self.log_sigma_raw.device
         u = torch.randn(n, self.config.code_dim, device=device, generator=generator)
-        return self.decode(u, None if y is None else y.to(device))
+        eps = torch.randn(n, self.config.latent_dim, device=device, generator=generator)
+        return self.decode(u, None if y is None else y.to(device)) + self.log_sigma().exp() * eps
 
 
 def train_second_stage(codes: LatentCodes, *, num_classes: int, options: dict, seed: int,
