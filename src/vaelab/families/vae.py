@@ -65,7 +65,7 @@ PICTURES = {
 
 # the default likelihood of continuous (not digit-like) data; measured against the fixed-sigma Gaussian in
 # docs/samplers.md ("Fixed or fitted decoder sigma")
-CONTINUOUS_LIKELIHOOD = "gaussian"
+CONTINUOUS_LIKELIHOOD = "gaussian_calibrated"
 # data-derived defaults (image folders): Bernoulli when at least this share of pixels is near black or white
 NEAR_BINARY = 0.7
 # presets that take their input shape from the data; their widths and latent size are derived for image folders
