@@ -64,7 +64,7 @@ PICTURES = {
 
 
 # the default likelihood of continuous (not digit-like) data; measured against the fixed-sigma Gaussian in
-# docs/samplers.md ("Fixed or fitted decoder sigma")
+# docs/samplers.md ("Fixed vs fitted decoder sigma")
 CONTINUOUS_LIKELIHOOD = "gaussian_calibrated"
 # data-derived defaults (image folders): Bernoulli when at least this share of pixels is near black or white
 NEAR_BINARY = 0.7
