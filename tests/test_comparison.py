@@ -48,12 +48,15 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
     report = json.loads((out / "comparison.json").read_text())
     md = (out / "comparison.md").read_text()
     entries = report["entries"]
-    assert [(e["family"], e["sampler"], e["network_evaluations"]) for e in entries] == [
-        ("vae", {"sampler": "prior"}, 1), ("ddpm", {"sampler": "ddpm", "steps": 20}, 20),
-        ("ddpm", {"sampler": "ddim", "steps": 5}, 5)]
+    # a VAE gives its prior and the two aggregated-posterior samplers (fitted on its train split), a DDPM two chains
+    assert [(e["family"], e["sampler"]["sampler"], e["network_evaluations"]) for e in entries] == [
+        ("vae", "prior", 1), ("vae", "gmm", 1), ("vae", "two-stage", 2), ("ddpm", "ddpm", 20), ("ddpm", "ddim", 5)]
+    assert entries[3]["sampler"] == {"sampler": "ddpm", "steps": 20} and entries[1]["sampler"]["components"] == 10
+    assert (vae / "samplers" / "gmm.json").is_file() and (vae / "samplers" / "two-stage.json").is_file()
     ddpm_model = build_model(build_config("ddpm", data_shape=(1, 8, 8), widths=(8, 16), layers_per_block=1,
                                           norm_num_groups=4, num_train_timesteps=20))
-    assert entries[1]["parameters"] == entries[2]["parameters"] == count_parameters(ddpm_model)
+    assert entries[3]["parameters"] == entries[4]["parameters"] == count_parameters(ddpm_model)
+    assert entries[0]["parameters"] == entries[1]["parameters"] == entries[2]["parameters"]  # the same VAE
     assert count_parameters(ddpm_model) == sum(p.numel() for p in ddpm_model.unet.parameters())  # EMA copy not counted
     for e in entries:
         assert e["label"] in md
@@ -73,8 +76,8 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
             assert t["method"].startswith("extrapolated") == (e["sampler"]["sampler"] == "ddpm")
         train_rows = [json.loads(line) for line in (e["run"] and open(f"{e['run']}/metrics.jsonl"))]
         assert e["training"]["epoch_time_s"] == pytest.approx(train_rows[0]["epoch_time_s"])
-    assert "recon" in entries[0]["evaluation"] and "recon" in entries[1]["evaluation"]["not_applicable"]
-    assert "n/a (no encoder)" in md and "z in R^3" in md and "| network passes per image | 1 | 20 | 5 |" in md
+    assert "recon" in entries[0]["evaluation"] and "recon" in entries[3]["evaluation"]["not_applicable"]
+    assert "n/a (no encoder)" in md and "z in R^3" in md and "| network passes per image | 1 | 1 | 2 | 20 | 5 |" in md
     # the DDPM entry's numbers differ from the DDIM entry's: two separate evaluations
     assert entries[1]["evaluation"]["fid"]["value"] != entries[2]["evaluation"]["fid"]["value"]
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ from vaelab.errors import ConfigError, VaelabError
 from vaelab.models import PRESETS, build_config, build_model, load_model, preset_family, save_model
 
 SHAPES = {"mnist-small": (1, 28, 28), "cifar-seed": (3, 32, 32), "conv": (3, 16, 16),
-          "cvae-mnist": (1, 28, 28), "cvae-cifar": (3, 32, 32), "cvae-conv": (3, 16, 16)}
+          "cvae-mnist": (1, 28, 28), "cvae-cifar": (3, 32, 32), "cvae-conv": (3, 16, 16), "resnet-cifar": (3, 32, 32)}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in PRESETS if preset_family(n) == "vae"))  # DDPMs: test_ddpm.py
@@ -99,3 +101,42 @@ def test_load_model_names_missing_file(tmp_path):
     with pytest.raises(VaelabError, match="model.safetensors is missing"):
         (tmp_path / "config.json").write_text("{}")
         load_model(tmp_path)
+
+
+def test_resnet_cifar_is_residual_and_mirrors_odd_sizes():
+    from vaelab.models.resnet_vae import ResidualBlock, ResNetVAE
+
+    m = build_model(build_config("resnet-cifar", data_shape=(3, 32, 32)))
+    assert isinstance(m, ResNetVAE) and m.feature_shape == (128, 4, 4) and m.config.latent_dim == 128
+    assert sum(isinstance(l, ResidualBlock) for l in m.encoder) == 6 == sum(isinstance(l, ResidualBlock) for l in m.decoder)
+    assert [l.stride for l in m.encoder if isinstance(l, torch.nn.Conv2d)] == [(2, 2)] * 3  # stem + 2 downsamplings
+    block = ResidualBlock(4).eval()
+    with torch.no_grad():
+        block.body[-1].weight.zero_()
+        block.body[-1].bias.zero_()
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.equal(block(x), x)  # the identity path
+    # an odd side comes back exactly (28 -> 14 -> 7 -> 3 -> 7 -> 14 -> 28), for every likelihood's channels
+    for lik, out_ch in (("bernoulli", 1), ("discretized_logistic", 2), ("gaussian_calibrated", 2)):
+        m = build_model(build_config("resnet-cifar", in_channels=1, image_size=28, recon_likelihood=lik,
+                                     pixel_range="[0,1]")).eval()
+        assert m.decode_logits(torch.zeros(2, 128)).shape == (2, out_ch, 28, 28)
+        assert m.loss(torch.rand(2, 1, 28, 28)).recon.shape == (2,)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian_learned", "gaussian_calibrated"])
+def test_fitted_sigma_survives_save_and_load(tmp_path, likelihood):
+    torch.manual_seed(0)
+    m = build_model(build_config("mnist-small", latent_dim=4, channels=(8, 8, 16), fc_hidden=32,
+                                 recon_likelihood=likelihood))
+    m.train()
+    m.loss(torch.rand(16, 1, 28, 28)).loss.backward()  # calibrated: the running sigma moves
+    with torch.no_grad():
+        if likelihood == "gaussian_learned":
+            m.log_sigma_raw.fill_(-1.7)
+    m.eval()
+    save_model(m, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.decoder_log_sigma().item() == m.decoder_log_sigma().item() != pytest.approx(0.5 * math.log(0.5))
+    z = torch.randn(2, 4)
+    assert torch.equal(m.decode_logits(z), loaded.decode_logits(z))

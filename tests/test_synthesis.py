@@ -1,5 +1,6 @@
 """Class-mean latent synthesis: statistics, output folder in both formats, bad input."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,9 +34,10 @@ def _image_folder(root: Path, classes=CLASSES, per_class=8, side=8) -> Path:
 
 def _tiny_run(tmp_path: Path, *, classes=CLASSES, model="conv", per_class=8) -> Path:
     data = _image_folder(tmp_path / "data", classes, per_class)
+    # a calibrated decoder sigma keeps the KL from swamping the tiny data term: the codes carry the class
     config = TrainConfig(dataset="imagefolder", data_root=str(data), model=model, latent_dim=3,
-                         model_args={"channels": [4, 8], "fc_hidden": None}, epochs=1, batch_size=8, val_fraction=0.2,
-                         device="cpu", out=str(tmp_path / "run"))
+                         recon_likelihood="gaussian_calibrated", model_args={"channels": [4, 8], "fc_hidden": None},
+                         epochs=1, batch_size=8, val_fraction=0.2, device="cpu", out=str(tmp_path / "run"))
     return train(config)
 
 
@@ -196,3 +198,59 @@ def test_failure_midway_leaves_no_folder(tmp_path, run, monkeypatch):
         synthesize(run, tmp_path / "syn", per_class=3, device="cpu")
     assert not (tmp_path / "syn").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------------------- per-class Gaussian mixtures
+
+
+def test_class_gmms_fit_each_class_on_its_own_codes():
+    from vaelab.synthesis import fit_class_gmms
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(600) % 3
+    # class c: two clusters at (c * 10, +-3)
+    centres = torch.stack([labels.float() * 10, torch.where(torch.arange(600) % 2 == 0, 3.0, -3.0)], 1)
+    mu = centres + 0.2 * torch.randn(600, 2, generator=g)
+    mixture, fits = fit_class_gmms(mu, labels, 3, components=2, seed=0)
+    assert [f["class"] for f in fits] == [0, 1, 2] and all(f["components"] == 2 and f["converged"] for f in fits)
+    for c in range(3):
+        means = mixture.means[c][mixture.means[c][:, 1].argsort()]
+        torch.testing.assert_close(means, torch.tensor([[10.0 * c, -3.0], [10.0 * c, 3.0]]), atol=0.1, rtol=0)
+    y = torch.full((100,), 1)
+    z = mixture.sample(100, generator=torch.Generator().manual_seed(1), y=y, scale=0.0)
+    assert ((z[:, 0] - 10).abs() < 0.1).all() and set(z[:, 1].sign().tolist()) == {-1.0, 1.0}
+    with pytest.raises(DataError, match="class 2 has 1 training image"):
+        fit_class_gmms(mu[:7], torch.tensor([0, 1, 0, 1, 0, 1, 2]), 3, components=2, seed=0)
+
+
+def test_class_gmm_synthesis_decodes_each_class_mixture(tmp_path, run):
+    from safetensors.torch import load_file
+
+    out = synthesize(run, tmp_path / "syn", per_class=6, method="class-gmm", components=2, noise_scale=0.0,
+                     seed=0, device="cpu")
+    split = load_split("tensors", "train", data_root=out)
+    assert len(split) == 18
+    gmm = load_file(str(out / "class_gmm.safetensors"))
+    assert gmm["weights"].shape == (3, 2) and gmm["covariances"].shape == (3, 2, 3, 3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "class-gmm" and manifest["class_gmm"]["components_asked"] == 2
+    assert [f["class"] for f in manifest["class_gmm"]["per_class"]] == [0, 1, 2]
+    # with noise 0 every image of class c is a decoded component mean of class c's mixture
+    model = Run(run).load_model()
+    for c in range(3):
+        options = to_uint8(model.decode(gmm["means"][c].float())).int()  # (2, C, H, W)
+        images = split.images[split.labels == c].int()
+        assert ((images[:, None] - options[None]).abs().flatten(2).amax(2).amin(1) <= 1).all()
+
+
+def test_sampler_option_of_synthesis(tmp_path, run):
+    with pytest.raises(ConfigError, match="--sampler applies to --method prior"):
+        synthesize(run, tmp_path / "syn", per_class=3, method="class-mean", sampler="gmm", device="cpu")
+    with pytest.raises(ConfigError, match="--components must be a positive integer"):
+        synthesize(run, tmp_path / "syn", per_class=3, method="class-gmm", components=0, device="cpu")
+    assert not (tmp_path / "syn").exists()
+    cvae = _tiny_run(tmp_path, model="cvae-conv")
+    out = synthesize(cvae, tmp_path / "syn", per_class=4, sampler="gmm:components=2", device="cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "prior" and manifest["sampler"]["sampler"] == "gmm:components=2"
+    assert (cvae / "samplers" / "gmm-components2.safetensors").is_file()

@@ -37,7 +37,11 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--beta-schedule", "--beta_schedule", dest="beta_schedule", help="constant | linear | cyclical")
     p.add_argument("--kl-anneal-epochs", "--kl_anneal_epochs", dest="kl_anneal_epochs", type=int)
     p.add_argument("--recon-likelihood", "--recon_likelihood", dest="recon_likelihood",
-                   help="bernoulli | gaussian | discretized_logistic")
+                   help="bernoulli | gaussian (fixed sigma) | gaussian_learned | gaussian_calibrated (one fitted sigma, "
+                        "sigma-VAE) | discretized_logistic")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips while training (default: on for CIFAR-10, off for digits and for "
+                        "image folders, whose mirror symmetry is unknown)")
     p.add_argument("--binarize", action="store_true", default=None,
                    help="dynamically binarise training images (Bernoulli likelihood on binary MNIST)")
     p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="use the first N train images")
@@ -46,8 +50,10 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
 
 
 def _sampler_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", help="how to draw images, by model family: VAE prior (default); "
-                                     "DDPM ddpm (T-step ancestral, default) | ddim")
+    p.add_argument("--sampler", help="how to draw images, by model family: VAE prior (default, z ~ N(0, I)) | gmm "
+                                     "(Gaussian mixture on the train codes; gmm:components=K, default 10) | two-stage "
+                                     "(second-stage VAE on the train codes; two-stage:epochs=E,hidden=H); both fitted "
+                                     "once and cached in RUN_DIR/samplers/. DDPM ddpm (T-step ancestral, default) | ddim")
     p.add_argument("--steps", type=int, help="diffusion samplers: denoising steps (ddpm: T, ddim: 50 by default)")
 
 
@@ -61,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="quickstart main job: a short VAE run on real MNIST")
     _train_options(p, full=False)
 
-    p = sub.add_parser("sample", help="draw prior samples from a trained run into a PNG grid")
+    p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid (see --sampler)")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -74,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder of a trained VAE or conditional VAE")
     p.add_argument("--out", required=True, help="folder to create (ImageFolder of PNGs + train.safetensors + manifest.json)")
     p.add_argument("--per-class", "--per_class", dest="per_class", type=int, default=5000)
-    p.add_argument("--method", help="class-mean (default for VAEs) | class-std | class-gaussian | prior (default for CVAEs)")
+    p.add_argument("--method", help="class-mean (default for VAEs) | class-std | class-gaussian | class-gmm (a Gaussian "
+                                    "mixture per class) | prior (default for CVAEs: the model's sampler, see --sampler)")
     p.add_argument("--noise-scale", "--noise_scale", dest="noise_scale", type=float, default=1.0)
+    p.add_argument("--components", type=int, default=10, help="class-gmm: mixture components per class (default 10)")
+    p.add_argument("--sampler", help="method prior (conditional models): prior (default) | gmm | two-stage, as for "
+                                     "'vaelab sample'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
@@ -224,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             from vaelab.synthesis import synthesize
 
             out = synthesize(args.run, args.out, per_class=args.per_class, method=args.method,
-                             noise_scale=args.noise_scale, seed=args.seed, device=args.device)
+                             noise_scale=args.noise_scale, seed=args.seed, device=args.device,
+                             components=args.components, sampler=args.sampler)
             print(f"synthetic dataset: {out} (manifest.json, train.safetensors, train/<class>/*.png, synthetic_grid.png)")
         elif args.command == "cas":
             from vaelab.cas import ROWS, cas

@@ -3,24 +3,64 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from vaelab.data.pixels import PIXEL_RANGES
-from vaelab.data.sources import DIGIT_LIKE, check_dataset_name
+from vaelab.data.sources import check_dataset_name
 from vaelab import families
 from vaelab.errors import ConfigError, DataError
 from vaelab.losses import BETA_SCHEDULES, RECON_LIKELIHOODS
 from vaelab.models import check_preset, preset_family
+
+if TYPE_CHECKING:
+    from vaelab.data import ImageSplit
 
 # the seeds' spellings, accepted in YAML files as well as on the command line
 ALIASES = {"save_path": "out", "batch-size": "batch_size", "latent-dim": "latent_dim"}
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MODEL = {"mnist": "mnist-small", "fashion-mnist": "mnist-small", "cifar10": "cifar-seed"}
+# datasets whose classes are mirror-symmetric: random horizontal flips are on by default (generative training)
+MIRROR_SYMMETRIC = ("cifar10",)
+# datasets known only from their images: defaults come from the training split itself (``DataStats``)
+DATA_DERIVED = ("imagefolder", "tensors")
+DEFAULT_EPOCHS = 10
+# the epoch budget of a data-derived run: enough epochs for about TARGET_STEPS optimiser steps, within bounds
+TARGET_STEPS, MIN_EPOCHS, MAX_EPOCHS = 2000, 10, 200
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What defaults can be derived from: a training split's shape, size and pixel statistics.
+
+    Attributes:
+        channels, height, width: image shape ``(C, H, W)``.
+        num_images: images in the split.
+        near_binary: share of sub-pixels within 10 % of black or white (``v <= 25`` or ``v >= 230`` of 255),
+            over at most the first 10,000 images: ~0.9 for MNIST, 0.6 for Fashion-MNIST, lower for photos.
+    """
+
+    channels: int
+    height: int
+    width: int
+    num_images: int
+    near_binary: float
+
+    @classmethod
+    def of(cls, split: "ImageSplit", *, max_images: int = 10000) -> "DataStats":
+        x = split.images[:max_images]
+        near = ((x <= 25) | (x >= 230)).float().mean().item() if len(x) else 0.0
+        c, h, w = split.shape
+        return cls(channels=c, height=h, width=w, num_images=len(split), near_binary=near)
+
+    def describe(self) -> str:
+        return (f"{self.num_images:,} train images of {self.channels}x{self.height}x{self.width}, "
+                f"{self.near_binary:.0%} of pixels within 10% of black or white")
 
 
 @dataclass
@@ -30,16 +70,25 @@ class TrainConfig:
     Data: ``dataset`` (mnist | fashion-mnist | cifar10 | imagefolder), ``data_root``,
     ``val_fraction`` of train held out (seeded), ``train_subset``/``test_subset`` (first N images,
     for quick runs), ``augment`` (random horizontal flips, no crops: the augmentation of generative
-    training; default on where the classes are mirror-symmetric, e.g. CIFAR-10, off for digits),
+    training; default on where the classes are mirror-symmetric, CIFAR-10, off for digits and for
+    image folders and tensor files, whose mirror symmetry cannot be known from the pixels),
     ``pixel_range`` ("[0,1]" or "[-1,1]"), ``binarize`` (dynamic binarisation: every training batch
     is resampled as ``x ~ Bernoulli(pixel intensity)``, validation/test images are binarised once with
     the run's seed; for Bernoulli likelihoods comparable with the literature, e.g. MNIST VAE ~89.9 nats).
 
     Model: ``model`` preset (default: mnist-small for 28x28 digits, cifar-seed for CIFAR-10, conv
-    otherwise), ``latent_dim``, ``recon_likelihood`` (default bernoulli for digits, gaussian
-    otherwise), ``recon_sigma`` (Gaussian std in pixel units), ``model_args`` (any other model field).
+    otherwise), ``latent_dim``, ``recon_likelihood`` (default: the model family's, see
+    ``vaelab.families.vae.resolve_config``), ``recon_sigma`` (Gaussian std in pixel units),
+    ``model_args`` (any other model field).
 
-    Optimisation: ``epochs``, ``batch_size``, ``lr``, ``adam_betas``, ``weight_decay``, ``grad_clip``
+    Data-derived defaults (``DATA_DERIVED`` datasets: image folders, tensor files): fields left unset
+    are chosen from the training split (``DataStats``) when ``prepare`` has loaded it
+    (``resolved(data=...)``): the family's likelihood and network size, augmentation off, and an epoch
+    budget of about ``TARGET_STEPS`` steps; ``data_defaults`` records each choice and why (printed at
+    the start of training, written to config.yaml).
+
+    Optimisation: ``epochs`` (default 10; data-derived for image folders), ``batch_size``, ``lr``,
+    ``adam_betas``, ``weight_decay``, ``grad_clip``
     (max gradient norm, null to disable), ``lr_patience``/``lr_factor`` (ReduceLROnPlateau on the
     validation loss).
 
@@ -70,8 +119,9 @@ class TrainConfig:
     recon_likelihood: str | None = None
     recon_sigma: float | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
+    data_defaults: dict[str, str] = field(default_factory=dict)
 
-    epochs: int = 10
+    epochs: int | None = None
     batch_size: int = 128
     lr: float = 1e-3
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -102,20 +152,47 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ resolution
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self, data: "ImageSplit | None" = None) -> "TrainConfig":
         """A copy with every dataset/model-dependent default filled in, validated.
+
+        Args:
+            data: the training split, for the defaults of ``DATA_DERIVED`` datasets (image folders,
+                tensor files): fields still unset are derived from its ``DataStats`` first, and
+                ``data_defaults`` says what was chosen and why. Without it (e.g. to validate a
+                config before loading data) they get the dataset-name defaults.
 
         Raises:
             ConfigError / DataError: the first invalid field, named, with what was expected.
         """
-        c = dataclasses.replace(self, model_args=dict(self.model_args))
+        c = dataclasses.replace(self, model_args=dict(self.model_args), data_defaults=dict(self.data_defaults))
         check_dataset_name(c.dataset)
+        stats = DataStats.of(data) if data is not None and c.dataset in DATA_DERIVED else None
+        derived: dict[str, str] = {}
         if c.model is None:
             c.model = DEFAULT_MODEL.get(c.dataset, "conv")
+            if stats is not None:
+                derived["model"] = f"{c.model}: the preset that takes its input shape from the data"
         check_preset(c.model)
-        families.get(preset_family(c.model)).resolve_config(c)  # family defaults; fields it has no use for are errors
+        family = families.get(preset_family(c.model))
+        if stats is not None:
+            derived.update(family.data_defaults(c, stats))  # before resolve_config: fills fields still unset
+        family.resolve_config(c)  # family defaults; fields it has no use for are errors
         if c.augment is None:
-            c.augment = c.dataset not in DIGIT_LIKE
+            c.augment = c.dataset in MIRROR_SYMMETRIC
+            if stats is not None:
+                derived["augment"] = ("off: whether the classes of an image folder are mirror-symmetric cannot be "
+                                      "read from the pixels (flipped digits or text are other images); turn on with "
+                                      "--augment (augment: true) if they are")
+        if c.epochs is None:
+            c.epochs = DEFAULT_EPOCHS
+            if stats is not None and c.batch_size and c.batch_size > 0:
+                steps = math.ceil(stats.num_images / c.batch_size)
+                c.epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps)))
+                derived["epochs"] = (f"{c.epochs}: about {TARGET_STEPS:,} optimiser steps ({steps} per epoch of "
+                                     f"{stats.num_images:,} images at batch size {c.batch_size}), within "
+                                     f"{MIN_EPOCHS}..{MAX_EPOCHS} epochs")
+        if stats is not None:  # the images were looked at: record what they decided (nothing: {})
+            c.data_defaults = {"data": stats.describe(), **derived} if derived else {}
         if c.beta_schedule is None:
             c.beta_schedule = "linear" if (c.kl_anneal_epochs or c.kl_anneal_steps) else "constant"
         c.validate()

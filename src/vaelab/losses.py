@@ -18,9 +18,17 @@ import torch.nn.functional as F
 from vaelab.data.pixels import from_symmetric, from_unit_interval, to_symmetric
 from vaelab.errors import ConfigError
 
-RECON_LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
-# decoder output channels per image channel, for likelihoods with more than one parameter per sub-pixel
-DECODER_PARAMS = {"bernoulli": 1, "gaussian": 1, "discretized_logistic": 2}
+RECON_LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "gaussian_calibrated", "discretized_logistic")
+# output channels of the decoder network per image channel (more than one: several parameters per sub-pixel)
+DECODER_PARAMS = {"bernoulli": 1, "gaussian": 1, "gaussian_learned": 1, "gaussian_calibrated": 1, "discretized_logistic": 2}
+# Gaussian likelihoods with one shared, fitted standard deviation (sigma-VAE, Rybkin et al. 2021): the model
+# appends log sigma to its decoder logits as C more channels (a broadcast scalar), so ``recon_nll`` and every
+# metric that calls it read sigma from the logits. ``learned``: log sigma is a parameter trained by gradient
+# descent with the rest; ``calibrated``: sigma^2 is set to its closed-form optimum, the batch MSE, at every
+# training step, and evaluation uses a running average of it (like BatchNorm's statistics).
+SHARED_SIGMA = ("gaussian_learned", "gaussian_calibrated")
+# lower bound of a fitted log sigma (Rybkin et al.'s code soft-clips a learned one at -6: sigma >= 0.0025 pixel units)
+MIN_LOG_SIGMA = -6.0
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 
 
@@ -77,18 +85,27 @@ def recon_nll(
             exact for binary pixels, the usual surrogate for gray digits) or ``"gaussian"``
             (fixed standard deviation ``sigma`` around the mean, including the ``0.5*log(2*pi*sigma^2)``
             constant so the result is a true NLL; ``sigma = sqrt(0.5)`` makes it ``SSE + const``, the
-            seeds' summed-MSE loss), or ``"discretized_logistic"`` (``discretized_logistic_nll``: a
-            true likelihood of 8-bit pixels; ``logits`` then hold ``2 * C`` channels, means then
-            log-scales).
-        sigma: Gaussian standard deviation in pixel units.
+            seeds' summed-MSE loss), ``"gaussian_learned"`` / ``"gaussian_calibrated"`` (the same
+            Gaussian density with one fitted standard deviation shared by all pixels, sigma-VAE, Rybkin
+            et al. 2021; ``logits`` then hold ``2 * C`` channels, means then ``log sigma``, and ``sigma``
+            is ignored), or ``"discretized_logistic"`` (``discretized_logistic_nll``: a true likelihood
+            of 8-bit pixels; ``logits`` then hold ``2 * C`` channels, means then log-scales).
+        sigma: Gaussian standard deviation in pixel units (``"gaussian"`` only).
         pixel_range: ``"[0,1]"`` or ``"[-1,1]"``.
 
     Returns:
         ``(nll, mean)``: ``(B,)`` nats per image and the ``(B, C, H, W)`` decoder mean in ``pixel_range``.
 
     Raises:
-        ConfigError: unknown likelihood, or Bernoulli with ``[-1,1]`` data.
+        ConfigError: unknown likelihood, Bernoulli with ``[-1,1]`` data, or logits with the wrong
+            number of channels for a two-parameter likelihood.
     """
+    if likelihood in SHARED_SIGMA:
+        c = x.shape[1]
+        if logits.shape[1] != 2 * c:
+            raise ConfigError(f"{likelihood} needs 2*C = {2 * c} logit channels (means, then log sigma), got {logits.shape[1]}")
+        mean = decoder_mean(logits, pixel_range, likelihood=likelihood)
+        return gaussian_nll(x, mean, logits[:, c:]).flatten(1).sum(1), mean
     if likelihood == "discretized_logistic":
         return discretized_logistic_nll(logits, x, pixel_range=pixel_range).flatten(1).sum(1), decoder_mean(
             logits, pixel_range, likelihood=likelihood)
@@ -98,10 +115,32 @@ def recon_nll(
             raise ConfigError("recon_likelihood 'bernoulli' needs pixel_range '[0,1]'")
         nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     elif likelihood == "gaussian":
-        nll = (x - mean).pow(2) / (2 * sigma**2) + 0.5 * math.log(2 * math.pi * sigma**2)
+        nll = gaussian_nll(x, mean, math.log(sigma))
     else:
         raise ConfigError(f"unknown recon_likelihood {likelihood!r}; valid: {', '.join(RECON_LIKELIHOODS)}")
     return nll.flatten(1).sum(1), mean
+
+
+def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor | float) -> torch.Tensor:
+    """``-log N(x | mean, sigma^2)`` per sub-pixel, with the normalising constant:
+    ``(x - mean)^2 / (2 sigma^2) + log sigma + 0.5 log(2 pi)`` (nats; ``x``, ``mean`` and ``sigma`` in
+    pixel units). ``log_sigma``: a float, or a tensor broadcastable to ``x``."""
+    log_sigma = torch.as_tensor(log_sigma, dtype=x.dtype, device=x.device)
+    return (x - mean).pow(2) * torch.exp(-2 * log_sigma) / 2 + log_sigma + 0.5 * math.log(2 * math.pi)
+
+
+def optimal_log_sigma(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The shared Gaussian ``log sigma`` that maximises the likelihood of ``x`` given ``mean``: ``sigma^2 =
+    MSE`` over every sub-pixel of the batch (Rybkin et al. 2021, "Simple and Effective VAE Training with
+    Calibrated Decoders", sec. 3.2), clamped below at ``MIN_LOG_SIGMA``. Returns a 0-d tensor."""
+    return (0.5 * (x - mean).pow(2).mean().clamp(min=1e-12).log()).clamp(min=MIN_LOG_SIGMA)
+
+
+def soft_clip_log_sigma(log_sigma: torch.Tensor) -> torch.Tensor:
+    """``MIN_LOG_SIGMA + softplus(log_sigma - MIN_LOG_SIGMA)``: a smooth lower bound on a learned log sigma
+    (Rybkin et al.'s ``softclip``), so sigma cannot shrink to 0 on near-perfect reconstructions. A bijection
+    onto ``(MIN_LOG_SIGMA, inf)``: a reparameterisation of the learned value, not a bias."""
+    return MIN_LOG_SIGMA + F.softplus(log_sigma - MIN_LOG_SIGMA)
 
 
 def decoder_mean(logits: torch.Tensor, pixel_range: str = "[0,1]", *, likelihood: str = "bernoulli") -> torch.Tensor:
@@ -109,9 +148,12 @@ def decoder_mean(logits: torch.Tensor, pixel_range: str = "[0,1]", *, likelihood
 
     For ``likelihood="discretized_logistic"`` the first ``C`` of the ``2 * C`` channels are the
     logistic locations on the ``[-1, 1]`` scale; the mean shown is that location clamped to the pixel range.
+    For the ``SHARED_SIGMA`` likelihoods the first ``C`` channels are the mean logits (the rest, log sigma).
     """
     if likelihood == "discretized_logistic":
         return from_symmetric(logits[:, : logits.shape[1] // 2], pixel_range)
+    if likelihood in SHARED_SIGMA:
+        logits = logits[:, : logits.shape[1] // 2]
     return from_unit_interval(torch.sigmoid(logits), pixel_range)
 
 

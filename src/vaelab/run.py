@@ -7,6 +7,9 @@ Layout::
     RUN_DIR/summary.json       test-split numbers and provenance, written when training ends
     RUN_DIR/checkpoints/epoch-NNNN/{model.safetensors, config.json, trainer_state.pt}
                                the newest epoch only; written to a temp folder, then renamed
+    RUN_DIR/samplers/<name>.safetensors, <name>.json
+                               fitted latent samplers (``vaelab.latent_priors``: GMM, second-stage VAE), with
+                               the fingerprint of the checkpoint they were fitted on; refitted when it changes
     RUN_DIR/*.png, tb/, eval.json, report.html, ...
 
 Every command that reads a trained run (``evaluate``, ``synth``, ``sample``, ``compare``, ``sweep``,
@@ -16,6 +19,7 @@ splits (subset, validation hold-out and binarisation exactly as in training).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,14 +27,17 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from vaelab.config import TrainConfig, load_config
 from vaelab.data import RunData, load_run_data
 from vaelab.errors import VaelabError
-from vaelab.io import append_jsonl, read_jsonl, write_json, write_jsonl, write_yaml
+from vaelab.io import append_jsonl, atomic_path, read_jsonl, write_json, write_jsonl, write_yaml
 from vaelab.models import load_model, save_model
 
 CONFIG, METRICS, SUMMARY, CHECKPOINTS = "config.yaml", "metrics.jsonl", "summary.json", "checkpoints"
+SAMPLERS = "samplers"
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -131,7 +138,42 @@ class Run:
         path = self.path / name
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def checkpoint_fingerprint(self, checkpoint: Path | None = None) -> str:
+        """SHA-256 (hex, first 16 digits) of the newest (or ``checkpoint``'s) ``model.safetensors``: what a
+        cached sampler was fitted on."""
+        path = (checkpoint or self.last_checkpoint()) / "model.safetensors"
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()[:16]
+
+    def read_sampler(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """``samplers/<name>.safetensors``: its tensors (CPU) and its metadata ``info`` (a dict, parsed from
+        JSON), or ``None`` when absent or unreadable (the caller fits it again)."""
+        path = self.path / SAMPLERS / f"{name}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+                info = json.loads((fh.metadata() or {})["info"])
+        except Exception:  # a truncated or foreign file: refit
+            return None
+        return tensors, info
+
     # ------------------------------------------------------------------ writing
+
+    def write_sampler(self, name: str, tensors: dict[str, torch.Tensor], info: dict, report: dict) -> Path:
+        """Write a fitted sampler: ``samplers/<name>.safetensors`` (``tensors`` and ``info`` as metadata,
+        which ``read_sampler`` returns) and the strict-JSON ``samplers/<name>.json`` (``report``: how it
+        was fitted, its metrics), each atomically. Returns the safetensors path."""
+        path = self.path / SAMPLERS / f"{name}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={"info": json.dumps(info, allow_nan=False)})
+        write_json(self.path / SAMPLERS / f"{name}.json", report)
+        return path
 
     def append_metrics(self, row: dict) -> None:
         append_jsonl(self.path / METRICS, row)

@@ -3,10 +3,13 @@
 Class-mean latent synthesis: encode the images the run was trained on, take the posterior means ``mu``
 of each class ``c``, and sample codes around that class's statistics; decode them and label them
 ``c``. ``METHODS`` lists the latent distributions. The seeds' recipe is "class mean + noise" without
-a noise scale; unit noise (``noise_scale=1``) is our default, not theirs. A conditional model
-(``cvae-*``, or a class-conditional DDPM) can instead draw from its own sampler with the condition
-``c`` (``method="prior"``). Which methods a model supports comes from its family
-(``synthesis_methods``).
+a noise scale; unit noise (``noise_scale=1``) is our default, not theirs. ``class-gmm`` fits a
+full-covariance Gaussian mixture to each class's codes instead (the per-class version of the
+aggregated-posterior sampler of ``vaelab.latent_priors``: the class-mean recipe is its crudest form,
+one component with unit covariance). A conditional model (``cvae-*``, or a class-conditional DDPM)
+can instead draw from its own sampler with the condition ``c`` (``method="prior"``; for a VAE any
+``--sampler``: ``prior``, ``gmm``, ``two-stage``). Which methods a model supports comes from its
+family (``synthesis_methods``).
 
 Output folder (written to a temporary folder, then renamed, so it is complete or absent)::
 
@@ -14,6 +17,7 @@ Output folder (written to a temporary folder, then renamed, so it is complete or
     OUT/train.safetensors         images uint8 (N,C,H,W), labels int64 (N,)
                                                         -> load_split("tensors", "train", data_root=OUT)
     OUT/class_latents.safetensors per-class mean/std/count of mu (class-* methods)
+    OUT/class_gmm.safetensors     per-class mixture weights/means/covariances (class-gmm)
     OUT/manifest.json             source run, method, noise, counts, seed, classes, timings
     OUT/synthetic_grid.png        one row per class (first 10 classes), 10 samples each
 """
@@ -33,10 +37,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import vaelab
-from vaelab.data import ImageSplit, batches, to_uint8, write_tensor_file
+from vaelab.data import ImageSplit, to_uint8, write_tensor_file
 from vaelab.errors import ConfigError, DataError, VaelabError
 from vaelab.families import family_of
 from vaelab.io import git_sha, write_json
+from vaelab.latent_priors import LatentMixture, encode_split, fit_gmm
 from vaelab.plots import save_grid
 from vaelab.run import Run
 from vaelab.runtime import select_device
@@ -46,7 +51,9 @@ METHODS: dict[str, str] = {
     "class-mean": "z = mean_c + noise_scale * eps",
     "class-std": "z = mean_c + noise_scale * std_c * eps",
     "class-gaussian": "z = mean_c + noise_scale * L_c eps, L_c L_c^T = Cov_c (full covariance)",
-    "prior": "the model's own sampler (VAE: z ~ N(0, I)) with condition c (conditional models only)",
+    "class-gmm": "k ~ Categorical(w_c), z = mean_ck + noise_scale * L_ck eps: a full-covariance Gaussian mixture fitted "
+                 "on the codes of class c (scikit-learn GaussianMixture)",
+    "prior": "the model's own sampler (VAE: --sampler prior | gmm | two-stage) with condition c (conditional models only)",
 }
 GRID_CLASSES, GRID_PER_CLASS = 10, 10
 
@@ -96,13 +103,28 @@ def class_latent_stats(mu: torch.Tensor, labels: torch.Tensor, num_classes: int)
 @torch.no_grad()
 def encode_class_stats(model, split: ImageSplit, *, batch_size: int = 500) -> ClassLatentStats:
     """Encode ``split`` (on the model's device) with ``model`` and return the per-class stats of ``mu``."""
-    device = next(model.parameters()).device
-    mus = []
-    images, labels = split.images.to(device), split.labels.to(device)
-    for x, y in tqdm(batches(images, labels, batch_size, pixel_range=model.config.pixel_range),
-                     total=-(-len(split) // batch_size), desc="encoding real train split", unit="batch", leave=False):
-        mus.append(model.encode(x, y=y)[0])
-    return class_latent_stats(torch.cat(mus).cpu(), split.labels.cpu(), len(split.classes))
+    codes = encode_split(model, split, batch_size=batch_size, desc="encoding real train split")
+    return class_latent_stats(codes.mu, codes.labels, len(split.classes))
+
+
+def fit_class_gmms(mu: torch.Tensor, labels: torch.Tensor, num_classes: int, *, components: int,
+                   seed: int) -> tuple[LatentMixture, list[dict]]:
+    """One full-covariance Gaussian mixture per class of the codes ``mu`` ``(N, D)`` (``labels`` ``(N,)``),
+    with ``min(components, images of the class)`` components each (``vaelab.latent_priors.fit_gmm``).
+
+    Returns:
+        The mixtures (``LatentMixture`` with one group per class, CPU) and each class's fit report.
+
+    Raises:
+        DataError: a class with fewer than 2 images.
+    """
+    fits = []
+    for c in tqdm(range(num_classes), desc="fitting a Gaussian mixture per class", unit="class", leave=False):
+        z = mu[labels == c]
+        if len(z) < 2:
+            raise DataError(f"class {c} has {len(z)} training image(s); class-gmm needs at least 2 per class")
+        fits.append(fit_gmm(z, components, seed=seed))
+    return LatentMixture.from_groups([t for t, _ in fits]), [{"class": c, **i} for c, (_, i) in enumerate(fits)]
 
 
 def sample_latents(stats: ClassLatentStats, c: int, n: int, *, method: str, noise_scale: float,
@@ -133,9 +155,11 @@ def class_folders(classes: list[str]) -> list[str]:
     return [f"{i:0{width}d}-{s}" for i, s in enumerate(safe)]
 
 
-def _check_args(per_class: int, noise_scale: float, method: str | None, out: Path) -> None:
+def _check_args(per_class: int, noise_scale: float, method: str | None, out: Path, components: int = 10) -> None:
     if not isinstance(per_class, int) or isinstance(per_class, bool) or per_class <= 0:
         raise ConfigError(f"--per-class must be a positive integer, got {per_class!r}")
+    if not isinstance(components, int) or isinstance(components, bool) or components <= 0:
+        raise ConfigError(f"--components must be a positive integer, got {components!r}")
     if not noise_scale >= 0:
         raise ConfigError(f"--noise-scale must be >= 0, got {noise_scale!r}")
     if method is not None and method not in METHODS:
@@ -154,6 +178,8 @@ def synthesize(
     seed: int = 0,
     device: str = "auto",
     batch_size: int = 500,
+    components: int = 10,
+    sampler: str | None = None,
 ) -> Path:
     """Write a labelled synthetic dataset decoded from the newest checkpoint of ``run_dir``.
 
@@ -164,7 +190,10 @@ def synthesize(
         method: a key of ``METHODS`` the model supports; default ``"class-mean"`` for unconditional
             VAEs, ``"prior"`` for conditional models.
         noise_scale: scale of ``eps`` for class-* methods (1.0: ``mean_c + N(0, I)``, our default; the
-            seeds name no scale).
+            seeds name no scale; for ``class-gmm`` 1.0 is a draw from the mixture).
+        components: mixture components per class for ``class-gmm`` (at most the class's image count).
+        sampler: for ``method="prior"``: the model family's sampler (a VAE: ``prior``, ``gmm``,
+            ``two-stage``, fitted on the run and cached in it; see ``vaelab.families.vae.sampler``).
         seed: seeds every latent draw (class-* codes come from a CPU ``torch.Generator``, so they
             match across devices).
         device: where encoding and decoding run.
@@ -174,14 +203,15 @@ def synthesize(
         ``out``.
 
     Raises:
-        ConfigError: non-positive ``per_class``, negative ``noise_scale``, unknown method, a method
-            the model does not support (e.g. ``"prior"`` with an unconditional model).
+        ConfigError: non-positive ``per_class`` or ``components``, negative ``noise_scale``, unknown
+            method, a method the model does not support (e.g. ``"prior"`` with an unconditional model),
+            ``sampler`` with a method other than ``prior``.
         DataError: the run's dataset has fewer than 2 classes (unlabelled), or its class count
             differs from the conditional model's.
         VaelabError: ``out`` exists, or ``run_dir`` is not a run folder with a checkpoint.
     """
     out = Path(out)
-    _check_args(per_class, noise_scale, method, out)
+    _check_args(per_class, noise_scale, method, out, components)
     run = Run(run_dir)
     run_dir, config = run.path, run.config
     ckpt = run.last_checkpoint()
@@ -194,6 +224,9 @@ def synthesize(
     method = method or supported[0]
     if method == "prior" and noise_scale != 1.0:
         raise ConfigError("--noise-scale applies to the class-* methods; 'prior' uses the model's own sampler")
+    if sampler is not None and method != "prior":
+        raise ConfigError(f"--sampler applies to --method prior (a conditional model's own sampler), not to {method!r}; "
+                          "for per-class mixtures of an unconditional VAE use --method class-gmm")
     if method not in supported:
         raise ConfigError(f"method {method!r} does not apply to {config.model} ({run_dir}); valid for it: "
                           f"{', '.join(supported)}" + (" ('prior' needs a conditional model)" if method == "prior" else ""))
@@ -207,11 +240,19 @@ def synthesize(
         raise DataError(f"the model of {run_dir} has {model.config.num_classes} classes but {train.source} has {len(classes)}")
 
     t0 = time.perf_counter()
-    stats = None if method == "prior" else encode_class_stats(model, train, batch_size=batch_size)
+    stats = mixture = draw = gmm_fits = None
+    if method == "prior":
+        draw = family_of(model).sampler(model, run, sampler=sampler)
+    else:
+        codes = encode_split(model, train, batch_size=batch_size, desc="encoding real train split")
+        stats = class_latent_stats(codes.mu, codes.labels, len(classes))
+        if method == "class-gmm":
+            mixture, gmm_fits = fit_class_gmms(codes.mu, codes.labels, len(classes), components=components, seed=seed)
     images = _decode_all(model, stats, len(classes), per_class, method=method, noise_scale=noise_scale,
-                         seed=seed, batch_size=batch_size)
+                         seed=seed, batch_size=batch_size, draw=draw, mixture=mixture)
     labels = torch.arange(len(classes)).repeat_interleave(per_class)
-    source = f"synthetic ({method}, noise {noise_scale:g}) from {config.model} run {run_dir.name} on {train.source}"
+    how = f"{method}, sampler {draw.options['sampler']}" if draw is not None else f"{method}, noise {noise_scale:g}"
+    source = f"synthetic ({how}) from {config.model} run {run_dir.name} on {train.source}"
     split = ImageSplit(images, labels, classes, source, "tensors")
     manifest = {
         "format": "vaelab synthetic dataset",
@@ -225,6 +266,8 @@ def synthesize(
         "method": method,
         "method_formula": METHODS[method],
         "noise_scale": noise_scale,
+        "sampler": None if draw is None else draw.options,
+        "class_gmm": None if gmm_fits is None else {"components_asked": components, "per_class": gmm_fits},
         "per_class": per_class,
         "num_images": len(split),
         "counts": {c: per_class for c in classes},
@@ -234,24 +277,26 @@ def synthesize(
         "seed": seed,
         "source": source,
         "files": {"imagefolder": "train/<class>/NNNNN.png", "tensors": "train.safetensors",
-                  "grid": "synthetic_grid.png", "class_latents": None if stats is None else "class_latents.safetensors"},
+                  "grid": "synthetic_grid.png", "class_latents": None if stats is None else "class_latents.safetensors",
+                  "class_gmm": None if mixture is None else "class_gmm.safetensors"},
         "generate_time_s": time.perf_counter() - t0,
         "device": str(dev),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "vaelab_version": vaelab.__version__,
         "git_sha": git_sha(),
     }
-    _write_folder(out, split, stats, manifest)
+    _write_folder(out, split, stats, manifest, mixture)
     return out
 
 
 @torch.no_grad()
 def _decode_all(model, stats, num_classes: int, per_class: int, *, method: str, noise_scale: float, seed: int,
-                batch_size: int) -> torch.Tensor:
-    """``uint8`` ``(num_classes * per_class, C, H, W)``, class-major."""
+                batch_size: int, draw=None, mixture: LatentMixture | None = None) -> torch.Tensor:
+    """``uint8`` ``(num_classes * per_class, C, H, W)``, class-major. ``draw``: the family ``Sampler`` of
+    method ``prior``; ``mixture``: the per-class mixtures of ``class-gmm``."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)  # class-* codes: CPU draws, the same images on any device
-    sampler = family_of(model).sampler(model) if method == "prior" else None
+    sampler = draw
     device_gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     bar = tqdm(total=num_classes * per_class, desc=f"decoding ({method})", unit="img")
@@ -261,6 +306,9 @@ def _decode_all(model, stats, num_classes: int, per_class: int, *, method: str, 
             y = torch.full((n,), c, dtype=torch.int64, device=device)
             if sampler is not None:
                 x = sampler.draw(n, device_gen, y)
+            elif mixture is not None:
+                z = mixture.sample(n, generator=gen, y=torch.full((n,), c, dtype=torch.int64), scale=noise_scale)
+                x = model.decode(z.to(device), y=y)
             else:
                 z = sample_latents(stats, c, n, method=method, noise_scale=noise_scale,
                                    latent_dim=model.config.latent_dim, generator=gen).to(device)
@@ -271,7 +319,8 @@ def _decode_all(model, stats, num_classes: int, per_class: int, *, method: str, 
     return torch.cat(out)
 
 
-def _write_folder(out: Path, split: ImageSplit, stats: ClassLatentStats | None, manifest: dict) -> None:
+def _write_folder(out: Path, split: ImageSplit, stats: ClassLatentStats | None, manifest: dict,
+                  mixture: LatentMixture | None = None) -> None:
     """Everything into a hidden temporary sibling of ``out``, then one ``os.replace``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -290,6 +339,10 @@ def _write_folder(out: Path, split: ImageSplit, stats: ClassLatentStats | None, 
         if stats is not None:
             save_file({"mean": stats.mean, "std": stats.std, "count": stats.count}, str(tmp / "class_latents.safetensors"),
                       metadata={"classes": str(manifest["classes"]), "what": "statistics of the posterior means mu"})
+        if mixture is not None:
+            save_file({k: v.contiguous() for k, v in mixture.tensors().items()}, str(tmp / "class_gmm.safetensors"),
+                      metadata={"classes": str(manifest["classes"]), "what": "one Gaussian mixture per class of the "
+                                "posterior means mu: weights (K, M), means (K, M, D), covariances (K, M, D, D)"})
         rows = torch.arange(min(GRID_CLASSES, len(folders)))
         pick = (rows[:, None] * manifest["per_class"] + torch.arange(min(GRID_PER_CLASS, manifest["per_class"]))).flatten()
         save_grid(split.images[pick].float() / 255.0, tmp / "synthetic_grid.png", nrow=min(GRID_PER_CLASS, manifest["per_class"]))

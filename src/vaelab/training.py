@@ -58,12 +58,16 @@ def prepare(config: TrainConfig, *, resume_from: str | Path | None = None):
     Raises:
         ConfigError, DataError, VaelabError: the first problem found, named.
     """
-    config = config.resolved()
+    requested, config = config, config.resolved()  # validated before any data is read
     dist, device = distributed(config.device)
+    data = run_data(config).to(device)
+    config = requested.resolved(data=data.train)  # image folders: unset fields derived from the images
+    if config.data_defaults and resume_from is None:
+        say(dist, "defaults derived from the data (written to config.yaml):\n"
+            + "\n".join(f"  {k}: {v}" for k, v in config.data_defaults.items()))
     config.precision = resolve_precision(config.precision, device)
     if config.channels_last is None:
         config.channels_last = device.type == "cuda"  # measured: no gain on the CPU (README, "Speed")
-    data = run_data(config).to(device)
     overrides = config.model_overrides()
     if "num_classes" in model_fields(config.model):  # conditional models size their label input from the data
         overrides["num_classes"] = len(data.train.classes)

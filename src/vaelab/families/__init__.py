@@ -17,6 +17,8 @@ The contract (module-level names of a family module)::
     NOT_APPLICABLE         {evaluate metric: reason} for metrics the family cannot support
 
     resolve_config(config)                     fill family defaults into a TrainConfig, reject fields that do not apply
+    data_defaults(config, stats) -> dict       fill unset fields from the training images (image folders; stats: a
+                                               config.DataStats) before resolve_config; {field: "value: why"}
     after_step(model)                          called after every optimiser step (e.g. an EMA update)
     evaluate(model, split, *, beta, seed, keep_latents, dist) -> dict
                                                mean loss terms over a split; "loss" drives the LR schedule

@@ -55,6 +55,11 @@ def resolve_config(config) -> None:
                               "diffusion model (remove it from the config or command line)")
 
 
+def data_defaults(config, stats) -> dict[str, str]:
+    """No family defaults depend on the images (the ``ddpm`` preset already takes its shape from them)."""
+    return {}
+
+
 def after_step(model) -> None:
     """One EMA update of the sampling weights."""
     model.update_ema()

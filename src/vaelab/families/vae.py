@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vaelab import plots
+from vaelab import latent_priors, plots
 from vaelab.data import DIGIT_LIKE, ImageSplit, to_pixels
 from vaelab.errors import ConfigError
 from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks, gather_rows
@@ -37,8 +37,10 @@ SWEEP_COLUMNS = [
     ("active_units", "active units", "active units (test)"),
 ]
 NOT_APPLICABLE: dict[str, str] = {}
-SAMPLERS = {"prior": "z ~ N(0, I), decoded in one pass"}
-SYNTHESIS_METHODS = ("class-mean", "class-std", "class-gaussian")
+# sampler name -> how z is drawn (each decoded in one pass); gmm and two-stage are fitted on the run's train
+# split and cached in RUN_DIR/samplers/ (vaelab.latent_priors); options are written NAME:KEY=VALUE,...
+SAMPLERS = {"prior": "z ~ N(0, I) (the model's prior)", **latent_priors.DESCRIPTIONS}
+SYNTHESIS_METHODS = ("class-mean", "class-std", "class-gaussian", "class-gmm")
 
 # file -> caption; {source} is the dataset label, {n_test} the number of test images
 PICTURES = {
@@ -61,12 +63,62 @@ PICTURES = {
 }
 
 
+# the default likelihood of continuous (not digit-like) data. Measured (docs/samplers.md, "Fixed vs fitted decoder
+# sigma"): gaussian_calibrated wins on -ELBO, reconstructions and FID with --sampler gmm/two-stage, but not with the
+# default prior sampler (Fashion-MNIST FID 12.6 vs 12.3, CIFAR-10 prior grids worse), so the fixed sigma stays
+CONTINUOUS_LIKELIHOOD = "gaussian"
+# data-derived defaults (image folders): Bernoulli when at least this share of pixels is near black or white
+NEAR_BINARY = 0.7
+# presets that take their input shape from the data; their widths and latent size are derived for image folders
+SHAPE_FROM_DATA = ("conv", "cvae-conv")
+WIDTHS = (32, 64, 128, 256)
+
+
 def resolve_config(config) -> None:
-    """Default likelihood (Bernoulli for digit-like data, else Gaussian) and Gaussian sigma (sqrt 0.5)."""
+    """Default likelihood (Bernoulli for digit-like data, else ``CONTINUOUS_LIKELIHOOD``) and Gaussian sigma
+    (sqrt 0.5: fixed, or the starting value of a fitted one)."""
     if config.recon_likelihood is None:
-        config.recon_likelihood = "bernoulli" if config.dataset in DIGIT_LIKE else "gaussian"
+        config.recon_likelihood = "bernoulli" if config.dataset in DIGIT_LIKE else CONTINUOUS_LIKELIHOOD
     if config.recon_sigma is None:
         config.recon_sigma = 0.5**0.5
+
+
+def data_defaults(config, stats) -> dict[str, str]:
+    """Fill the unset VAE fields that depend on the images (image folders; ``stats``: a ``config.DataStats``)
+    and return ``{field: "value: why"}``.
+
+    - ``recon_likelihood``: Bernoulli when at least ``NEAR_BINARY`` of the pixels are within 10 % of black
+      or white (ink on a background, like MNIST: 91 %; a 16x16 resize of MNIST: 79 %), else
+      ``CONTINUOUS_LIKELIHOOD`` (Fashion-MNIST: 61 %, photos lower).
+    - for the ``SHAPE_FROM_DATA`` presets: one stride-2 conv per halving down to a 4-7 px feature map
+      (widths from ``WIDTHS``, at most 4), a 256-wide hidden layer, and ``latent_dim`` 16 for images of at
+      most 1,024 sub-pixels (the size of mnist-small's code), else the preset's.
+    """
+    derived = {}
+    if config.recon_likelihood is None:
+        binary = stats.near_binary >= NEAR_BINARY and config.pixel_range == "[0,1]"
+        config.recon_likelihood = "bernoulli" if binary else CONTINUOUS_LIKELIHOOD
+        derived["recon_likelihood"] = (
+            f"bernoulli: {stats.near_binary:.0%} of the pixels are within 10% of black or white (>= {NEAR_BINARY:.0%}): "
+            "near-binary images, where the Bernoulli likelihood is the usual choice (as for MNIST)" if binary else
+            f"{CONTINUOUS_LIKELIHOOD}: continuous pixel values (only {stats.near_binary:.0%} within 10% of black or "
+            f"white, < {NEAR_BINARY:.0%}{'' if config.pixel_range == '[0,1]' else '; Bernoulli needs [0,1] pixels'})")
+    if config.model in SHAPE_FROM_DATA:
+        side = min(stats.height, stats.width)
+        n = max(1, min(len(WIDTHS), int(math.log2(max(side // 4, 1)))))
+        args = config.model_args
+        if "channels" not in args:
+            args["channels"] = list(WIDTHS[:n])
+            derived["model_args.channels"] = (f"{args['channels']}: {n} stride-2 conv(s) take {side} px down to "
+                                              f"{side >> n} px")
+        if "fc_hidden" not in args:
+            args["fc_hidden"] = 256
+            derived["model_args.fc_hidden"] = "256: a hidden layer between the conv stack and the code (as mnist-small)"
+        if config.latent_dim is None and stats.channels * stats.height * stats.width <= 1024:
+            config.latent_dim = 16
+            derived["latent_dim"] = (f"16: small images ({stats.channels}x{stats.height}x{stats.width} <= 1,024 "
+                                     "sub-pixels), the code size of mnist-small")
+    return derived
 
 
 def after_step(model) -> None:
@@ -142,9 +194,12 @@ def summary(model, test: ImageSplit, config, metrics: dict) -> dict:
     """Test-split numbers of a VAE run for ``summary.json`` (``metrics`` from ``evaluate``)."""
     c, h, w = test.shape
     discrete, likelihood = likelihood_note(model.config.recon_likelihood, test.images)
+    log_sigma = model.decoder_log_sigma()
     return {
         "latent_dim": model.config.latent_dim,
         "recon_likelihood": model.config.recon_likelihood,
+        # the Gaussian decoder's standard deviation in pixel units (fitted for gaussian_learned/_calibrated)
+        "decoder_sigma": None if log_sigma is None else math.exp(log_sigma.item()),
         "test_recon_nats": metrics["recon"],
         "test_kl_nats": metrics["kl"],
         "test_neg_elbo_nats": metrics["neg_elbo"],
@@ -247,29 +302,73 @@ def sweep_metrics(summary: dict) -> dict:
 
 
 def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = None) -> Sampler:
-    """How to draw images from a VAE: ``prior`` (default) decodes ``z ~ N(0, I)``.
+    """How to draw images from a VAE: ``z`` from one of ``SAMPLERS``, decoded in one pass (decoder means).
+
+    - ``prior`` (default): ``z ~ N(0, I)``.
+    - ``gmm[:components=K,max_iter=N]``: a full-covariance Gaussian mixture (10 components by default)
+      fitted on the posterior means of the run's train split; per class for a conditional VAE.
+    - ``two-stage[:epochs=E,hidden=H,depth=L,batch_size=B,lr=R]``: a second-stage VAE trained on the
+      train split's codes (Dai & Wipf 2019); conditioned on the class for a conditional VAE.
+
+    The fitted samplers need ``run`` and are read from (or fitted and written to) ``RUN_DIR/samplers/``
+    (``vaelab.latent_priors.load_or_fit``) at their first ``draw``: building one only checks its options.
+    A conditional model drawn without labels draws the classes in turn (``arange(n) % num_classes``), as
+    its prior sampler does. ``draw`` is seeded by its generator.
 
     Raises:
-        ConfigError: ``steps`` (diffusion only) or an unknown sampler.
+        ConfigError: ``steps`` (diffusion only), an unknown sampler or option, or a fitted sampler without a run.
     """
     if steps is not None:
         raise ConfigError("--steps applies to diffusion samplers; a VAE decodes an image in one pass")
-    name = sampler or "prior"
+    spec = sampler or "prior"
+    name = spec.partition(":")[0].strip()
     if name not in SAMPLERS:
         raise ConfigError(f"unknown VAE sampler {name!r}; valid: {', '.join(SAMPLERS)}")
     cfg = model.config
+    decoder = f"{cfg.recon_likelihood} decoder"
+    if name == "prior":
+        if ":" in spec:
+            raise ConfigError(f"--sampler {spec!r}: the prior sampler takes no options")
 
-    def draw(n: int, generator: torch.Generator | None, y: torch.Tensor | None) -> torch.Tensor:
-        return model.sample(n, y=y, generator=generator)
+        def draw(n: int, generator: torch.Generator | None, y: torch.Tensor | None) -> torch.Tensor:
+            return model.sample(n, y=y, generator=generator)
 
-    return Sampler(name=name, options={"sampler": name}, label="prior", network_evaluations=1,
-                   latent_space=f"z in R^{cfg.latent_dim}, prior N(0, I); encoder gives q(z|x) ({cfg.recon_likelihood} decoder)",
-                   draw=draw)
+        return Sampler(name=name, options={"sampler": name}, label="prior", network_evaluations=1,
+                       latent_space=f"z in R^{cfg.latent_dim}, prior N(0, I); encoder gives q(z|x) ({decoder})",
+                       draw=draw)
+    name, options = latent_priors.parse_spec(spec)  # every option checked before any fitting
+    if run is None:
+        raise ConfigError(f"--sampler {name} is fitted on a run's training split: it needs the run folder")
+    spec = latent_priors.canonical_spec(name, options)
+    device = next(model.parameters()).device
+    fitted: list = []  # read or fitted at the first draw, so that building samplers (e.g. compare's) costs nothing
+
+    def draw_fitted(n: int, generator: torch.Generator | None, y: torch.Tensor | None) -> torch.Tensor:
+        if not fitted:
+            fitted.append(latent_priors.load_or_fit(name, options, model, run,
+                                                    num_classes=cfg.num_classes if model.conditional else None))
+        if y is None and model.conditional:
+            y = cycle_labels(model, n)
+        y = None if y is None else y.to(device)
+        z = fitted[0].sample(n, generator=generator, y=y if model.conditional else None)
+        return model.decode(z, y=y)
+
+    per_class = " per class" if model.conditional else ""
+    what = (f"Gaussian mixture (up to {options['components']} full-covariance components{per_class})" if name == "gmm"
+            else f"second-stage VAE{' conditioned on y' if model.conditional else ''}")
+    # passes per image: the decoder, plus the second stage's small MLP decoder
+    return Sampler(name=name, options={"sampler": spec, **options}, label=spec,
+                   network_evaluations=2 if name == "two-stage" else 1,
+                   latent_space=f"z in R^{cfg.latent_dim} drawn from a {what} fitted on the train split's codes "
+                                f"(RUN_DIR/samplers/{latent_priors.cache_name(spec)}.json); {decoder}",
+                   draw=draw_fitted)
 
 
 def comparison_samplers(model, run=None, *, ddim_steps: int = 50) -> list[Sampler]:
-    """The entries of a comparison: the prior sampler."""
-    return [sampler(model, run)]
+    """The entries of a comparison: the prior sampler and, given the run, the two aggregated-posterior
+    samplers (``gmm``, ``two-stage``) with their default options."""
+    names = ["prior"] if run is None else ["prior", "gmm", "two-stage"]
+    return [sampler(model, run, sampler=name) for name in names]
 
 
 def sample_labels(model, n: int) -> torch.Tensor | None:
@@ -281,5 +380,6 @@ def class_labels(model, index: int, n: int) -> torch.Tensor:
 
 
 def synthesis_methods(model) -> list[str]:
-    """Conditional VAEs default to their prior with the class as condition; VAEs to class-mean codes."""
+    """Conditional VAEs default to their own sampler (``--sampler``, prior by default) with the class as
+    condition; VAEs to class-mean codes. ``class-gmm``: a Gaussian mixture per class of the codes."""
     return ["prior", *SYNTHESIS_METHODS] if model.conditional else list(SYNTHESIS_METHODS)

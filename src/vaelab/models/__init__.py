@@ -1,8 +1,9 @@
 """Model registry: preset names -> (config class, default fields), and weight save/load.
 
 Presets fix the input shape where the architecture is tied to it (``cifar-seed``,
-``mnist-small``); ``conv`` takes its input shape from the dataset. ``cvae-mnist``, ``cvae-cifar`` and
-``cvae-conv`` are their conditional twins.
+``mnist-small``, ``resnet-cifar``); ``conv`` takes its input shape from the dataset. ``cvae-mnist``,
+``cvae-cifar`` and ``cvae-conv`` are their conditional twins. ``resnet-cifar`` is the stronger CIFAR-10
+VAE (residual blocks, ``vaelab.models.resnet_vae``); ``cifar-seed`` stays the seeds' network.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 from vaelab.models.ddpm import DDPM, DDPMConfig
 from vaelab.models.cvae import CVAE, CVAEConfig
+from vaelab.models.resnet_vae import ResNetVAE, ResNetVAEConfig
 
 # model_type (stored in config.json) -> (config class, model class)
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -29,6 +31,7 @@ MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "ddpm": (DDPMConfig, DDPM),
     "cvae": (CVAEConfig, CVAE),
     "classifier": (ClassifierConfig, ResNetClassifier),
+    "resnet_vae": (ResNetVAEConfig, ResNetVAE),
 }
 
 # preset name -> (model_type, fixed fields); fields not fixed here come from the dataset/config.
@@ -42,6 +45,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(in_channels=3, image_size=32, channels=(64, 128, 256, 512), latent_dim=256, fc_hidden=None),
     ),
     "conv": ("conv_vae", dict(channels=(32, 64, 128, 256), latent_dim=64, fc_hidden=None)),
+    # residual CIFAR-10 VAE: 32 -> 16 -> 8 -> 4 px, two residual blocks per level, latent 128; 2.6 M parameters,
+    # about as fast per image on a CPU as cifar-seed (7.1 M)
+    "resnet-cifar": (
+        "resnet_vae",
+        dict(in_channels=3, image_size=32, channels=(32, 64, 128), blocks=2, latent_dim=128, fc_hidden=None),
+    ),
     # DDPM baselines: attention at the lowest level (7x7 and 8x8) and in the middle block
     "ddpm-28": ("ddpm", dict(in_channels=1, image_size=28, widths=(32, 64, 128))),
     "ddpm-32": ("ddpm", dict(in_channels=3, image_size=32, widths=(64, 128, 256))),

@@ -8,6 +8,7 @@ whose ``sigmoid`` is the pixel mean (the seeds' final ``Sigmoid``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,7 +16,21 @@ from torch import nn
 
 from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.errors import ConfigError
-from vaelab.losses import DECODER_PARAMS, RECON_LIKELIHOODS, LossOutput, decoder_mean, kl_normal, recon_nll
+from vaelab.losses import (
+    DECODER_PARAMS,
+    MIN_LOG_SIGMA,
+    RECON_LIKELIHOODS,
+    SHARED_SIGMA,
+    LossOutput,
+    decoder_mean,
+    kl_normal,
+    optimal_log_sigma,
+    recon_nll,
+    soft_clip_log_sigma,
+)
+
+# weight of the newest batch in the running sigma^2 of a calibrated decoder (evaluation uses the running value)
+SIGMA_MOMENTUM = 0.05
 
 
 @dataclass
@@ -30,9 +45,11 @@ class ConvVAEConfig:
         fc_hidden: width of an extra Linear + ReLU between the conv stack and ``fc_mu``/``fc_logvar``
             (and before the decoder's reshape); ``None`` for none.
         batch_norm: BatchNorm after every conv except the decoder's last.
-        recon_likelihood: ``"bernoulli"``, ``"gaussian"`` or ``"discretized_logistic"`` (see
-            ``vaelab.losses.recon_nll``; the last makes the decoder output 2 parameters per sub-pixel).
-        recon_sigma: Gaussian standard deviation in pixel units (``sqrt(0.5)``: summed-MSE loss).
+        recon_likelihood: ``"bernoulli"``, ``"gaussian"``, ``"gaussian_learned"``, ``"gaussian_calibrated"``
+            or ``"discretized_logistic"`` (see ``vaelab.losses.recon_nll``; the last makes the decoder
+            output 2 parameters per sub-pixel; the two fitted-sigma Gaussians append ``log sigma``).
+        recon_sigma: Gaussian standard deviation in pixel units (``sqrt(0.5)``: summed-MSE loss); for
+            ``gaussian_learned`` / ``gaussian_calibrated`` its starting value before it is fitted.
         pixel_range: ``"[0,1]"`` or ``"[-1,1]"``, the range of inputs and decoder means.
     """
 
@@ -133,6 +150,42 @@ class ConvVAE(nn.Module):
             conv = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, output_padding=s_out - 2 * s_in)
             dec += [conv] if i == len(ch) - 1 else _block(conv, c_out, config.batch_norm)
         self.decoder = nn.Sequential(*dec)
+        self._init_log_sigma()
+
+    def _init_log_sigma(self) -> None:
+        """The fitted decoder sigma of the ``SHARED_SIGMA`` likelihoods, starting at ``config.recon_sigma``:
+        a parameter ``log_sigma_raw`` (``gaussian_learned``; soft-clipped when read) or a buffer
+        ``log_sigma`` (``gaussian_calibrated``; the running closed-form optimum)."""
+        start = math.log(self.config.recon_sigma)
+        if self.config.recon_likelihood == "gaussian_learned":
+            # the inverse of soft_clip_log_sigma, so that the clipped value starts exactly at log(recon_sigma)
+            raw = MIN_LOG_SIGMA + math.log(math.expm1(start - MIN_LOG_SIGMA)) if start - MIN_LOG_SIGMA < 30 else start
+            self.log_sigma_raw = nn.Parameter(torch.tensor(raw, dtype=torch.float32))
+        elif self.config.recon_likelihood == "gaussian_calibrated":
+            self.register_buffer("log_sigma", torch.tensor(max(start, MIN_LOG_SIGMA), dtype=torch.float32))
+
+    def decoder_log_sigma(self) -> torch.Tensor | None:
+        """The decoder's shared ``log sigma`` (0-d float32 tensor, pixel units) for the fitted-sigma Gaussian
+        likelihoods, ``log(recon_sigma)`` for ``gaussian``, else ``None``."""
+        lik = self.config.recon_likelihood
+        if lik == "gaussian_learned":
+            return soft_clip_log_sigma(self.log_sigma_raw)
+        if lik == "gaussian_calibrated":
+            return self.log_sigma
+        if lik == "gaussian":
+            return torch.tensor(math.log(self.config.recon_sigma))
+        return None
+
+    def _with_log_sigma(self, logits: torch.Tensor) -> torch.Tensor:
+        """Append the shared ``log sigma`` as ``C`` constant channels for the ``SHARED_SIGMA`` likelihoods."""
+        if self.config.recon_likelihood not in SHARED_SIGMA:
+            return logits
+        plane = self.decoder_log_sigma().to(logits.dtype).expand(logits.shape)
+        return torch.cat([logits, plane], dim=1)
+
+    def decoder_in(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's input vector for codes ``z`` (``y`` ignored; the conditional VAE appends the label)."""
+        return z
 
     # ------------------------------------------------------------------ model contract
 
@@ -143,8 +196,9 @@ class ConvVAE(nn.Module):
 
     def decode_logits(self, z: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, latent_dim)`` -> ``(B, C, H, W)`` decoder logits (``(B, 2C, H, W)`` for a discretised
-        logistic); ``y`` ignored."""
-        return self.decoder(self.decoder_input(z).view(-1, *self.feature_shape))
+        logistic, and for a fitted-sigma Gaussian: means, then the shared ``log sigma``); ``y`` ignored."""
+        h = self.decoder_input(self.decoder_in(z, y)).view(-1, *self.feature_shape)
+        return self._with_log_sigma(self.decoder(h))
 
     def decode(self, z: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, latent_dim)`` (and labels ``y`` for a conditional model) -> ``(B, C, H, W)`` pixel
@@ -193,9 +247,24 @@ class ConvVAE(nn.Module):
 
     def loss_terms(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *,
                    beta: float) -> LossOutput:
-        """Steps 4-5 of ``loss`` for decoder ``logits`` of a ``z`` drawn from ``N(mu, exp(logvar))``, in float32."""
+        """Steps 4-5 of ``loss`` for decoder ``logits`` of a ``z`` drawn from ``N(mu, exp(logvar))``, in float32.
+
+        A ``gaussian_calibrated`` decoder in training mode uses the batch's own optimal sigma (``sigma^2 =``
+        the batch MSE, Rybkin et al. 2021, sec. 3.2; detached, which leaves the decoder's gradient unchanged
+        because the NLL is stationary in sigma there) and folds it into its running ``log_sigma``
+        (momentum ``SIGMA_MOMENTUM``), which evaluation uses: a fixed sigma, so test numbers are true NLLs.
+        Under data parallelism each rank fits its own shard and rank 0's running value is kept.
+        """
         cfg = self.config
         x, logits, mu, logvar = x.float(), logits.float(), mu.float(), logvar.float()
+        if cfg.recon_likelihood == "gaussian_calibrated" and self.training:
+            c = x.shape[1]
+            mean = decoder_mean(logits, cfg.pixel_range, likelihood=cfg.recon_likelihood)
+            log_sigma = optimal_log_sigma(x, mean.detach())
+            with torch.no_grad():
+                var = (1 - SIGMA_MOMENTUM) * torch.exp(2 * self.log_sigma) + SIGMA_MOMENTUM * torch.exp(2 * log_sigma)
+                self.log_sigma.copy_(0.5 * var.log())
+            logits = torch.cat([logits[:, :c], log_sigma.expand(logits[:, c:].shape)], dim=1)
         recon, mean = recon_nll(logits, x, cfg.recon_likelihood, sigma=cfg.recon_sigma, pixel_range=cfg.pixel_range)
         kl = kl_normal(mu, logvar).sum(1)
         mse = (mean - x).pow(2).flatten(1).mean(1)

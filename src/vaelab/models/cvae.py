@@ -74,10 +74,9 @@ class CVAE(ConvVAE):
         h = self.encoder(torch.cat([x, planes], dim=1))
         return self.fc_mu(h), self.fc_logvar(h)
 
-    def decode_logits(self, z: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
-        """``p(x | z, y)``: ``(B, latent_dim)`` and ``(B,)`` labels -> ``(B, C, H, W)`` decoder logits."""
-        zy = torch.cat([z, self.one_hot(y, z.shape[0])], dim=1)
-        return self.decoder(self.decoder_input(zy).view(-1, *self.feature_shape))
+    def decoder_in(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """``p(x | z, y)`` takes ``[z, one_hot(y)]``: ``(B, latent_dim + num_classes)`` (``decode_logits``)."""
+        return torch.cat([z, self.one_hot(y, z.shape[0])], dim=1)
 
     @torch.no_grad()
     def sample(self, n: int, *, y: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
