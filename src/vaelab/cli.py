@@ -124,8 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("evaluate", help="compute FID/KID, confidence, reconstruction, likelihood, latent and speed metrics of a run")
-    p.add_argument("--run", required=True, help="run folder")
+    p = sub.add_parser("evaluate", help="compute FID/KID, precision/recall, confidence, reconstruction, likelihood, latent "
+                                        "and speed metrics of a run")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", help="run folder")
+    target.add_argument("--dataset", help="no model: the floors alone (N random real train images vs the test split) of "
+                                          "mnist | fashion-mnist | cifar10 | ...; fills the reference-statistics cache")
+    p.add_argument("--data-root", "--data_root", dest="data_root", help="with --dataset: folder holding the dataset")
     p.add_argument("--metrics", help="comma-separated: fid,kid,prdc,confidence,recon,nll,latent,speed (default: all)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images for FID/KID/PRDC/confidence")
     _evaluation_options(p)
@@ -244,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
                          seed=args.seed, device=args.device, train_subset=args.train_subset,
                          test_subset=args.test_subset, rows=rows)
             print("\n" + report["table"])
+        elif args.command == "evaluate" and args.dataset:
+            from vaelab.evaluation import describe_floor, evaluate_floor
+
+            print(describe_floor(evaluate_floor(args.dataset, data_root=args.data_root, num_samples=args.num_samples,
+                                                fid_features=args.fid_features, inception_weights=args.inception_weights,
+                                                seed=args.seed, device=args.device)))
         elif args.command == "evaluate":
             from vaelab.evaluation import describe, evaluate_run
 

@@ -37,13 +37,13 @@ from typing import Iterable, Sequence
 import torch
 
 from vaelab import plots
-from vaelab.data import binarize_split, load_split, to_pixels
+from vaelab.data import ImageSplit, binarize_split, load_split, to_pixels
 from vaelab.errors import ConfigError, DataError
 from vaelab.families import family_of
 from vaelab.generation import generate
 from vaelab.io import write_json
 from vaelab.metrics.confidence import confidence_report
-from vaelab.metrics.distances import KID_SUBSETS, KID_SUBSET_SIZE, distance_metrics
+from vaelab.metrics.distances import KID_SUBSETS, KID_SUBSET_SIZE, distance_metrics, floor_metrics
 from vaelab.metrics.features import ClassifierFeatures, extract_features
 from vaelab.metrics.inception import find_inception_weights, load_inception
 from vaelab.metrics.latent import latent_metrics
@@ -199,15 +199,12 @@ def evaluate_run(
         evaluator, ev_info = build_evaluator(config.dataset, data_root=config.data_root, device=dev)
         result["evaluator"] = {k: ev_info[k] for k in ("test_accuracy", "test_source", "test_images", "epochs",
                                                        "train_time_s", "device", "widths", "data_fingerprint", "recipe_version")}
-    extractors = {"inception": inception, "classifier": ClassifierFeatures(evaluator) if "classifier" in spaces else None}
-    floor_split = floor_selection = None
+    extractors = {"inception": inception.to(dev) if inception is not None else None,
+                  "classifier": ClassifierFeatures(evaluator) if "classifier" in spaces else None}
+    refs: list = []
     if distances:
         train = load_split(config.dataset, "train", config.data_root)  # the floors' reference: real train images
-        if config.binarize:
-            train = binarize_split(train, config.seed)
-        floor_split = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:num_samples])
-        floor_selection = f"random {len(floor_split):,} of {len(train):,}, seed {seed}"
-    refs = {space: [(test, "test", "run test split"), (floor_split, "train", floor_selection)] for space in spaces}
+        refs = reference_sets(test, binarize_split(train, config.seed) if config.binarize else train, num_samples, seed)
     n_nll = min(len(test), nll_subset or len(test))
     estimate = estimate_stages(model, draw, test, todo, {s: extractors[s] for s in spaces}, refs, num_samples=num_samples,
                                iwae_k=iwae_k, n_nll=n_nll, evaluator=evaluator, seed=seed, use_cache=use_cache)
@@ -221,15 +218,8 @@ def evaluate_run(
             fake, fake_y = generate(model, draw, num_samples, seed=seed)
             plots.save_grid(to_pixels(fake[: min(64, len(fake))]), run.path / "eval_samples.png", nrow=8)
     for i, space in enumerate(spaces):
-        extractor = extractors[space]
-        with stages(f"reference statistics ({space})"):
-            test_ref, floor_ref = (reference_statistics(extractor, split, split_name=name, selection=how, device=dev,
-                                                        use_cache=use_cache) for split, name, how in refs[space])
-        with stages(f"features of samples ({space})"):
-            fake_f = extract_features(extractor, fake, device=dev, desc=f"features: generated ({space})")
-        with stages(f"{'/'.join(distances)} ({space})"):
-            entries = distance_metrics(distances, extractor, fake_f, fake_y, test_ref, floor_ref, seed=seed, notes=notes,
-                                       use_cache=use_cache)
+        entries = _distances_in(space, extractors[space], refs, fake, fake_y, distances, stages, device=dev, seed=seed,
+                                notes=notes, use_cache=use_cache)
         result.update({(name if i == 0 else f"{name}_{space}"): entry for name, entry in entries.items()})
     if "confidence" in todo:
         with stages("confidence"):
@@ -250,6 +240,75 @@ def evaluate_run(
     result["estimated_s"] = estimate
     write_json(run.path / "eval.json", result)
     return result
+
+
+def _distances_in(space: str, extractor, refs: list, fake, fake_y, distances: list[str], stages: "_Stages", *,
+                  device, seed: int, notes: list[str], use_cache: bool) -> dict:
+    """Three stages in one feature space: the real sets' statistics (cached), the samples' features,
+    then FID/KID/PRDC with their floors."""
+    with stages(f"reference statistics ({space})"):
+        test_ref, floor_ref = (reference_statistics(extractor, split, split_name=name, selection=how, device=device,
+                                                    use_cache=use_cache) for split, name, how in refs)
+    with stages(f"features of samples ({space})"):
+        fake_f = extract_features(extractor, fake, device=device, desc=f"features: generated ({space})")
+    with stages(f"{'/'.join(distances)} ({space})"):
+        return distance_metrics(distances, extractor, fake_f, fake_y, test_ref, floor_ref, seed=seed, notes=notes,
+                                use_cache=use_cache)
+
+
+def reference_sets(test: ImageSplit, train: ImageSplit, num_samples: int, seed: int) -> list[tuple[ImageSplit, str, str]]:
+    """The real sets every distance is measured against: ``(split, split name, selection)`` of the test
+    split and of the floor's ``num_samples`` random train images (drawn with ``seed``)."""
+    floor = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:num_samples])
+    return [(test, "test", "run test split"), (floor, "train", f"random {len(floor):,} of {len(train):,}, seed {seed}")]
+
+
+def evaluate_floor(dataset: str, *, data_root: str | Path | None = None, num_samples: int = 10000,
+                   fid_features: str | Sequence[str] | None = None, inception_weights: str | Path | None = None,
+                   seed: int = 0, device: str | torch.device = "auto", use_cache: bool = True) -> dict:
+    """The floors alone: FID, KID and precision/recall/density/coverage of ``num_samples`` random real
+    train images against the real test split of ``dataset``, in every feature space; the numbers a
+    perfect model would get, and the same values (and cache entries) ``evaluate_run`` uses for a run
+    of this dataset (no subsets, no binarisation) with the same N and seed. Fills the cache.
+
+    Returns:
+        ``{"dataset", "split", "settings", "floors": {space: {metric: {...}}}, "warnings", "timing_s"}``.
+
+    Raises:
+        ConfigError: bad feature spaces or non-positive N; DataError: the dataset is missing.
+    """
+    from vaelab.evaluator import build_evaluator
+
+    _positive("num_samples", num_samples)
+    spaces, warning = feature_spaces(fid_features, inception_weights)
+    dev = select_device(device)
+    test = load_split(dataset, "test", data_root)
+    refs = reference_sets(test, load_split(dataset, "train", data_root), num_samples, seed)
+    result = {"dataset": test.source, "split": "test", "settings": {"fid_features": spaces, "num_samples": num_samples,
+              "seed": seed}, **provenance(dev, seed), "floors": {}, "warnings": [warning] if warning else [], "timing_s": {}}
+    for space in spaces:
+        start = time.perf_counter()
+        extractor = (load_inception(inception_weights).to(dev) if space == "inception" else
+                     ClassifierFeatures(build_evaluator(dataset, data_root=data_root, device=dev)[0]))
+        test_ref, floor_ref = (reference_statistics(extractor, split, split_name=name, selection=how, device=dev,
+                                                    use_cache=use_cache) for split, name, how in refs)
+        floors = floor_metrics(list(DISTANCES), test_ref, floor_ref, seed=seed, use_cache=use_cache)
+        result["floors"][space] = {"feature_space": extractor.name, "preprocessing": extractor.preprocessing, **floors}
+        result["timing_s"][space] = time.perf_counter() - start
+    return result
+
+
+def describe_floor(result: dict) -> str:
+    """Lines for people: the floors of ``evaluate_floor`` per feature space."""
+    lines = [f"floors on {result['dataset']}: {result['settings']['num_samples']:,} random real train images "
+             f"(seed {result['settings']['seed']}) vs the test split"]
+    for space, f in result["floors"].items():
+        p = f["prdc"]
+        lines.append(f"  [{space}] FID {f['fid']['value']:.3f}, KID {f['kid']['value']:.5f} ± {f['kid']['std']:.5f}, "
+                     f"precision {p['precision']:.3f} / recall {p['recall']:.3f}, density {p['density']:.3f} / "
+                     f"coverage {p['coverage']:.3f} ({_duration(result['timing_s'][space])})")
+    lines += [f"  WARNING: {w}" for w in result["warnings"]]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- stages and their cost
@@ -318,7 +377,7 @@ def _feature_space_estimate(space: str, extractor, test, refs: list, distances: 
 
 
 @torch.no_grad()
-def estimate_stages(model, draw, test, todo: list[str], extractors: dict, refs: dict, *, num_samples: int, iwae_k: int,
+def estimate_stages(model, draw, test, todo: list[str], extractors: dict, refs: list, *, num_samples: int, iwae_k: int,
                     n_nll: int, evaluator, seed: int, use_cache: bool = True) -> dict[str, float | None]:
     """Seconds each stage of ``evaluate_run`` is expected to take, from small timed calls of the same
     work on this machine (a few seconds in all): sampling, feature extraction (real images only
@@ -340,7 +399,7 @@ def estimate_stages(model, draw, test, todo: list[str], extractors: dict, refs: 
     a, b = torch.randn(500, 256, dtype=torch.float64), torch.randn(2000, 256, dtype=torch.float64)
     unit = _timed(lambda: torch.cdist(a, b), 2) / (500 * 2000 * 256)  # seconds per multiply-add
     for space, extractor in extractors.items():
-        est.update(_feature_space_estimate(space, extractor, test, refs[space], distances, n=n, unit=unit, device=dev,
+        est.update(_feature_space_estimate(space, extractor, test, refs, distances, n=n, unit=unit, device=dev,
                                            use_cache=use_cache))
     if "confidence" in todo:
         imgs = test.images[:200].to(dev)

@@ -129,11 +129,56 @@ def fid_sample_warning(n: int, num_features: int, what: str = "samples") -> str 
             f"value unstable; use more than {num_features} (10,000 is the usual number)")
 
 
+METRIC_NAMES = {
+    "fid": "FID (Heusel et al. 2017)",
+    "kid": f"KID (Binkowski et al. 2018; cubic polynomial kernel, unbiased MMD^2, {KID_SUBSETS} subsets)",
+    "prdc": f"improved precision and recall (Kynkaanniemi et al. 2019, k={K_PRECISION_RECALL}); "
+            f"density and coverage (Naeem et al. 2020, k={K_DENSITY_COVERAGE})",
+}
+PRDC_DEFINITION = ("precision: share of samples within the k-NN ball of some real image; recall: share of real "
+                   "images within the k-NN ball of some sample; density: mean number of real k-NN balls holding "
+                   "a sample / k (about 1 when samples are distributed like real images); coverage: share of real "
+                   "images whose k-NN ball holds a sample")
+
+
+def metric_values(name: str, test: Reference, features: torch.Tensor, *, seed: int,
+                  radii: dict[int, torch.Tensor] | None = None, desc: str | None = None) -> dict:
+    """``"fid"``, ``"kid"`` or ``"prdc"`` of ``(N, F)`` features against the test reference set.
+
+    Returns:
+        fid: ``{"value"}``; kid: ``{"value", "std", "subset_size"}`` (subsets drawn with ``seed``);
+        prdc: ``{"precision", "recall", "density", "coverage"}`` (``radii``: the features' own k-NN
+        radii if known).
+    """
+    if name == "fid":
+        return {"value": fid_to_reference(test, features)}
+    if name == "kid":
+        mean, std, size = kid_from_features(test.features, features, subset_size=KID_SUBSET_SIZE, seed=seed)
+        return {"value": mean, "std": std, "subset_size": size}
+    return precision_recall_density_coverage(test.features, features, real_radii=test.radii, fake_radii=radii, desc=desc)
+
+
+def floor_metrics(wanted: list[str], test: Reference, floor: Reference, *, seed: int, use_cache: bool = True) -> dict:
+    """The floors: ``metric_values`` of the floor's real train images against the test split (the value
+    a perfect model would get at this N), cached by the two reference sets' keys, the metric and seed.
+
+    Returns:
+        ``{metric: {...values, "cached", "definition", "num_images"}}`` for the metrics wanted.
+    """
+    from vaelab.metrics.reference import cached_values  # it imports this module
+
+    info = {"definition": f"the same metric between {len(floor.features):,} real train images ({floor.info['selection']}) "
+                          "and the real test split", "num_images": len(floor.features)}
+    fields = {"test": test.key, "floor": floor.key, "seed": seed, "kid": [KID_SUBSETS, KID_SUBSET_SIZE],
+              "k": [K_PRECISION_RECALL, K_DENSITY_COVERAGE]}
+    return {name: {**cached_values({**fields, "metric": name}, lambda name=name: metric_values(
+        name, test, floor.features, seed=seed, radii=floor.radii), use_cache=use_cache), **info} for name in wanted}
+
+
 def distance_metrics(wanted: list[str], extractor: nn.Module, fake: torch.Tensor, fake_y: torch.Tensor | None,
                      test: Reference, floor: Reference, *, seed: int, notes: list[str], use_cache: bool = True) -> dict:
     """FID, KID and precision/recall/density/coverage of generated samples against the real test split
-    in one feature space, each with its floor: the same metric between N random real train images and
-    the test split (the value a perfect model would get at this N; cached with the reference statistics).
+    in one feature space, each with its floor (``floor_metrics``).
 
     Args:
         wanted: any of ``"fid"``, ``"kid"``, ``"prdc"``.
@@ -148,51 +193,22 @@ def distance_metrics(wanted: list[str], extractor: nn.Module, fake: torch.Tensor
         ``{"fid": ..., "kid": ..., "prdc": ...}`` for the metrics wanted, each naming its definition,
         feature space, preprocessing, number of samples, real split and reference statistics.
     """
-    from vaelab.metrics.reference import cached_values  # it imports this module
-    n = len(fake)
-    for warning in (fid_sample_warning(n, extractor.num_features), fid_sample_warning(len(test.features), extractor.num_features, "real images")):
+    for warning in (fid_sample_warning(len(fake), extractor.num_features),
+                    fid_sample_warning(len(test.features), extractor.num_features, "real images")):
         if warning:
             warnings.warn(warning)
             notes.append(warning)
-    common = {"feature_space": extractor.name, "preprocessing": extractor.preprocessing, "num_samples": n,
+    common = {"feature_space": extractor.name, "preprocessing": extractor.preprocessing, "num_samples": len(fake),
               "real": f"{test.info['source']} test split, {len(test.features):,} images",
               "reference_statistics": {"path": test.info["path"], "cached": test.info["cached"]}}
-    floor_info = {"definition": f"the same metric between {len(floor.features):,} real train images ({floor.info['selection']}) "
-                                "and the real test split", "num_images": len(floor.features)}
-    pair = {"test": test.key, "floor": floor.key}
-    out = {}
-    if "fid" in wanted:
-        floor_fid = cached_values({**pair, "metric": "fid"}, lambda: {"value": fid_to_reference(test, floor.features)},
-                                  use_cache=use_cache)
-        out["fid"] = {"metric": "FID (Heusel et al. 2017)", "value": fid_to_reference(test, fake), **common,
-                      "floor": {**floor_fid, **floor_info}}
-        if fake_y is not None:
-            out["fid"].update(per_class_fid(fake, fake_y, test, floor, extractor.num_features, notes))
-    if "kid" in wanted:
-        size = min(KID_SUBSET_SIZE, len(test.features), n)
-        mean, std, size = kid_from_features(test.features, fake, subset_size=size, seed=seed)
-        settings = {"subsets": KID_SUBSETS, "subset_size": size, "seed": seed}
-        floor_kid = cached_values({**pair, "metric": "kid", **settings}, lambda: dict(zip(
-            ("value", "std"), kid_from_features(test.features, floor.features, subset_size=size, seed=seed)[:2])),
-            use_cache=use_cache)
-        out["kid"] = {"metric": "KID (Binkowski et al. 2018; cubic polynomial kernel, unbiased MMD^2)", "value": mean,
-                      "std": std, "subsets": KID_SUBSETS, "subset_size": size, **common, "floor": {**floor_kid, **floor_info}}
-    if "prdc" in wanted:
-        values = precision_recall_density_coverage(test.features, fake, real_radii=test.radii, desc="precision/recall")
-        floor_prdc = cached_values({**pair, "metric": "prdc", "k": [K_PRECISION_RECALL, K_DENSITY_COVERAGE]},
-                                   lambda: precision_recall_density_coverage(test.features, floor.features, real_radii=test.radii,
-                                                                             fake_radii=floor.radii), use_cache=use_cache)
-        out["prdc"] = {"metric": f"improved precision and recall (Kynkaanniemi et al. 2019, k={K_PRECISION_RECALL}); "
-                                 f"density and coverage (Naeem et al. 2020, k={K_DENSITY_COVERAGE})",
-                       **values, "k_precision_recall": K_PRECISION_RECALL, "k_density_coverage": K_DENSITY_COVERAGE,
-                       "definition": PRDC_DEFINITION, **common, "floor": {**floor_prdc, **floor_info}}
+    extra = {"kid": {"subsets": KID_SUBSETS}, "prdc": {"k_precision_recall": K_PRECISION_RECALL,
+                                                       "k_density_coverage": K_DENSITY_COVERAGE, "definition": PRDC_DEFINITION}}
+    floors = floor_metrics(wanted, test, floor, seed=seed, use_cache=use_cache)
+    out = {name: {"metric": METRIC_NAMES[name], **metric_values(name, test, fake, seed=seed, desc="precision/recall"),
+                  **extra.get(name, {}), **common, "floor": floors[name]} for name in wanted}
+    if "fid" in out and fake_y is not None:
+        out["fid"].update(per_class_fid(fake, fake_y, test, floor, extractor.num_features, notes))
     return out
-
-
-PRDC_DEFINITION = ("precision: share of samples within the k-NN ball of some real image; recall: share of real "
-                   "images within the k-NN ball of some sample; density: mean number of real k-NN balls holding "
-                   "a sample / k (about 1 when samples are distributed like real images); coverage: share of real "
-                   "images whose k-NN ball holds a sample")
 
 
 def per_class_fid(fake: torch.Tensor, fake_y: torch.Tensor, test: Reference, floor: Reference, num_features: int,
