@@ -461,3 +461,19 @@ def test_a_conditional_vaes_likelihood_is_labelled_given_y():
     assert cvae["bound_of"].startswith("log p(x | y)") and "log p(x | y)" in cvae["metric"]
     vae = nll_metrics(ConvVAE(ConvVAEConfig(**tiny)).eval(), test, k=3, subset=4, device="cpu", seed=0)
     assert vae["bound_of"] == "log p(x)" and vae["num_images"] == 4 and "4 of 6 images (random, seed 0)" in vae["split"]
+
+
+def test_cli_evaluate_dataset_prints_the_floors(tmp_path, monkeypatch, capsys):
+    """`vaelab evaluate --dataset D`: no model, the floors of N random train images vs the test split."""
+    from vaelab.cli import _nll_subset, main
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    folder = _make_image_folder(tmp_path / "data", n_train=30, n_test=9)
+    assert main(["evaluate", "--dataset", "imagefolder", "--data-root", str(folder), "--num-samples", "8",
+                 "--fid-features", "classifier"]) == 0
+    out = capsys.readouterr().out
+    assert "floors on" in out and "8 random real train images (seed 0)" in out and "[classifier] FID" in out
+    assert list((tmp_path / "cache" / "reference-stats").glob("imagefolder-test-9-classifier-*.safetensors"))
+    assert _nll_subset("all") is None and _nll_subset("500") == 500
+    with pytest.raises(SystemExit):  # --run and --dataset exclude each other
+        main(["evaluate", "--run", str(tmp_path), "--dataset", "mnist"])
