@@ -1,4 +1,5 @@
-"""Distances between sets of features: FID and KID (via torchmetrics), precision/recall/density/coverage
+"""Distances between sets of features: FID (from means and covariances; checked against torchmetrics),
+KID (torchmetrics), precision/recall/density/coverage
 (``vaelab.metrics.manifold``), each with its train-vs-test floor."""
 
 from __future__ import annotations

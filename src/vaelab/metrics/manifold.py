@@ -80,7 +80,8 @@ def precision_recall_density_coverage(real: torch.Tensor, fake: torch.Tensor, *,
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise DataError(f"feature sets must be (N, F) with one F, got {tuple(real.shape)} and {tuple(fake.shape)}")
     real_radii = real_radii if real_radii is not None else knn_radii(real, (k_pr, k_dc), chunk=chunk)
-    fake_radii = fake_radii if fake_radii is not None else knn_radii(fake, (k_pr,), chunk=chunk)
+    fake_radii = fake_radii if fake_radii is not None else knn_radii(fake, (k_pr,), chunk=chunk,
+                                                                     desc=desc and f"{desc}: k-NN radii of samples")
     if len(real_radii[k_pr]) != len(real) or len(real_radii[k_dc]) != len(real) or len(fake_radii[k_pr]) != len(fake):
         raise DataError("k-NN radii do not match the feature sets (stale cached reference statistics?)")
     real, fake = real.double(), fake.double()
