@@ -94,7 +94,7 @@ def compare_runs(
             measures itself with one protocol for every entry).
         fid_features, iwae_k, nll_subset, inception_weights: passed to ``evaluate_run`` (default feature
             spaces: Inception then classifier when the Inception weights are installed; likelihood on
-            1,000 random test images).
+            500 random test images).
         timing_repeats: timed runs per measurement (median reported).
         timing_max_steps: time diffusion samplers with more steps than this on a shortened chain
             and scale linearly (stated in the output); ``None`` times the full chain.

