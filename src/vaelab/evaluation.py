@@ -346,7 +346,7 @@ def _timed(fn, repeats: int = 1) -> float:
 # measured on ours: FID from covariances ~ 60 F^3 (the symmetric eigendecompositions) + 2 N F^2 (the
 # samples' covariance); KID ~ 1.25 per kernel entry and feature.
 FID_CUBIC, KID_FACTOR = 60, 1.25
-SMALL = 100  # images: feature extraction of fewer is not timed in advance (the timing would cost as much)
+SMALL_BATCHES = 4  # feature extraction of fewer batches is not timed in advance (the timing costs two batches)
 
 
 def _distance_cost(distances: list[str], n: int, n_test: int, f: int, floors: int) -> float:
@@ -365,9 +365,11 @@ def _feature_space_estimate(space: str, extractor, test, refs: list, distances: 
                  if not (use_cache and is_cached(extractor, split, split_name=name, selection=how))]
     images = n + sum(len(s) for s in todo_refs)
     per_image = None
-    if images >= SMALL:
-        imgs = test.images[: max(4, extractor.batch_size // 10)].to(device)
-        extractor(imgs[:2])  # warm-up (TorchScript optimises on its first calls)
+    if images >= SMALL_BATCHES * extractor.batch_size:
+        # one full batch: a small one costs several times more per image; the first call is a warm-up
+        # (TorchScript optimises its graph on the first calls, oneDNN prepares each input shape)
+        imgs = test.images[: extractor.batch_size].to(device)
+        extractor(imgs)
         per_image = _timed(lambda: extractor(imgs)) / len(imgs)
     f = extractor.num_features
     refs_s = sum(len(s) * per_image + len(s) ** 2 * f * unit for s in todo_refs) if per_image is not None else None
@@ -386,12 +388,12 @@ def estimate_stages(model, draw, test, todo: list[str], extractors: dict, refs: 
 
     Returns:
         ``{stage: seconds}``, in the order the stages run; ``None`` for feature extraction of fewer
-        than ``SMALL`` images (not timed in advance).
+        than ``SMALL_BATCHES`` batches (not timed in advance).
     """
     n, n_test = num_samples, len(test)
     dev = next(model.parameters()).device
     est: dict[str, float | None] = {}
-    m = min(n, 64)
+    m = min(n, 256)
     per_sample = time_generation(model, draw, m, repeats=1, max_steps=2, seed=seed)["seconds"] / m
     distances = [d for d in todo if d in DISTANCES]
     if distances or "confidence" in todo:
@@ -420,7 +422,7 @@ def estimate_stages(model, draw, test, todo: list[str], extractors: dict, refs: 
 def describe_estimate(estimate: dict[str, float | None]) -> str:
     """The estimate as lines for people, stage by stage, with the total."""
     lines = [f"estimated time: {_duration(sum(v for v in estimate.values() if v))} in all"]
-    lines += [f"  {name}: {_duration(seconds) if seconds is not None else f'not timed (fewer than {SMALL} images)'}"
+    lines += [f"  {name}: {_duration(seconds) if seconds is not None else 'not timed (a few batches)'}"
               for name, seconds in estimate.items()]
     return "\n".join(lines)
 
