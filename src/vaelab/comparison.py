@@ -25,6 +25,7 @@ from vaelab import plots
 from vaelab.errors import ConfigError
 from vaelab.families import family_of
 from vaelab.io import write_json, write_text
+from vaelab.metrics.likelihood import DEFAULT_SUBSET
 from vaelab.metrics.speed import SIZES as TIMING_SIZES
 from vaelab.metrics.speed import time_generation
 from vaelab.models import count_parameters
@@ -69,9 +70,9 @@ def compare_runs(
     ddpm_num_samples: int | None = None,
     ddim_steps: int = 50,
     metrics: list[str] | str | None = None,
-    fid_features: str = "classifier",
+    fid_features: str | None = None,
     iwae_k: int = 1000,
-    nll_subset: int | None = None,
+    nll_subset: int | None = DEFAULT_SUBSET,
     timing_repeats: int = 3,
     timing_max_steps: int | None = None,
     allow_mixed: bool = False,
@@ -91,7 +92,9 @@ def compare_runs(
         ddim_steps: DDIM steps for diffusion runs, in ``[1, T]``.
         metrics: metrics of ``evaluate_run`` (default: all but ``speed``, which this comparison
             measures itself with one protocol for every entry).
-        fid_features, iwae_k, nll_subset, inception_weights: passed to ``evaluate_run``.
+        fid_features, iwae_k, nll_subset, inception_weights: passed to ``evaluate_run`` (default feature
+            spaces: Inception then classifier when the Inception weights are installed; likelihood on
+            500 random test images).
         timing_repeats: timed runs per measurement (median reported).
         timing_max_steps: time diffusion samplers with more steps than this on a shortened chain
             and scale linearly (stated in the output); ``None`` times the full chain.
@@ -207,6 +210,23 @@ def _fmt(value, spec: str = ".4g") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def distance_rows(spaces: list[str], ev, pair) -> list[tuple]:
+    """Table rows of FID, its floor, KID and precision/recall/density/coverage for every feature space."""
+    rows = []
+    for i, space in enumerate(spaces):
+        fid, kid, prdc = ("fid", "kid", "prdc") if i == 0 else (f"fid_{space}", f"kid_{space}", f"prdc_{space}")
+        rows += [
+            (f"FID [{space}]", lambda r, fid=fid: ev(r, fid, "value")),
+            ("  floor (real train vs test)", lambda r, fid=fid: ev(r, fid, "floor", "value")),
+            (f"KID [{space}]", lambda r, kid=kid: ev(r, kid, "value", spec=".4f")),
+            (f"precision / recall (k=3) [{space}]",
+             lambda r, p=prdc: pair(r, p, (("precision",), ".3f"), (("recall",), ".3f"))),
+            (f"density / coverage (k=5) [{space}]",
+             lambda r, p=prdc: pair(r, p, (("density",), ".3f"), (("coverage",), ".3f"))),
+        ]
+    return rows
+
+
 def comparison_markdown(report: dict) -> str:
     """The comparison table (one column per entry) with every number's definition below it."""
     entries = report["entries"]
@@ -243,17 +263,16 @@ def comparison_markdown(report: dict) -> str:
         ("generation time, 150 samples", lambda r: gen_time(r, 150)),
         ("generation time, 1,000 samples", lambda r: gen_time(r, 1000)),
         ("samples for the metrics", lambda r: ev(r, "settings", "num_samples", spec=",")),
-        ("FID", lambda r: ev(r, "fid", "value")),
-        ("FID floor (real train vs test)", lambda r: ev(r, "fid", "floor", "value")),
-        ("KID", lambda r: ev(r, "kid", "value", spec=".4f")),
+        *distance_rows(entries[0]["evaluation"].get("settings", {}).get("fid_features") or [], ev, pair),
         ("evaluator mean max-probability", lambda r: ev(r, "confidence", "generated", "mean_max_prob", spec=".3f")),
         ("  same on real test images", lambda r: ev(r, "confidence", "real_test", "mean_max_prob", spec=".3f")),
         ("share with max-probability >= 0.8", lambda r: ev(r, "confidence", "generated", "share_confident", spec=".3f")),
-        ("mode coverage (entropy / log K)", lambda r: ev(r, "confidence", "generated", "mode_coverage", spec=".3f")),
+        ("class balance of samples (entropy / log K)", lambda r: ev(r, "confidence", "generated", "class_balance", spec=".3f")),
         ("recon MSE per pixel (test)", lambda r: ev(r, "recon", "mse_per_pixel", spec=".5f")),
         ("recon PSNR dB / SSIM", lambda r: pair(r, "recon", (("psnr_db",), ".2f"), (("ssim",), ".3f"))),
         ("-ELBO nats (test)", lambda r: ev(r, "nll", "neg_elbo_nats", spec=".2f")),
         ("IWAE NLL nats (test)", lambda r: ev(r, "nll", "iwae_nll_nats", spec=".2f")),
+        ("  bound of", lambda r: ev(r, "nll", "bound_of", spec="")),
         ("active units", lambda r: pair(r, "latent", (("active_units",), "d"), (("latent_dim",), "d"))),
     ]
     head = "| | " + " | ".join(r["label"] for r in entries) + " |"
@@ -274,9 +293,13 @@ def comparison_markdown(report: dict) -> str:
            "linearly (every step is one UNet evaluation plus a scheduler update), marked 'extrapolated'."
            if s["timing_max_steps"] else ""),
     ]
-    if "fid" in first:
-        lines.append(f"- FID/KID: {first['fid']['feature_space']}, generated samples vs {first['fid']['real']}; the floor is "
-                     f"{first['fid']['floor']['definition']}.")
+    for i, space in enumerate(first.get("settings", {}).get("fid_features") or []):
+        entry = first.get("fid" if i == 0 else f"fid_{space}") or first.get("prdc" if i == 0 else f"prdc_{space}")
+        if entry:
+            lines.append(f"- FID/KID/precision-recall [{space}]: {entry['feature_space']}, generated samples vs "
+                         f"{entry['real']}; the floor is {entry['floor']['definition']}.")
+    if "prdc" in first:
+        lines.append(f"- Precision/recall/density/coverage: {first['prdc']['metric']}; {first['prdc']['definition']}.")
     if "confidence" in first:
         lines.append(f"- Confidence: the evaluator classifier's softmax on the generated samples (threshold "
                      f"{first['confidence']['generated']['confidence_threshold']}).")

@@ -87,17 +87,17 @@ def latent_scatter(points: np.ndarray, labels: np.ndarray, classes: list[str], p
     save_figure(fig, path)
 
 
-def class_coverage(generated: dict, real: dict, classes: list[str], path: str | Path, *, source: str) -> None:
+def class_balance(generated: dict, real: dict, classes: list[str], path: str | Path, *, source: str) -> None:
     """Bar chart of the evaluator's predicted-class distribution, generated vs real test images."""
     k = len(classes)
     pos = np.arange(k)
     fig, ax = plt.subplots(figsize=(max(6.4, 0.6 * k), 4.0))
-    ax.bar(pos - 0.2, real["class_distribution"], 0.4, label=f"real test (mode coverage {real['mode_coverage']:.3f})")
-    ax.bar(pos + 0.2, generated["class_distribution"], 0.4, label=f"generated (mode coverage {generated['mode_coverage']:.3f})")
+    ax.bar(pos - 0.2, real["class_distribution"], 0.4, label=f"real test (class balance {real['class_balance']:.3f})")
+    ax.bar(pos + 0.2, generated["class_distribution"], 0.4, label=f"generated (class balance {generated['class_balance']:.3f})")
     ax.axhline(1.0 / k, color="k", ls="--", lw=1, label="uniform")
     ax.set_xticks(pos, classes, rotation=45 if max(len(c) for c in classes) > 3 else 0, ha="right" if max(len(c) for c in classes) > 3 else "center", fontsize=8)
     ax.set_ylabel("share of images predicted as the class")
-    ax.set_title(f"predicted-class distribution ({source}); mode coverage = entropy / log K", fontsize=10)
+    ax.set_title(f"predicted-class distribution ({source}); class balance = entropy / log K", fontsize=10)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 

@@ -56,9 +56,9 @@ CAPTIONS: dict[str, str] = {
         "Evaluator classifier's top-1 probability on generated samples and on real {source} test images "
         "(the threshold line marks a 'confident' prediction; numbers in eval.json)."
     ),
-    "class_coverage.png": (
+    "class_balance.png": (
         "Share of generated samples and of real {source} test images that the evaluator classifier assigns to "
-        "each class (mode coverage)."
+        "each class (class balance = entropy of the distribution / log K)."
     ),
     "kl_per_dim.png": (
         "KL(q(z_i|x) || p(z_i)) per latent dimension and the variance of mu_i across the {source} test split; "
@@ -78,7 +78,7 @@ CAPTION_PATTERNS: list[tuple[str, str]] = [
 ]
 ORDER = ["sweep_curves.png", "training_curves.png", "reconstructions.png", "samples.png", "interpolation.png",
          "latent_mu_pca.png", "latent_sigma_pca.png", "latent_mu_tsne.png", "eval_samples.png", "confidence_hist.png",
-         "class_coverage.png", "kl_per_dim.png"]
+         "class_balance.png", "kl_per_dim.png"]
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1200px;

@@ -166,7 +166,8 @@ def run_sweep(
     out: str | Path,
     jobs: int = 1,
     evaluate: bool = True,
-    fid_features: str = "classifier",
+    fid_features: str | None = None,
+    inception_weights: str | None = None,
     num_samples: int = 10000,
     sampler: str | None = None,
     steps: int | None = None,
@@ -180,7 +181,9 @@ def run_sweep(
         jobs: points trained at once; above 1 each runs as a ``python -m vaelab train`` process
             with its log in ``SWEEP_DIR/logs/<point>.log``.
         evaluate: compute FID etc. with ``vaelab.evaluation.evaluate_run`` (into each ``eval.json``).
-        fid_features, num_samples: passed to ``evaluate_run``.
+        fid_features, inception_weights, num_samples: passed to ``evaluate_run`` (default feature
+            spaces: Inception then classifier when the Inception weights are installed; the real
+            images' statistics are cached, so every point only pays for its own samples).
         sampler, steps: the model family's sampler for FID samples and sample strips (default the family's).
 
     Returns:
@@ -204,8 +207,8 @@ def run_sweep(
     else:
         _train_in_processes(todo, out, jobs)
     if evaluate:
-        _evaluate_points(points, fid_features=fid_features, num_samples=num_samples, device=base.device,
-                         sampler=sampler, steps=steps)
+        _evaluate_points(points, fid_features=fid_features, inception_weights=inception_weights, num_samples=num_samples,
+                         device=base.device, sampler=sampler, steps=steps)
     summarize_sweep(out, points, axes, base, sampler=sampler, steps=steps)
     return out
 
@@ -266,16 +269,16 @@ def _train_in_processes(todo: list[Point], out: Path, jobs: int) -> None:
         raise VaelabError(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}; fix and re-run the sweep to resume")
 
 
-def _evaluate_points(points: list[Point], *, fid_features: str, num_samples: int, device: str,
-                     sampler: str | None, steps: int | None) -> None:
+def _evaluate_points(points: list[Point], *, fid_features: str | None, inception_weights: str | None, num_samples: int,
+                     device: str, sampler: str | None, steps: int | None) -> None:
     from vaelab.evaluation import evaluate_run
 
     for i, point in enumerate(points, 1):
         if (point.run_dir / "eval.json").is_file():
             continue
         print(f"[{i}/{len(points)}] evaluating {point.name}")
-        evaluate_run(point.run_dir, metrics=["fid"], fid_features=fid_features, num_samples=num_samples, device=device,
-                     sampler=sampler, steps=steps)
+        evaluate_run(point.run_dir, metrics=["fid"], fid_features=fid_features, inception_weights=inception_weights,
+                     num_samples=num_samples, device=device, sampler=sampler, steps=steps)
 
 
 # ---------------------------------------------------------------------------- summary

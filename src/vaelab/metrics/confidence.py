@@ -20,9 +20,10 @@ def confidence_metrics(logits: torch.Tensor, *, threshold: float = CONFIDENT) ->
         dict with ``mean_max_prob`` (mean over images of the largest softmax probability, in
         [1/K, 1]), ``share_confident`` (fraction with max-probability >= ``threshold``),
         ``class_distribution`` (fraction predicted as each class, K floats), ``class_entropy_nats``
-        (entropy H of that distribution), ``mode_coverage`` (``H / log K`` in [0, 1]: 1 = every class
-        equally often), ``effective_classes`` (``exp(H)``) and ``max_prob_histogram`` (image counts
-        of the max-probability in ``MAX_PROB_BINS`` equal bins of [0, 1]).
+        (entropy H of that distribution), ``class_balance`` (``H / log K`` in [0, 1]: 1 = every class
+        predicted equally often; balance of the predicted classes, not the coverage of Naeem et al.
+        2020), ``effective_classes`` (``exp(H)``) and ``max_prob_histogram`` (image counts of the
+        max-probability in ``MAX_PROB_BINS`` equal bins of [0, 1]).
     """
     probs = logits.float().softmax(1)
     k = probs.shape[1]
@@ -35,7 +36,7 @@ def confidence_metrics(logits: torch.Tensor, *, threshold: float = CONFIDENT) ->
         "confidence_threshold": threshold,
         "class_distribution": dist.tolist(),
         "class_entropy_nats": entropy,
-        "mode_coverage": entropy / math.log(k),
+        "class_balance": entropy / math.log(k),
         "effective_classes": math.exp(entropy),
         "max_prob_histogram": torch.histc(max_prob, bins=MAX_PROB_BINS, min=0.0, max=1.0).long().tolist(),
     }
@@ -56,5 +57,5 @@ def confidence_report(evaluator, fake, fake_y, test, run_dir: Path, *, device) -
         out["generated"]["label_accuracy"] = float((fake_logits.argmax(1) == fake_y).double().mean())
         out["label_accuracy_definition"] = "share of samples generated with label c that the evaluator classifies as c"
     plots.confidence_hist([("generated samples", out)], run_dir / "confidence_hist.png")
-    plots.class_coverage(out["generated"], out["real_test"], test.classes, run_dir / "class_coverage.png", source=test.source)
+    plots.class_balance(out["generated"], out["real_test"], test.classes, run_dir / "class_balance.png", source=test.source)
     return out
