@@ -8,7 +8,7 @@ Rows (same model, batch size and device; CIFAR-10 images for every row but the b
   gradient clipping, non-finite guard, progress bar, metrics), one process;
 - ``vaelab train`` with 2 processes (``torchrun --nproc-per-node 2``, gloo on the CPU, one thread each);
 - pythae's ``TrainingPipeline`` (PyTorch DataLoader, its own loop) with the same encoder and decoder,
-  when pythae is installed (``pip install pythae``; an optional benchmark dependency).
+  when pythae is installed (``pip install -e ".[bench]"``, an optional benchmark dependency).
 
 Loop rows report the mean images/s of the epochs after the first (the first pays for warm-up), each
 measured as images / wall time of the epoch's training steps (validation excluded) for vaelab and for

@@ -53,9 +53,31 @@ def test_verdict_rules():
     assert verdict({**within, "not_comparable": "GPU vs CPU"}, 1.0, None, "full") == ("not comparable", "GPU vs CPU")
 
 
+def test_a_budget_makes_only_the_claims_it_changes_not_comparable(tmp_path):
+    from vaelab.study import budget_changes
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nstages:\n"
+                    "  - {name: vae, kind: train}\n"
+                    "  - {name: syn, kind: synth, run: vae, per_class: 10}\n"
+                    "  - {name: cas, kind: cas, synthetic: syn}\n"
+                    "  - {name: ev, kind: evaluate, run: vae}\n"
+                    "claims: []\n"
+                    "budgets: {smaller-eval: {evaluate: {num_samples: 100}}, smaller-synth: {synth: {per_class: 5}}}\n")
+    study = load_study(path, budget="smaller-eval")
+    assert [budget_changes(study, n) for n in ("vae", "syn", "cas", "ev")] == [False, False, False, True]
+    study = load_study(path, budget="smaller-synth")
+    assert [budget_changes(study, n) for n in ("vae", "syn", "cas", "ev")] == [False, True, True, False]
+    assert not any(budget_changes(load_study(path), n) for n in ("vae", "syn", "cas", "ev"))
+
+
 def test_mnist_study_end_to_end_then_an_interruption_resumes(tmp_path, monkeypatch, in_repo):
     """The shipped MNIST study at its tiny budget; the first attempt dies in the first evaluation stage."""
+    import vaelab.evaluator
+
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    real_recipe = vaelab.evaluator.default_recipe
+    monkeypatch.setattr(vaelab.evaluator, "default_recipe", lambda d: {**real_recipe(d), "epochs": 1, "widths": (4, 8)})
     out = tmp_path / "study"
     real_evaluate = study_module.STAGES["evaluate"]
 

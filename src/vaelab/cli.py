@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="compute FID/KID, precision/recall, confidence, reconstruction, likelihood, latent "
                                         "and speed metrics of a run")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--run", help="run folder")
+    # --run-dir: under torchrun, whose parser takes "--run" for an abbreviation of its own --run-path
+    target.add_argument("--run", "--run-dir", dest="run", help="run folder (--run-dir under torchrun)")
     target.add_argument("--dataset", help="no model: the floors alone (N random real train images vs the test split) of "
                                           "mnist | fashion-mnist | cifar10 | ...; fills the reference-statistics cache")
     p.add_argument("--data-root", "--data_root", dest="data_root", help="with --dataset: folder holding the dataset")
@@ -284,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_run(args.run, metrics=args.metrics, fid_features=args.fid_features, num_samples=args.num_samples,
                                   iwae_k=args.iwae_k, nll_subset=args.nll_subset, inception_weights=args.inception_weights,
                                   seed=args.seed, device=args.device, sampler=args.sampler, steps=args.steps)
-            print(describe(result))
-            print(f"  {Path(args.run) / 'eval.json'}")
+            if result is not None:  # rank 0 of a torchrun job, or the only process
+                print(describe(result))
+                print(f"  {Path(args.run) / 'eval.json'}")
         elif args.command == "compare":
             from vaelab.comparison import compare_runs
 

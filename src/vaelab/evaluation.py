@@ -53,7 +53,7 @@ from vaelab.metrics.reference import is_cached, reference_statistics
 from vaelab.metrics.speed import SIZES as SPEED_SIZES
 from vaelab.metrics.speed import speed_metrics, time_generation
 from vaelab.run import Run
-from vaelab.runtime import provenance, select_device
+from vaelab.runtime import Distributed, distributed, provenance, select_device
 
 METRICS = ("fid", "kid", "prdc", "confidence", "recon", "nll", "latent", "speed")
 DISTANCES = ("fid", "kid", "prdc")  # computed in every feature space
@@ -141,6 +141,9 @@ def evaluate_run(
     Returns:
         The dict written to ``eval.json``. Metrics the model's family cannot support are listed under
         ``not_applicable`` with the reason; ``timing_s`` and ``estimated_s`` hold each stage's seconds.
+        Under ``torchrun`` the ranks share sampling and the samples' features (each rank draws its block
+        with its own seed, features are gathered); rank 0 does the rest, writes and returns the dict,
+        the other ranks return ``None``.
 
     Writes:
         ``eval.json``, ``eval_samples.png`` (64 of the generated images), ``confidence_hist.png``,
@@ -164,7 +167,7 @@ def evaluate_run(
     ckpt = run.last_checkpoint()
     config = run.config
     inception = load_inception(inception_weights) if "inception" in spaces else None
-    dev = select_device(device)
+    dist, dev = distributed(device)
     model = run.load_model(dev, checkpoint=ckpt)
     family = family_of(model)
     draw = family.sampler(model, run, sampler=sampler, steps=steps)
@@ -173,7 +176,9 @@ def evaluate_run(
     if tuple(test.shape) != want_shape:
         raise DataError(f"{config.dataset} test images are {'x'.join(map(str, test.shape))} but the model of {run.path} "
                         f"expects {'x'.join(map(str, want_shape))}")
-    print(f"evaluating {ckpt} on {test.source} test ({len(test):,} images), device {dev}: {', '.join(wanted)}")
+    say = print if dist.main else (lambda *a, **k: None)
+    say(f"evaluating {ckpt} on {test.source} test ({len(test):,} images), device {dev}"
+        f"{f' x {dist.world_size} processes' if dist.active else ''}: {', '.join(wanted)}")
 
     result: dict = {
         "run": str(run.path), "checkpoint": str(ckpt), "dataset": test.source, "split": "test",
@@ -184,7 +189,7 @@ def evaluate_run(
     }
     notes: list[str] = result["warnings"]
     if space_warning:
-        print(f"WARNING: {space_warning}")
+        say(f"WARNING: {space_warning}")
         notes.append(space_warning)
     for name in wanted:
         if name in family.NOT_APPLICABLE:
@@ -196,31 +201,35 @@ def evaluate_run(
     # 2. the evaluator, the real reference sets, and the estimated time of every stage
     evaluator = None
     if "confidence" in todo or "classifier" in spaces:
-        evaluator, ev_info = build_evaluator(config.dataset, data_root=config.data_root, device=dev)
+        evaluator, ev_info = build_evaluator(config.dataset, data_root=config.data_root, device=dev, dist=dist)
         result["evaluator"] = {k: ev_info[k] for k in ("test_accuracy", "test_source", "test_images", "epochs",
                                                        "train_time_s", "device", "widths", "data_fingerprint", "recipe_version")}
     extractors = {"inception": inception.to(dev) if inception is not None else None,
                   "classifier": ClassifierFeatures(evaluator) if "classifier" in spaces else None}
     refs: list = []
-    if distances:
+    if distances and dist.main:
         train = load_split(config.dataset, "train", config.data_root)  # the floors' reference: real train images
         refs = reference_sets(test, binarize_split(train, config.seed) if config.binarize else train, num_samples, seed)
     n_nll = min(len(test), nll_subset or len(test))
     estimate = estimate_stages(model, draw, test, todo, {s: extractors[s] for s in spaces}, refs, num_samples=num_samples,
-                               iwae_k=iwae_k, n_nll=n_nll, evaluator=evaluator, seed=seed, use_cache=use_cache)
-    print(describe_estimate(estimate))
-    stages = _Stages(estimate)
+                               iwae_k=iwae_k, n_nll=n_nll, evaluator=evaluator, seed=seed, use_cache=use_cache,
+                               world=dist.world_size) if dist.main else {}
+    say(describe_estimate(estimate))
+    stages = _Stages(estimate, quiet=not dist.main)
 
     # 3. the stages, each with its definition
     fake = fake_y = None
     if distances or "confidence" in todo:
         with stages("sampling"):
-            fake, fake_y = generate(model, draw, num_samples, seed=seed)
-            plots.save_grid(to_pixels(fake[: min(64, len(fake))]), run.path / "eval_samples.png", nrow=8)
+            fake, fake_y = generate(model, draw, num_samples, seed=seed, dist=dist)
+            if dist.main:
+                plots.save_grid(to_pixels(fake[: min(64, len(fake))]), run.path / "eval_samples.png", nrow=8)
     for i, space in enumerate(spaces):
         entries = _distances_in(space, extractors[space], refs, fake, fake_y, distances, stages, device=dev, seed=seed,
-                                notes=notes, use_cache=use_cache)
-        result.update({(name if i == 0 else f"{name}_{space}"): entry for name, entry in entries.items()})
+                                notes=notes, use_cache=use_cache, dist=dist)
+        result.update({(name if i == 0 else f"{name}_{space}"): entry for name, entry in (entries or {}).items()})
+    if not dist.main:
+        return None  # the other ranks only shared the sampling and the samples' features
     if "confidence" in todo:
         with stages("confidence"):
             result["confidence"] = confidence_report(evaluator, fake, fake_y, test, run.path, device=dev)
@@ -243,14 +252,19 @@ def evaluate_run(
 
 
 def _distances_in(space: str, extractor, refs: list, fake, fake_y, distances: list[str], stages: "_Stages", *,
-                  device, seed: int, notes: list[str], use_cache: bool) -> dict:
-    """Three stages in one feature space: the real sets' statistics (cached), the samples' features,
-    then FID/KID/PRDC with their floors."""
+                  device, seed: int, notes: list[str], use_cache: bool, dist: Distributed) -> dict | None:
+    """Three stages in one feature space: the samples' features (shared by the ranks under ``torchrun``),
+    the real sets' statistics (cached), then FID/KID/PRDC with their floors (rank 0; others get ``None``)."""
+    with stages(f"features of samples ({space})"):
+        start, stop = dist.block(len(fake))
+        mine = extract_features(extractor, fake[start:stop], device=device, desc=f"features: generated ({space})",
+                                progress=dist.main)
+        fake_f = dist.gather_rows(mine, len(fake))
+    if not dist.main:
+        return None
     with stages(f"reference statistics ({space})"):
         test_ref, floor_ref = (reference_statistics(extractor, split, split_name=name, selection=how, device=device,
                                                     use_cache=use_cache) for split, name, how in refs)
-    with stages(f"features of samples ({space})"):
-        fake_f = extract_features(extractor, fake, device=device, desc=f"features: generated ({space})")
     with stages(f"{'/'.join(distances)} ({space})"):
         return distance_metrics(distances, extractor, fake_f, fake_y, test_ref, floor_ref, seed=seed, notes=notes,
                                 use_cache=use_cache)
@@ -317,15 +331,16 @@ def describe_floor(result: dict) -> str:
 class _Stages:
     """Named stages in order: prints ``[i/n] name (estimated ...)`` before and the time taken after."""
 
-    def __init__(self, estimate: dict[str, float | None]):
-        self.estimate = estimate
+    def __init__(self, estimate: dict[str, float | None], quiet: bool = False):
+        self.estimate, self.quiet = estimate, quiet
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         guess = self.estimate.get(name)
-        print(f"[{len(self.seconds) + 1}/{len(self.estimate)}] {name}" + (f" (estimated {_duration(guess)})" if guess is not None else ""),
-              flush=True)
+        if not self.quiet:
+            print(f"[{len(self.seconds) + 1}/{len(self.estimate)}] {name}"
+                  + (f" (estimated {_duration(guess)})" if guess is not None else ""), flush=True)
         start = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - start
@@ -360,7 +375,7 @@ def _distance_cost(distances: list[str], n: int, n_test: int, f: int, floors: in
 
 
 def _feature_space_estimate(space: str, extractor, test, refs: list, distances: list[str], *, n: int, unit: float,
-                            device, use_cache: bool) -> dict[str, float | None]:
+                            device, use_cache: bool, world: int) -> dict[str, float | None]:
     todo_refs = [split for split, name, how in refs
                  if not (use_cache and is_cached(extractor, split, split_name=name, selection=how))]
     images = n + sum(len(s) for s in todo_refs)
@@ -373,18 +388,19 @@ def _feature_space_estimate(space: str, extractor, test, refs: list, distances: 
         per_image = _timed(lambda: extractor(imgs)) / len(imgs)
     f = extractor.num_features
     refs_s = sum(len(s) * per_image + len(s) ** 2 * f * unit for s in todo_refs) if per_image is not None else None
-    return {f"reference statistics ({space})": refs_s if todo_refs else 0.0,
-            f"features of samples ({space})": None if per_image is None else per_image * n,
+    return {f"features of samples ({space})": None if per_image is None else per_image * n / world,
+            f"reference statistics ({space})": refs_s if todo_refs else 0.0,
             f"{'/'.join(distances)} ({space})": _distance_cost(distances, n, len(test), f, 1 + bool(todo_refs)) * unit}
 
 
 @torch.no_grad()
 def estimate_stages(model, draw, test, todo: list[str], extractors: dict, refs: list, *, num_samples: int, iwae_k: int,
-                    n_nll: int, evaluator, seed: int, use_cache: bool = True) -> dict[str, float | None]:
+                    n_nll: int, evaluator, seed: int, use_cache: bool = True, world: int = 1) -> dict[str, float | None]:
     """Seconds each stage of ``evaluate_run`` is expected to take, from small timed calls of the same
     work on this machine (a few seconds in all): sampling, feature extraction (real images only
     where their reference statistics are not cached), distances (from a timed ``torch.cdist``),
-    classifier, reconstruction, one image's IWAE, and the speed benchmark.
+    classifier, reconstruction, one image's IWAE, and the speed benchmark. Sampling and the samples'
+    features are shared by ``world`` processes under ``torchrun``.
 
     Returns:
         ``{stage: seconds}``, in the order the stages run; ``None`` for feature extraction of fewer
@@ -397,12 +413,12 @@ def estimate_stages(model, draw, test, todo: list[str], extractors: dict, refs: 
     per_sample = time_generation(model, draw, m, repeats=1, max_steps=2, seed=seed)["seconds"] / m
     distances = [d for d in todo if d in DISTANCES]
     if distances or "confidence" in todo:
-        est["sampling"] = per_sample * n
+        est["sampling"] = per_sample * n / world
     a, b = torch.randn(500, 256, dtype=torch.float64), torch.randn(2000, 256, dtype=torch.float64)
     unit = _timed(lambda: torch.cdist(a, b), 2) / (500 * 2000 * 256)  # seconds per multiply-add
     for space, extractor in extractors.items():
         est.update(_feature_space_estimate(space, extractor, test, refs, distances, n=n, unit=unit, device=dev,
-                                           use_cache=use_cache))
+                                           use_cache=use_cache, world=world))
     if "confidence" in todo:
         imgs = test.images[:200].to(dev)
         est["confidence"] = _timed(lambda: evaluator(to_pixels(imgs))) / len(imgs) * (n + n_test)

@@ -16,27 +16,33 @@ from vaelab.errors import ConfigError
 from vaelab.families import Sampler, family_of
 from vaelab.plots import save_grid
 from vaelab.run import Run
-from vaelab.runtime import select_device
+from vaelab.runtime import Distributed, derive_seed, select_device
 
 
 @torch.no_grad()
 def generate(model, sampler: Sampler, n: int, *, batch_size: int = 500, seed: int = 0,
-             desc: str = "generating") -> tuple[torch.Tensor, torch.Tensor | None]:
+             desc: str = "generating", dist: Distributed | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` samples as ``uint8`` ``(n, C, H, W)`` on CPU (quantised like real 8-bit images) and, for a
     conditional model, their class labels ``(n,)`` int64 (balanced: ``i % num_classes``), else ``None``.
 
     One ``torch.Generator`` on the model's device seeded with ``seed`` drives every batch, so a
-    seed gives the same samples for any ``batch_size`` only when ``batch_size >= n``.
+    seed gives the same samples for any ``batch_size`` only when ``batch_size >= n``. Under ``torchrun``
+    (``dist`` active) each rank draws its block of the ``n`` with its own seed
+    (``derive_seed(seed, "rank", rank)``) and every rank returns the gathered whole.
     """
+    dist = dist or Distributed()
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    start, stop = dist.block(n)
+    gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "rank", dist.rank) if dist.active else seed)
     labels = family_of(model).sample_labels(model, n)
     out = []
-    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
-        m = min(batch_size, n - start)
-        y = None if labels is None else labels[start : start + m].to(device)
+    for first in tqdm(range(start, stop, batch_size), desc=desc, unit="batch", leave=False, disable=not dist.main):
+        m = min(batch_size, stop - first)
+        y = None if labels is None else labels[first : first + m].to(device)
         out.append(to_uint8(sampler.draw(m, gen, y).float(), model.config.pixel_range).cpu())
-    return torch.cat(out), labels
+    c, s = model.config.in_channels, model.config.image_size
+    mine = torch.cat(out) if out else torch.zeros((0, c, s, s), dtype=torch.uint8)
+    return dist.gather_rows(mine, n), labels
 
 
 def sample_run(

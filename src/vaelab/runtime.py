@@ -155,6 +155,26 @@ class Distributed:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def block(self, n: int) -> tuple[int, int]:
+        """This rank's ``(start, stop)`` of ``n`` items split into equal contiguous blocks of
+        ``ceil(n / world_size)`` (the last rank's may be shorter or empty)."""
+        size = -(-n // self.world_size)
+        return min(n, self.rank * size), min(n, (self.rank + 1) * size)
+
+    def gather_rows(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's ``block(n)`` of rows, concatenated in rank order: the whole ``(n, ...)`` tensor
+        on every rank, on ``part``'s device (NCCL gathers through the GPU)."""
+        if not self.active:
+            return part
+        size = -(-n // self.world_size)
+        padded = torch.zeros((size, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        padded[: len(part)] = part
+        if torch.distributed.get_backend() == "nccl":
+            padded = padded.cuda()
+        out = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(out, padded)
+        return torch.cat(out)[:n].to(part.device)
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank."""
         if not self.active:

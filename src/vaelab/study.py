@@ -31,8 +31,10 @@ same file with another budget, or an edited file, is refused.
 Verdict rules of a claim: ``within`` (``|ours - seed| <= tolerance``), ``at_least`` (``ours >=
 seed - tolerance``), ``order`` (two of our numbers, ``ours`` and ``than``, keep the seed's order:
 ``less`` or ``greater``), ``report`` (the seed gives no comparable number: ours is reported); a
-claim can also be declared ``not_comparable`` with a reason. At a budget other than ``full`` every
-verdict is "not comparable" (the budget is named), since the seed's numbers come from its budget.
+claim can also be declared ``not_comparable`` with a reason. At a budget other than ``full``, a claim
+whose stage, or any stage it builds on, the budget changes is "not comparable" (the budget is named),
+since the seed's numbers come from its budget; claims on stages the budget leaves alone keep their
+verdicts (e.g. a budget that only shrinks the evaluation's sample count).
 """
 
 from __future__ import annotations
@@ -367,6 +369,19 @@ def lookup(out: Path, study: Study, ref: dict) -> float | None:
     return float(node) * float(ref.get("scale", 1.0))
 
 
+def budget_changes(study: Study, name: str) -> bool:
+    """Whether the study's budget overrides stage ``name`` or any stage it builds on."""
+    if study.budget == FULL:
+        return False
+    overrides = study.budgets.get(study.budget) or {}
+    stage = next(s for s in study.stages if s["name"] == name)
+    if stage["kind"] in overrides:
+        return True
+    upstream = [stage.get(key) for key in KINDS[stage["kind"]]["refs"]]
+    return any(budget_changes(study, ref) for refs in upstream if refs
+               for ref in (refs if isinstance(refs, list) else [refs]))
+
+
 def verdict(claim: dict, ours: float | None, than: float | None, budget: str) -> tuple[str, str]:
     """``(verdict, why)`` for one claim; verdict is reproduced | not reproduced | not comparable | not measured | reported."""
     rule, v = claim["verdict"]["rule"], claim["verdict"]
@@ -401,7 +416,8 @@ def summarize(study: Study, out: Path) -> dict:
     for claim in study.claims:
         ours = lookup(out, study, claim["ours"]) if claim.get("ours") else None
         than = lookup(out, study, claim["than"]) if claim.get("than") else None
-        result, why = verdict(claim, ours, than, study.budget)
+        touched = any(budget_changes(study, ref["stage"]) for ref in (claim.get("ours"), claim.get("than")) if ref)
+        result, why = verdict(claim, ours, than, study.budget if touched else FULL)
         rows.append({"id": claim["id"], "claim": claim["claim"], "seed": claim.get("seed", {}), "ours": ours,
                      "than": than, "unit": claim.get("unit", ""), "protocol": claim.get("protocol", ""),
                      "verdict": result, "why": why})

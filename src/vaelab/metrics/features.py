@@ -51,12 +51,12 @@ class ClassifierFeatures(nn.Module):
 
 @torch.no_grad()
 def extract_features(extractor: nn.Module, images: torch.Tensor, *, device: torch.device | str = "cpu",
-                     batch_size: int | None = None, desc: str = "features") -> torch.Tensor:
+                     batch_size: int | None = None, desc: str = "features", progress: bool = True) -> torch.Tensor:
     """``uint8`` ``(N, C, H, W)`` images -> float64 ``(N, F)`` features (on CPU), in batches of
     ``batch_size`` (default the extractor's), with a progress bar."""
     batch_size = batch_size or getattr(extractor, "batch_size", 500)
     out = []
-    with tqdm(total=len(images), desc=desc, unit="img") as bar:
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(images), batch_size):
             out.append(extractor(images[start : start + batch_size].to(device)).double().cpu())
             bar.update(len(out[-1]))
