@@ -75,7 +75,6 @@ def test_mnist_study_end_to_end_then_an_interruption_resumes(tmp_path, monkeypat
     """The shipped MNIST study at its tiny budget; the first attempt dies in the first evaluation stage."""
     import vaelab.evaluator
 
-    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
     real_recipe = vaelab.evaluator.default_recipe
     monkeypatch.setattr(vaelab.evaluator, "default_recipe", lambda d: {**real_recipe(d), "epochs": 1, "widths": (4, 8)})
     out = tmp_path / "study"
@@ -90,6 +89,14 @@ def test_mnist_study_end_to_end_then_an_interruption_resumes(tmp_path, monkeypat
     finished = {p.parent.name for p in out.glob("*/summary.json")}
     assert finished == {"vae", "cvae"} and not (out / "study.json").exists()
     stamps = {name: (out / name / "summary.json").stat().st_mtime_ns for name in finished}
+    # the claims so far: none of the evaluations has finished
+    from vaelab.study import report_study
+
+    report_study(REPO / "studies" / "mnist-fid.yaml", budget="tiny", out=out)
+    partial = json.loads((out / "study.json").read_text())
+    assert {c["verdict"] for c in partial["claims"]} == {"not measured"}
+    assert "- `eval-vae` (evaluate): not finished" in (out / "study.md").read_text()
+    (out / "study.json").unlink()
 
     calls = []
     monkeypatch.setitem(study_module.STAGES, "evaluate", lambda *a, **k: calls.append(a[1]["name"]) or real_evaluate(*a, **k))

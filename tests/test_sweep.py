@@ -165,7 +165,6 @@ def test_a_ddpm_sweep_finishes_with_its_table_and_report(tmp_path, monkeypatch):
     """A sweep over a diffusion preset: its own columns (eps-MSE), FID of DDIM samples, a report with DDPM captions."""
     from vaelab.reports import write_report
 
-    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
     base = tiny_base(model="ddpm-28", train_subset=128, test_subset=64,
                      model_args={"widths": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "num_train_timesteps": 10})
     import vaelab.evaluator

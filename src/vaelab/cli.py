@@ -191,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="full", help="full (the seed's settings) or a budget the file defines, e.g. quick")
     p.add_argument("--out", help="study folder (default runs/studies/<name>[-<budget>])")
     p.add_argument("--device", help="device for every stage (default: each stage's)")
+    p = st.add_parser("report", help="check the claims against the stages finished so far (the others: not measured); "
+                                     "writes study.md, study.json, report.html without running anything")
+    p.add_argument("file", help="study file (studies/*.yaml)")
+    p.add_argument("--budget", default="full", help="the budget the study folder was run with")
+    p.add_argument("--out", help="study folder (default runs/studies/<name>[-<budget>])")
 
     p = sub.add_parser("report", help="write FOLDER/report.html for a run, sweep or comparison folder")
     p.add_argument("path", help="run, sweep or comparison folder")
@@ -245,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
                                   num_samples=args.num_samples, sampler=args.sampler, steps=args.steps)
             print(f"sweep folder: {sweep_dir}\n  {sweep_dir / 'sweep.md'}\nreport: {write_report(sweep_dir)}")
         elif args.command == "study":
-            from vaelab.study import run_study
+            from vaelab.study import report_study, run_study
 
-            run_study(args.file, budget=args.budget, out=args.out, device=args.device)
+            if args.action == "run":
+                run_study(args.file, budget=args.budget, out=args.out, device=args.device)
+            else:
+                report_study(args.file, budget=args.budget, out=args.out)
         elif args.command == "report":
             from vaelab.reports import report_command
 

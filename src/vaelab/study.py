@@ -226,9 +226,28 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
         state[stage["name"]] = {"kind": stage["kind"], "seconds": time.perf_counter() - t0,
                                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(out / "stages.json", state)
-    summarize(study, out)
+    return _write_reports(study, out)
+
+
+def report_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = None) -> Path:
+    """Check the claims against the stages finished so far, without running anything: claims whose
+    stage has not finished are "not measured". Writes ``study.json``, ``study.md`` and ``report.html``.
+
+    Raises:
+        ConfigError: an invalid study file, a folder that does not exist or holds another plan.
+    """
+    study = load_study(path, budget=budget)
+    out = Path(out) if out else default_out(study)
+    if not (out / PLAN_FILE).is_file():
+        raise ConfigError(f"{out} is not a study folder of {path} (no {PLAN_FILE}); run `vaelab study run` first")
+    _check_plan(out, study)
+    return _write_reports(study, out)
+
+
+def _write_reports(study: Study, out: Path) -> Path:
     from vaelab.reports import write_report
 
+    summarize(study, out)
     print(f"study folder: {out}\n  {out / 'study.md'}\nreport: {write_report(out)}")
     return out
 
@@ -426,7 +445,8 @@ def summarize(study: Study, out: Path) -> dict:
         "study": study.name, "title": study.title, "question": study.question, "dataset": study.dataset,
         "study_file": str(study.path), "budget": study.budget,
         "budget_overrides": study.budgets.get(study.budget, {}) if study.budget != FULL else {},
-        "claims": rows, "stages": [{"name": s["name"], "kind": s["kind"], **state.get(s["name"], {})} for s in study.stages],
+        "claims": rows, "stages": [{"name": s["name"], "kind": s["kind"], **state.get(s["name"], {}),
+                    "done": (out / s["name"] / KINDS[s["kind"]]["done"]).is_file()} for s in study.stages],
         "notes": study.notes, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(out / "study.json", report)
@@ -454,7 +474,8 @@ def study_markdown(report: dict) -> str:
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     lines += ["", "Stages:", ""]
     for s in report["stages"]:
-        took = f"{s['seconds']:.0f} s" if "seconds" in s else "not run in this folder's record"
+        took = ("not finished" if not s.get("done", True) else
+                f"{s['seconds']:.0f} s" if "seconds" in s else "finished (time not recorded)")
         lines.append(f"- `{s['name']}` ({s['kind']}): {took}")
     for note in report["notes"]:
         lines += ["", note]
