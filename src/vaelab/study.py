@@ -145,6 +145,9 @@ def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict)
                           f"{', '.join(sorted(KINDS[kind]['keys']))}")
     budgeted = dict(overrides.get(kind, {}))
     if kind in ("train", "sweep"):
+        # a sweep's own keys (num_samples, fid_features, ...) stay the stage's; the rest are config fields
+        own = {k: budgeted.pop(k) for k in list(budgeted) if k in KINDS[kind]["keys"] - {"config", "set", "axes"}}
+        spec.update(own)
         spec["set"] = {**(spec.get("set") or {}), **budgeted}
         if kind == "sweep" and "axes" not in spec:
             raise ConfigError(f"{where}: a sweep stage needs 'axes' ({{field: [values]}})")
