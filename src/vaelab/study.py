@@ -467,7 +467,8 @@ def study_markdown(report: dict) -> str:
     """The claims table: seed's number, ours, both protocols, verdict."""
     lines = [f"# {report['title']}", "", report["question"], "",
              f"Study `{report['study']}` ({report['study_file']}), budget **{report['budget']}**"
-             + (f" (overrides: {json.dumps(report['budget_overrides'])})" if report["budget_overrides"] else "") + ".", "",
+             + (f" (overrides: {json.dumps(report['budget_overrides'])}; the protocol texts below describe the full "
+                "budget, these overrides change them)" if report["budget_overrides"] else "") + ".", "",
              "| claim | seed | ours | seed's protocol | our protocol | verdict |", "|---|---|---|---|---|---|"]
     for r in report["claims"]:
         seed = r["seed"] or {}
