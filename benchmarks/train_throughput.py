@@ -126,7 +126,7 @@ def pythae_loop(args, device: torch.device) -> float | None:
         def on_epoch_end(self, training_config, **kw):  # after the training steps (no eval data is given)
             self.times.append(time.perf_counter() - self.t0)
 
-    split = load_split("cifar10", "train", args.data_root).subset(slice(0, args.train_subset))
+    split = load_split("cifar10", "train", args.data_root).sample(args.train_subset)
     data = to_pixels(split.images)
     model = VAE(VAEConfig(input_dim=(3, 32, 32), latent_dim=256, reconstruction_loss="mse"),
                 encoder=Encoder(), decoder=Decoder())

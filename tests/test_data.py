@@ -235,3 +235,17 @@ def test_real_mnist_matches_its_documented_statistics(shared_datasets):
     assert s.labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     x = s.images.float() / 255
     assert abs(x.mean().item() - 0.1307) < 1e-3 and abs(x.std().item() - 0.3081) < 1e-3
+
+
+def test_subsets_are_a_seeded_random_draw_not_the_first_images():
+    """Image folders are stored class by class: the first N images of the CIFAR-10 JPEG copy are one or
+    two classes. A subset must be a random draw (seeded, the same for every run), in the split's order."""
+    from vaelab.data import ImageSplit
+
+    labels = torch.arange(10).repeat_interleave(100)  # sorted by class, like an ImageFolder
+    split = ImageSplit(torch.zeros(1000, 1, 4, 4, dtype=torch.uint8), labels, [str(c) for c in range(10)], "fixture", "train")
+    first, drawn = split.subset(slice(0, 200)), split.sample(200)
+    assert first.labels.unique().numel() == 2 and drawn.labels.unique().numel() == 10
+    assert torch.equal(drawn.labels, split.sample(200).labels)  # seeded
+    assert bool((drawn.labels[1:] >= drawn.labels[:-1]).all())  # kept in the split's order
+    assert split.sample(5000) is split

@@ -117,7 +117,7 @@ def cas(
         augment: random crop + flip for every row (default: the recipe's; ``False`` = ``--no-augment``).
         seed: seeds initialisation, batch order and augmentation of every row.
         device, precision: where and in which precision the classifiers train (``vaelab.runtime``).
-        train_subset, test_subset: use the first N real train / test images (quick runs).
+        train_subset, test_subset: N real train / test images drawn at random, seed 0 (quick runs).
         recipe: overrides of ``default_recipe(dataset)`` keys (``batch_size``, ``lr``, ``augment``, ``widths``).
         rows: which of ``ROWS`` to train.
         history_points: test accuracy recorded this many times during each row's training.
@@ -162,9 +162,9 @@ def cas(
     real_test = load_split(dataset, "test", data_root)
     check_compatible(synthetic, real_train)
     if train_subset:
-        real_train = real_train.subset(slice(0, train_subset))
+        real_train = real_train.sample(train_subset)
     if test_subset:
-        real_test = real_test.subset(slice(0, test_subset))
+        real_test = real_test.sample(test_subset)
     dist, dev = distributed(device)
     precision = resolve_precision(precision, dev)
     sets = {"real": real_train, "synthetic": synthetic, "real+synthetic": concat(real_train, synthetic)}

@@ -44,7 +44,7 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
                         "image folders, whose mirror symmetry is unknown)")
     p.add_argument("--binarize", action="store_true", default=None,
                    help="dynamically binarise training images (Bernoulli likelihood on binary MNIST)")
-    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="use the first N train images")
+    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="N train images drawn at random (seed 0)")
     p.add_argument("--tsne", action="store_true", default=None, help="also plot t-SNE of the test latents")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
 
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every row without crops and flips")
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (CUDA)")
     p.add_argument("--rows", help="comma-separated subset of real,synthetic,real+synthetic (default: all three)")
-    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="first N real train images")
-    p.add_argument("--test-subset", "--test_subset", dest="test_subset", type=int, help="first N real test images")
+    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="N real train images drawn at random (seed 0)")
+    p.add_argument("--test-subset", "--test_subset", dest="test_subset", type=int, help="N real test images drawn at random (seed 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train and evaluate a grid of configs, one run folder per point")
     _train_options(p, full=False)
-    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="use the first N train images")
+    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, help="N train images drawn at random (seed 0)")
     p.add_argument("--set", dest="axes", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="a config field and its values (repeat for a grid), e.g. --set latent_dim=64,128")
     p.add_argument("--jobs", type=int, default=1, help="points trained at once, as separate processes")

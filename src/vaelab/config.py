@@ -68,7 +68,7 @@ class TrainConfig:
     """Everything that defines a training run. ``None`` means "the default for this dataset/model".
 
     Data: ``dataset`` (mnist | fashion-mnist | cifar10 | imagefolder), ``data_root``,
-    ``val_fraction`` of train held out (seeded), ``train_subset``/``test_subset`` (first N images,
+    ``val_fraction`` of train held out (seeded), ``train_subset``/``test_subset`` (N images drawn at random with seed 0,
     for quick runs), ``augment`` (random horizontal flips, no crops: the augmentation of generative
     training; default on where the classes are mirror-symmetric, CIFAR-10, off for digits and for
     image folders and tensor files, whose mirror symmetry cannot be known from the pixels),

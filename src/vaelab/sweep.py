@@ -338,7 +338,7 @@ def summarize_sweep(out: Path, points: list[Point], axes: dict[str, list[Any]], 
     metric_columns = columns_of_families + COMMON_METRICS
     columns = [{"key": k, "label": k} for k in axes] + [
         {"key": k, "label": fid_label if k == "fid" else label, "title": title} for k, label, title in metric_columns]
-    budget = f"{base.epochs or first['epochs']} epochs" + (f" on the first {base.train_subset:,} train images" if base.train_subset else "")
+    budget = f"{base.epochs or first['epochs']} epochs" + (f" on {base.train_subset:,} random train images" if base.train_subset else "")
     sweep = {
         "description": (
             f"Grid over {', '.join(f'{k} in {v}' for k, v in axes.items())} on {first['dataset']}, {budget} per point. "

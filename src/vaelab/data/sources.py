@@ -399,7 +399,8 @@ def load_run_data(
     seed: int = 0,
     binarize: bool = False,
 ) -> RunData:
-    """Train/val/test splits of a run on CPU: the first ``train_subset`` / ``test_subset`` images,
+    """Train/val/test splits of a run on CPU: ``train_subset`` / ``test_subset`` images drawn at random
+    (seed 0, the same for every run, see ``ImageSplit.sample``),
     a seeded ``val_fraction`` of train held out, and with ``binarize`` the validation and test
     images binarised once with ``seed`` (see ``binarize_split``).
 
@@ -413,9 +414,9 @@ def load_run_data(
     if train.classes != test.classes:
         raise DataError(f"{dataset}: train classes {train.classes} differ from test classes {test.classes}")
     if train_subset:
-        train = train.subset(slice(0, train_subset))
+        train = train.sample(train_subset)
     if test_subset:
-        test = test.subset(slice(0, test_subset))
+        test = test.sample(test_subset)
     train, val = split_validation(train, val_fraction, seed)
     if binarize:
         val, test = binarize_split(val, seed), binarize_split(test, seed)

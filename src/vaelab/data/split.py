@@ -42,6 +42,15 @@ class ImageSplit:
     def subset(self, index: torch.Tensor | slice) -> "ImageSplit":
         return ImageSplit(self.images[index], self.labels[index], self.classes, self.source, self.name)
 
+    def sample(self, n: int, seed: int = 0) -> "ImageSplit":
+        """``n`` images drawn at random without replacement (seeded), kept in the split's order; the
+        whole split when ``n >= len(self)``. A random draw, not the first ``n``: image folders (e.g.
+        the CIFAR-10 JPEG copy) are stored class by class, so their first images are one or two classes."""
+        if n >= len(self):
+            return self
+        index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return self.subset(index)
+
 
 @dataclass
 class RunData:
