@@ -8,12 +8,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 
 from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.data.sources import check_dataset_name
 from vaelab import families
 from vaelab.errors import ConfigError, DataError
+from vaelab.io import read_yaml_mapping
 from vaelab.losses import BETA_SCHEDULES, RECON_LIKELIHOODS
 from vaelab.models import check_preset, preset_family
 
@@ -284,16 +284,7 @@ def load_config(path: str | Path) -> TrainConfig:
     Raises:
         ConfigError: missing file, invalid YAML, not a mapping, or unknown keys.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of config fields, got {type(values).__name__}")
-    return config_from_dict(values, source=str(path))
+    return config_from_dict(read_yaml_mapping(path, "config file"), source=str(path))
 
 
 def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

@@ -83,6 +83,27 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
+    """The mapping in YAML file ``path`` (``{}`` for an empty file).
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or holds something other than a mapping;
+            the message names ``what`` the file should be and the path.
+    """
+    from vaelab.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping ({what}), got {type(values).__name__}")
+    return values
+
+
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """Append one JSON row by rewriting the file atomically (metrics files are small)."""
     path = Path(path)

@@ -51,7 +51,7 @@ import yaml
 
 from vaelab.config import TrainConfig, load_config, with_overrides
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.io import write_json, write_text, write_yaml
+from vaelab.io import read_yaml_mapping, write_json, write_text, write_yaml
 
 KINDS: dict[str, dict[str, Any]] = {
     # kind -> {"done": marker file, "keys": allowed stage keys (besides name/kind), "refs": keys naming stages}
@@ -103,12 +103,7 @@ def load_study(path: str | Path, *, budget: str = FULL) -> Study:
             that names an unknown stage or rule; the message names the stage or claim.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    doc = read_yaml_mapping(path, "study file")
     for key in ("name", "stages", "claims"):
         if key not in doc:
             raise ConfigError(f"{path}: missing '{key}'")
