@@ -48,6 +48,24 @@ def write_cifar_pickles(root: Path, per_batch: int = 4, seed: int = 0) -> dict:
     return out
 
 
+def save_png(img, path) -> None:
+    """A ``uint8`` ``(C, H, W)`` tensor (C = 1 or 3) as a PNG file, written with PIL."""
+    from PIL import Image
+
+    arr = img.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
+
+
+def load_image(path):
+    """An image file as a ``uint8`` ``(C, H, W)`` tensor (RGB), read with PIL."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
 def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 8, channels: int = 3, seed: int = 0) -> dict:
     from PIL import Image
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from types import SimpleNamespace
 
+from fixtures import save_png
 from vaelab.config import TrainConfig
 from vaelab.data import ImageSplit
 from vaelab.errors import ConfigError, DataError, VaelabError
@@ -235,8 +236,6 @@ def test_classifier_features_take_uint8():
 
 def _make_image_folder(root, size=8, n_train=60, n_test=30):
     """A 3-class gray image folder: class c is a bright bar at rows 2c+1..2c+2, on noise."""
-    from torchvision.io import write_png
-
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", n_train), ("test", n_test)):
         for c in range(3):
@@ -244,7 +243,7 @@ def _make_image_folder(root, size=8, n_train=60, n_test=30):
             for i in range(n // 3):
                 img = torch.randint(0, 60, (1, size, size), generator=g, dtype=torch.uint8)
                 img[:, 2 * c + 1 : 2 * c + 3, :] = 230
-                write_png(img, str(root / split / f"c{c}" / f"{i}.png"))
+                save_png(img, root / split / f"c{c}" / f"{i}.png")
     return root
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import read_image
 
+from fixtures import load_image
 from vaelab.data import load_split
 from vaelab.errors import ConfigError, DataError
 from vaelab.metrics import inception
@@ -22,7 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def net():
-    return load_inception()
+    return load_inception(engine="torch")
+
+
+@pytest.fixture(scope="module")
+def ov_net(net):
+    return load_inception(engine="openvino")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def mnist_test(shared_datasets):
 def _cifar_images(shared_datasets, n=3):
     """A few colour images (a channel mix-up in the remap would show on them, not on gray digits)."""
     files = sorted((shared_datasets / "cifar10-jpeg" / "test").glob("*/*.jpg"))[:: 997][:n]
-    return torch.stack([read_image(str(f)) for f in files])
+    return torch.stack([load_image(f) for f in files])
 
 
 def _fidelity_state_dict(torchscript: torch.nn.Module) -> dict:
@@ -136,3 +141,30 @@ def test_missing_or_wrong_weights_are_clear_errors(monkeypatch, tmp_path):
     torch.save({"conv.weight": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match="not a FID Inception-v3 state dict"):
         load_inception(tmp_path / "other.pth")
+
+
+def test_openvino_engine_gives_the_torch_features(net, ov_net, mnist_test, shared_datasets):
+    """The CPU default: OpenVINO's run of the same graph gives the torch path's 2048-d features on real
+    images (max relative error <= 1e-4), shares its cached statistics, and bf16 is a labelled mode of its own."""
+    assert load_inception().engine == "openvino"  # the default on a CPU
+    assert ov_net.engine == "openvino" and ov_net.precision == "fp32" and ov_net.cache_id == net.cache_id
+    for x in (_cifar_images(shared_datasets, 4), mnist_test.images[:4]):
+        ref, ours = net(x), ov_net(x)
+        assert ours.shape == (len(x), 2048) and ours.dtype == torch.float32
+        assert (ours - ref).abs().max() / ref.abs().max() <= 1e-4
+        assert ref.std() > 0.1
+    # the converted graph is cached under the cache dir by the weights' hash: a second load converts nothing
+    cached = list(inception.cache_dir_of_ir().glob(f"{net.weights['hash'].replace(':', '-')}-openvino-*/inception.xml"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime
+    load_inception(engine="openvino")
+    assert cached[0].stat().st_mtime == mtime
+    bf16 = load_inception(engine="openvino", precision="bf16")
+    assert bf16.cache_id != net.cache_id and "bf16" in bf16.name
+    x = mnist_test.images[:4]
+    rel = (bf16(x) - net(x)).norm() / net(x).norm()
+    assert 0 < rel < 0.1  # reduced precision: close, not equal
+    with pytest.raises(ConfigError, match="unknown Inception engine"):
+        load_inception(engine="onnx")
+    with pytest.raises(ConfigError, match="unknown feature precision"):
+        load_inception(precision="fp16")

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from torchvision.io import encode_png, write_file
 
+from fixtures import save_png
 from vaelab.config import TrainConfig
 from vaelab.data import ImageSplit, load_split, to_pixels, to_uint8
 from vaelab.errors import ConfigError, DataError, VaelabError
@@ -28,7 +28,7 @@ def _image_folder(root: Path, classes=CLASSES, per_class=8, side=8) -> Path:
             for i in range(per_class):
                 level = 255 * (k + 1) / (len(classes) + 1)
                 img = (level + 20 * torch.randn(3, side, side, generator=g)).clamp(0, 255).to(torch.uint8)
-                write_file(str(root / split / name / f"{i}.png"), encode_png(img))
+                save_png(img, root / split / name / f"{i}.png")
     return root
 
 

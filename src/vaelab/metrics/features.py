@@ -34,6 +34,7 @@ class ClassifierFeatures(nn.Module):
     """
 
     batch_size = 500
+    precision = "fp32"
 
     def __init__(self, classifier: nn.Module):
         super().__init__()

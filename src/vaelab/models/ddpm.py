@@ -5,7 +5,9 @@ schedule ``beta_1 = 1e-4 -> beta_T = 0.02`` of ``DDPMScheduler`` (T = 1,000 step
 exponential moving average (EMA) of the weights kept by diffusers' ``EMAModel``.
 
 Sampling: the full ``T``-step ancestral sampler (``DDPMScheduler``, Ho et al. 2020, algorithm 2)
-or DDIM (``DDIMScheduler``, Song et al. 2021, eta = 0, deterministic) with ``steps`` network
+or DDIM (``DDIMScheduler``, Song et al. 2021, eta = 0, deterministic) or DPM-Solver++
+(``DPMSolverMultistepScheduler``, Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models", second-order multistep, deterministic) with ``steps`` network
 evaluations. Both use "trailing" timesteps (Lin et al. 2024, table 2), so a chain shorter than
 ``T`` still starts at ``t = T - 1`` from pure noise; the full DDPM chain is ``T - 1, ..., 0``.
 
@@ -15,10 +17,11 @@ The UNet works on pixels in ``[-1, 1]``; images go in and come out in ``config.p
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
@@ -26,8 +29,9 @@ from tqdm.auto import tqdm
 from vaelab.data.pixels import PIXEL_RANGES, from_symmetric, to_symmetric
 from vaelab.errors import ConfigError
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 DEFAULT_DDIM_STEPS = 50
+DEFAULT_DPM_STEPS = 20
 
 
 @dataclass
@@ -173,10 +177,11 @@ class DDPM(nn.Module):
         """Trainable parameters (the UNet; the EMA copy is not counted)."""
         return sum(p.numel() for p in self.unet.parameters())
 
-    def make_scheduler(self, sampler: str, steps: int | None = None) -> DDPMScheduler | DDIMScheduler:
-        """A fresh scheduler for ``sampler`` (``"ddpm"`` or ``"ddim"``) set to ``steps`` denoising steps.
+    def make_scheduler(self, sampler: str, steps: int | None = None):
+        """A fresh diffusers scheduler for ``sampler`` (``"ddpm"``, ``"ddim"`` or ``"dpm-solver"``) set to
+        ``steps`` denoising steps.
 
-        ``steps`` defaults to ``T`` for ``ddpm`` and 50 for ``ddim``.
+        ``steps`` defaults to ``T`` for ``ddpm``, 50 for ``ddim`` and 20 for ``dpm-solver``.
 
         Raises:
             ConfigError: unknown sampler, or ``steps`` not in ``[1, T]``.
@@ -190,6 +195,13 @@ class DDPM(nn.Module):
         elif sampler == "ddim":
             scheduler = DDIMScheduler(**schedule, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
             steps = DEFAULT_DDIM_STEPS if steps is None else steps
+        elif sampler == "dpm-solver":
+            # DPM-Solver++(2M); "trailing" so a short chain starts from pure noise at t = T - 1 like the others
+            with warnings.catch_warnings():  # diffusers' np.array(tensor) call warns under numpy 2
+                warnings.simplefilter("ignore", DeprecationWarning)
+                scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2,
+                                                        timestep_spacing="trailing")
+            steps = DEFAULT_DPM_STEPS if steps is None else steps
         else:
             raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
@@ -285,7 +297,8 @@ class DDPM(nn.Module):
             n: images to draw.
             y: ``(n,)`` int64 labels for a conditional model (``None``: ``arange(n) % num_classes``).
             generator: for the initial noise and the DDPM sampler's noise.
-            sampler: ``"ddpm"`` (ancestral, ``steps`` default ``T``) or ``"ddim"`` (eta 0, default 50).
+            sampler: ``"ddpm"`` (ancestral, ``steps`` default ``T``), ``"ddim"`` (eta 0, default 50) or
+                ``"dpm-solver"`` (DPM-Solver++ 2M, default 20).
             steps: network evaluations, in ``[1, T]``.
             ema: use the EMA weights (default) or the trained ones.
             snapshots: keep about this many intermediate states, evenly spaced over the steps.
@@ -312,7 +325,11 @@ class DDPM(nn.Module):
             eps_hat = net(x, t.to(device), class_labels=y).sample
             out = scheduler.step(eps_hat, t, x, generator=generator)
             if i in keep:
-                states.append((int(t), from_symmetric(x, pr), from_symmetric(out.pred_original_sample, pr)))
+                x0_hat = getattr(out, "pred_original_sample", None)
+                if x0_hat is None:  # DPM-Solver's output has none: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+                    abar = self.noise_scheduler.alphas_cumprod[int(t)].to(device)
+                    x0_hat = ((x - (1 - abar).sqrt() * eps_hat) / abar.sqrt()).clamp(-1, 1)
+                states.append((int(t), from_symmetric(x, pr), from_symmetric(x0_hat, pr)))
             x = out.prev_sample
         return from_symmetric(x, pr), states
 
