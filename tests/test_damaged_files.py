@@ -55,7 +55,7 @@ def stderr_lines(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]  # not the bars
 
 
-def one_error_line(capsys, code: int, damaged: Path) -> str:  # noqa: D103
+def one_error_line(capsys, code: int, damaged: Path) -> str:
     """The command failed with exactly one stderr line naming ``damaged``; returns that line."""
     err = stderr_lines(capsys)
     assert code == 2, err

@@ -104,9 +104,9 @@ figcaption{font-size:.88em;color:#333;margin-top:6px;max-width:900px}
 pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:.85em}
 .caption-file{font-family:monospace;color:#777}
 .headline{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start}
-.headline-text{flex:1 1 460px;min-width:0}.headline figure{margin:.6em 0;flex:0 1 auto}
-table.key td.what{font-weight:600}table.key td{max-width:520px}.key span.key,span.key{font-family:monospace;
-font-weight:normal;color:#888;font-size:.85em}.why{color:#555;font-size:.9em}.warn{color:#8a4b00}
+.headline-text{flex:1 1 520px;min-width:0}.headline figure{margin:.6em 0;flex:0 1 440px;max-width:440px}
+table.key td.what{font-weight:600}table.key td{max-width:420px}table.key .why{font-weight:normal}
+.why{color:#555;font-size:.9em}.warn{color:#8a4b00}
 details{margin:1.2em 0;border:1px solid #e3e3e3;border-radius:4px;padding:4px 10px}
 summary{font-size:1.2em;font-weight:600;cursor:pointer;padding:4px 0}
 """
@@ -246,11 +246,15 @@ def _run_headline(family, summary: dict, evaluation: dict, rows: list[dict], ctx
         items.append(("training", "", "not finished", f"{len(rows)} epoch(s) in metrics.jsonl",
                       f"last validation loss {format_value(last.get('val_loss'))}" if last else ""))
     items += _evaluation_items(evaluation)
-    head = "<tr><th>number</th><th>value</th><th>beside it</th><th>measured on</th></tr>"
-    body = "".join(f'<tr><td class="what">{html.escape(what)}'
-                   + (f' <span class="key">{html.escape(key)}</span>' if key else "") + "</td>"
-                   + _td(value) + f"<td>{html.escape(beside)}</td><td>{html.escape(on)}</td></tr>"
-                   for what, key, value, beside, on in items)
+    head = "<tr><th>number</th><th>value</th><th>beside it</th></tr>"
+    body, shown_on = [], None
+    for what, key, value, beside, on in items:
+        where = f'<div class="why">{html.escape(on)}</div>' if on and on != shown_on else ""  # once per run of rows
+        shown_on = on
+        title = f' title="{html.escape(key)}"' if key else ""
+        body.append(f'<tr><td class="what"{title}>{html.escape(what)}{where}</td>{_td(value)}'
+                    f"<td>{html.escape(beside)}</td></tr>")
+    body = "".join(body)
     notes = "".join(f'<p class="warn">WARNING: {html.escape(str(w))}</p>' for w in evaluation.get("warnings") or [])
     source = _p("From summary.json" + (" and eval.json" if evaluation else " (no eval.json: run `vaelab evaluate "
                                                                           "--run` for FID, precision/recall and "
@@ -372,7 +376,7 @@ def _study_report(folder: Path) -> tuple[Section | None, list[Section]]:
     grid_dir, grid = _study_grid(folder, study)
     picture = ""
     if grid is not None:
-        ctx = _context(grid_dir, _read_json(grid_dir / "summary.json") or {})
+        ctx = _context(grid_dir, _read_json(grid_dir / "summary.json") or {}, dataset=study.get("dataset"))
         picture = figure(grid, f"Stage {grid_dir.name}: {caption(grid, grid_dir, ctx)}")
     head = "<tr><th>claim</th><th>seed</th><th>ours</th><th>verdict</th></tr>"
     body = "".join(f"<tr><td>{html.escape(c['claim'])}</td><td>{html.escape(_seed_text(c))}</td>"
@@ -393,7 +397,7 @@ def _study_report(folder: Path) -> tuple[Section | None, list[Section]]:
         stage_dir = folder / s["name"]
         pictures = [p for p in _pictures(stage_dir, recursive=False) if p != grid] if stage_dir.is_dir() else []
         if pictures:
-            ctx = _context(stage_dir, _read_json(stage_dir / "summary.json") or {})
+            ctx = _context(stage_dir, _read_json(stage_dir / "summary.json") or {}, dataset=study.get("dataset"))
             sections.append(Section(f"Stage {s['name']}", "\n".join(figure(p, caption(p, stage_dir, ctx)) for p in pictures)))
     for note in study.get("notes", []):
         sections.append(Section("Notes", _p(note)))
