@@ -287,3 +287,8 @@ def test_study_report_and_the_study_state_file(study, capsys):
     state.write_text('{"vae": {"kind": "tr')
     line = one_error_line(capsys, main(["study", "run", str(path), "--out", str(out)]), state)
     assert "no stage is redone" in line
+    state.unlink()
+    plan = out / "study_plan.yaml"
+    cut(plan)
+    line = one_error_line(capsys, main(["study", "run", str(path), "--out", str(out)]), plan)
+    assert "which writes it again from the study file" in line

@@ -166,6 +166,19 @@ def read_json(path: str | os.PathLike, *, remedy: str) -> Any:
     return read_checked(path, lambda p: json.loads(p.read_text()), remedy=remedy)
 
 
+def load_written_yaml(path: Path) -> Any:
+    """The YAML value of a file vaelab wrote with ``write_yaml`` (for ``read_checked``).
+
+    Raises:
+        ValueError: its last line has no newline (``yaml.safe_dump`` ends every file with one): the copy
+            was cut short, even where the rest still parses. yaml.YAMLError: not YAML.
+    """
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        raise ValueError("its last line is cut")
+    return yaml.safe_load(text)
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
     """The mapping in YAML file ``path`` (``{}`` for an empty file).
 

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from vaelab.config import TrainConfig, config_from_dict
 from vaelab.data import RunData, load_run_data
 from vaelab.errors import VaelabError
-from vaelab.io import (append_jsonl, atomic_path, read_cache, read_checked, read_json, read_jsonl,
+from vaelab.io import (append_jsonl, atomic_path, load_written_yaml, read_cache, read_checked, read_json, read_jsonl,
                        write_json, write_jsonl, write_text)
 from vaelab.models import load_model, save_model
 
@@ -249,13 +249,10 @@ class Run:
 def _read_run_config(path: Path) -> dict:
     """A run's ``config.yaml`` as a mapping; ``ValueError`` when it was cut short: a last line without its newline,
     or fewer fields than its first line says were written (a cut at a line end still parses as YAML)."""
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        raise ValueError("its last line is cut")
-    values = yaml.safe_load(text)
+    values = load_written_yaml(path)
     if not isinstance(values, dict):
         raise ValueError(f"it holds a {type(values).__name__}, not a mapping of config fields")
-    match = re.match(rf"# {CONFIG_HEADER} (\d+) fields\n", text)
+    match = re.match(rf"# {CONFIG_HEADER} (\d+) fields\n", path.read_text())
     if match and len(values) < int(match[1]):
         raise ValueError(f"{len(values)} of the {match[1]} fields written: the file was cut short")
     return values

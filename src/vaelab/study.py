@@ -52,7 +52,8 @@ import yaml
 
 from vaelab.config import TrainConfig, load_config, with_overrides
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.io import DamagedFileError, read_checked, read_json, read_yaml_mapping, write_json, write_text, write_yaml
+from vaelab.io import (DamagedFileError, load_written_yaml, read_checked, read_json, read_yaml_mapping, write_json,
+                       write_text, write_yaml)
 
 KINDS: dict[str, dict[str, Any]] = {
     # kind -> {"done": marker file, "keys": allowed stage keys (besides name/kind), "refs": keys naming stages}
@@ -290,11 +291,12 @@ def _check_plan(out: Path, study: Study) -> None:
     plan = {"study": str(study.path), "name": study.name, "budget": study.budget, "stages": study.stages}
     path = out / PLAN_FILE
     if path.is_file():
-        old = read_checked(path, lambda p: yaml.safe_load(p.read_text()),
+        old = read_checked(path, load_written_yaml,
                            remedy=f"delete it and rerun {_rerun(study, out)}, which writes it again from the study file")
         if old != yaml.safe_load(yaml.safe_dump(plan)):
             raise ConfigError(f"{out} holds another study plan (see {path}: other stages or budget); use another "
-                              "--out or the same study file and --budget")
+                              "--out or the same study file and --budget (if that file was cut short, delete it and "
+                              "rerun: it is written again from the study file)")
     else:
         write_yaml(path, plan)
 
