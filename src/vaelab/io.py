@@ -224,11 +224,11 @@ def read_jsonl(path: str | os.PathLike, *, remedy: str | None = None) -> list[di
             continue
         try:
             row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}")
         except ValueError as exc:
-            row = exc
-        if not isinstance(row, dict):
-            problem = f"line {number} of {len(lines)} is not a JSON object" + (f": {one_line(row)}" if isinstance(row, Exception) else "")
-            raise DamagedFileError(path, problem, remedy or f"remove line {number} (a cut row) or restore the file from a copy")
+            raise DamagedFileError(path, f"line {number} of {len(lines)} is not a JSON object: {one_line(exc)}",
+                                   remedy or f"remove line {number} (a cut row) or restore the file from a copy") from exc
         rows.append(row)
     return rows
 

@@ -344,7 +344,7 @@ def _sweep_report(folder: Path) -> tuple[Section | None, list[Section]]:
         sections.append(Section("Other pictures", "\n".join(figure(p, caption(p, folder, {})) for p in pictures)))
     for point in points:
         run_dir = folder / point.get("run_dir", point["name"])
-        if run_dir.is_dir():
+        if (run_dir / "config.yaml").is_file():
             headline, parts = _run_report(run_dir)
             shown = [headline] if headline else []
             shown += [s for s in parts if s.heading != "Config"]
