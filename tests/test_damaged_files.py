@@ -80,6 +80,21 @@ def test_truncated_checkpoint_weights_stop_sample_naming_the_file(run, tmp_path,
     assert not (tmp_path / "s.png").exists()
 
 
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--run", "RUN", "--metrics", "recon", "--device", "cpu"],
+    ["synth", "--run", "RUN", "--out", "TMP/synth", "--per-class", "2", "--device", "cpu"],
+    ["compare", "RUN", "TMP/other", "--out", "TMP/cmp", "--metrics", "recon", "--device", "cpu"],
+], ids=lambda c: c[0])
+def test_every_command_reading_the_checkpoint_stops_with_one_line(run, tmp_path, capsys, command):
+    shutil.copytree(run, tmp_path / "other")  # compare: a second, sound run
+    damaged = checkpoint(run) / "model.safetensors"
+    cut(damaged)
+    argv = [a.replace("RUN", str(run)).replace("TMP", str(tmp_path)) for a in command]
+    one_error_line(capsys, main(argv), damaged)
+    assert not (run / "eval.json").read_text().startswith("{\"run\"")  # nothing written over the old results
+    assert not (tmp_path / "synth").exists() and not (tmp_path / "cmp").exists()
+
+
 def test_truncated_trainer_state_stops_resume(run, capsys):
     damaged = checkpoint(run) / "trainer_state.pt"
     cut(damaged)
@@ -141,8 +156,9 @@ def test_no_traceback_from_the_command_line(run, tmp_path):
 # ---------------------------------------------------------------------------- caches: a warning, then computed again
 
 
-def test_truncated_sampler_cache_is_fitted_again_with_a_warning(run, tmp_path, capsys):
-    damaged = next((run / "samplers").glob("gmm*.safetensors"))
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_truncated_sampler_cache_is_fitted_again_with_a_warning(run, tmp_path, capsys, suffix):
+    damaged = next((run / "samplers").glob(f"gmm*{suffix}"))
     cut(damaged)
     capsys.readouterr()
     assert main(["sample", "--run", str(run), "--n", "4", "--out", str(tmp_path / "s.png"), "--sampler", GMM,
@@ -152,8 +168,9 @@ def test_truncated_sampler_cache_is_fitted_again_with_a_warning(run, tmp_path, c
     assert (tmp_path / "s.png").is_file()
     from safetensors import safe_open
 
-    with safe_open(str(damaged), framework="pt") as fh:  # written again, whole
+    with safe_open(str(damaged.with_suffix(".safetensors")), framework="pt") as fh:  # written again, whole
         assert "weights" in set(fh.keys())
+    assert json.loads(damaged.with_suffix(".json").read_text())["sampler"] == "gmm"
 
 
 class PixelFeatures(torch.nn.Module):

@@ -477,11 +477,11 @@ def load_or_fit(name: str, options: dict, model, run, *, num_classes: int | None
     cached = run.read_sampler(stem)
     if cached is not None and {k: cached[1].get(k) for k in key} == key:
         tensors, info = cached
+        redo = f"fitting the {stem} sampler again (it replaces the file)"  # a damaged cache is refitted
         report_path = run.path / "samplers" / f"{stem}.json"
-        report = read_cache(report_path, lambda p: json.loads(p.read_text()),
-                            redo=f"fitting the {spec} sampler again") if report_path.is_file() else {}
+        report = read_cache(report_path, lambda p: json.loads(p.read_text()), redo=redo) if report_path.is_file() else {}
         body = read_cache(run.path / "samplers" / f"{stem}.safetensors", lambda p: _rebuild(name, tensors, info),
-                          redo=f"fitting the {spec} sampler again") if report is not None else None
+                          redo=redo) if report is not None else None
         if body is not None:
             return FittedSampler(name, options, body.to(device), report, cached=True)
 
