@@ -44,8 +44,10 @@ def test_report_of_a_run_has_every_section_and_picture(tiny_run, tmp_path):
     path = write_report(run)
     assert path == run / "report.html"
     page = path.read_text()
-    for heading in ("Summary (test split)", "Training per epoch", "Pictures", "Config"):
+    for heading in ("Key numbers", "Training per epoch", "Pictures"):
         assert f">{heading}</h2>" in page
+    for folded in ("Numbers: summary.json", "Config"):
+        assert f"<summary>{folded}</summary>" in page
     summary = json.loads((run / "summary.json").read_text())
     embedded = data_uris(page)
     assert len(embedded) == len(RUN_PICTURES) == len(page.split("<img")) - 1
@@ -61,6 +63,75 @@ def test_report_of_a_run_has_every_section_and_picture(tiny_run, tmp_path):
     assert "<script" not in page and "<link" not in page and "url(" not in page
 
 
+def first_heading_and_table(page: str) -> tuple[str, str]:
+    heading = re.search(r"<h2 [^>]*>([^<]+)</h2>", page)[1]
+    table = re.search(r"<table.*?</table>", page, re.S)[0]
+    return heading, table
+
+
+def folded(page: str, heading: str) -> str:
+    """The content of the closed ``<details>`` titled ``heading``."""
+    match = re.search(rf'<details id="[^"]+"><summary>{re.escape(heading)}</summary>(.*?)</details>', page, re.S)
+    assert match, f"no <details> titled {heading}"
+    return match[1]
+
+
+def test_a_run_report_opens_with_its_key_numbers_beside_the_samples(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "eval.json").write_text(json.dumps({
+        "settings": {"fid_features": ["inception", "classifier"]},
+        "fid": {"value": 61.25, "floor": {"value": 2.125}, "num_samples": 1000, "real": "the MNIST test split"},
+        "prdc": {"precision": 0.625, "recall": 0.375, "k_precision_recall": 5, "floor": {"precision": 0.75, "recall": 0.8125}},
+        "fid_classifier": {"value": 9.5, "floor": {"value": 0.25}, "num_samples": 1000},
+        "confidence": {"generated": {"mean_max_prob": 0.8125, "share_confident": 0.5, "confidence_threshold": 0.9,
+                                     "class_balance": 0.875},
+                       "real_test": {"mean_max_prob": 0.9375, "share_confident": 0.875, "class_balance": 0.9925}},
+        "warnings": ["FID from 1,000 samples is biased upward"],
+    }))
+    page = write_report(run).read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    heading, table = first_heading_and_table(page)
+    assert heading == "Key numbers"
+    # the headline: the family's numbers on the test split, FID with its floor, precision/recall, confidence vs real
+    for text in ("test −ELBO (nats/image)", f"{summary['test_neg_elbo_nats']:.4g}", "MNIST test split (200 images)",
+                 "FID [inception]", "61.25", "floor 2.125 (real train vs test)", "1,000 samples vs the MNIST test split",
+                 "FID [classifier]", "floor 0.25", "precision / recall [inception]", "0.625 / 0.375", "floor 0.75 / 0.8125",
+                 "confidence (mean top-1 probability)", "0.8125", "real test images 0.9375", "class balance"):
+        assert html.escape(text) in table, text
+    headline = page[page.index(">Key numbers</h2>"):page.index("<nav>")]
+    assert "FID from 1,000 samples is biased upward" in headline
+    samples = base64.b64encode((run / "samples.png").read_bytes()).decode()
+    assert samples in headline and page.count(samples) == 1  # the sample grid beside the numbers, shown once
+    # every raw field folds away below; the page no longer opens with them
+    assert "<td>test_kl_nats</td>" in folded(page, "Numbers: summary.json")
+    assert "<td>fid.floor.value</td>" in folded(page, "Numbers: eval.json")
+    assert "<td>latent_dim</td>" in folded(page, "Config")
+    assert page.index("<details") > page.index(">Pictures</h2>")
+
+
+def test_a_study_report_opens_with_its_claims_beside_the_key_samples(tiny_run, tmp_path):
+    folder = tmp_path / "study"
+    (folder / "ev").mkdir(parents=True)
+    shutil.copy(tiny_run / "samples.png", folder / "ev" / "eval_samples.png")
+    shutil.copy(tiny_run / "reconstructions.png", folder / "ev" / "other.png")
+    claims = [{"id": "fid", "claim": "FID of the VAE is 45.93", "stage": "ev", "seed": {"value": 45.93, "protocol": "pytorch-fid"},
+               "ours": 61.25, "than": None, "unit": "", "protocol": "Inception, 1,000 samples", "verdict": "not reproduced",
+               "why": "ours 61.25 vs seed 45.93, tolerance ±10"}]
+    (folder / "study.json").write_text(json.dumps({
+        "study": "s", "title": "S", "question": "Does the FID match?", "budget": "full", "claims": claims, "notes": [],
+        "stages": [{"name": "ev", "kind": "evaluate", "seconds": 12.0, "done": True}]}))
+    page = write_report(folder).read_text()
+    heading, table = first_heading_and_table(page)
+    assert heading == "Claims"
+    assert re.findall(r"<th>([^<]+)</th>", table) == ["claim", "seed", "ours", "verdict"]
+    assert "45.93" in table and "61.25" in table and "<b>not reproduced</b>" in table
+    headline = page[page.index(">Claims</h2>"):page.index("<nav>")]
+    grid = base64.b64encode((folder / "ev" / "eval_samples.png").read_bytes()).decode()
+    assert grid in headline and page.count(grid) == 1 and "Stage ev:" in headline
+    assert ">Protocols</h2>" in page and "pytorch-fid" in page and ">Stage ev</h2>" in page
+
+
 def test_report_renders_unknown_json_and_pictures_generically(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -73,7 +144,7 @@ def test_report_renders_unknown_json_and_pictures_generically(tiny_run, tmp_path
     shutil.copy(run / "samples.png", run / "eval" / "knn.png")
     shutil.copy(run / "samples.png", run / "mystery_plot.png")
     page = write_report(run).read_text()
-    assert "Numbers: eval.json" in page and "fid.value" in page and "123.5" in page
+    assert "<summary>Numbers: eval.json</summary>" in page and "fid.value" in page and "123.5" in page
     assert "evaluator classifier penultimate layer" in page
     assert "confusion" in page and "<th>1</th>" in page
     assert "Nearest training images of 8 samples (feature space: pixels)." in page

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from vaelab.data import DATASETS, ImageSplit, cache_dir, global_batches, load_split, to_pixels
 from vaelab.data import augment as augment_batch
 from vaelab.errors import ConfigError, DataError
-from vaelab.io import write_json
+from vaelab.io import DamagedFileError, read_cache, warn, write_json
 from vaelab.models import load_model, save_model
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.runtime import Distributed, autocast, derive_seed
@@ -302,8 +302,9 @@ def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
     train = load_split(dataset, "train", data_root)
     folder = evaluator_dir(dataset, train)
     if not force and (folder / "evaluator.json").is_file():
-        info = json.loads((folder / "evaluator.json").read_text())
-        return load_model(folder, device=device), {**info, "cached": True}
+        cached = _load_cached(folder, device)
+        if cached is not None:
+            return cached[0], {**cached[1], "cached": True}
     test = load_split(dataset, "test", data_root)
     if dist.main:
         print(f"training the {dataset} evaluator on {train.source} ({len(train):,} images, {recipe['epochs']} epochs, "
@@ -327,6 +328,19 @@ def build_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,
     os.replace(tmp, folder)
     dist.barrier()
     return model, {**info, "cached": False}
+
+
+def _load_cached(folder: Path, device: torch.device | str) -> tuple[ResNetClassifier, dict] | None:
+    """A cached evaluator, or ``None`` after a warning when a file of it is damaged (it is trained again)."""
+    redo = f"training the evaluator again (it replaces {folder})"
+    info = read_cache(folder / "evaluator.json", lambda p: json.loads(p.read_text()), redo=redo)
+    if info is None:
+        return None
+    try:
+        return load_model(folder, device=device, remedy=redo), info
+    except DamagedFileError as exc:
+        warn(str(exc))
+        return None
 
 
 def get_evaluator(dataset: str, *, data_root: str | os.PathLike | None = None,

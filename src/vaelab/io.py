@@ -1,7 +1,11 @@
-"""Atomic file writes and run provenance.
+"""Atomic file writes, damage-checked reads, and run provenance.
 
 Every file vaelab writes goes to a temporary name in the same folder first and is then
-``os.replace``-d into place, so an interrupted run never leaves a half-written file.
+``os.replace``-d into place, so an interrupted run never leaves a half-written file. Files still get
+damaged after they were written (a copy cut short, a disk that filled up while moving a folder), so
+every read of a file vaelab wrote goes through ``read_checked`` (results, checkpoints, state: stop
+with one line naming the file and what to do) or ``read_cache`` (caches: a warning, then the caller
+computes the value again).
 """
 
 from __future__ import annotations
@@ -10,12 +14,19 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import yaml
+from safetensors import SafetensorError
+
+from vaelab.errors import VaelabError
+
+T = TypeVar("T")
 
 
 _UMASK = os.umask(0)
@@ -83,6 +94,91 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
+# what reading or parsing a truncated, cut or foreign file raises: JSON/YAML/Unicode errors are
+# ValueErrors, torch.load raises RuntimeError (zip archive) or UnpicklingError/EOFError, safetensors its own
+READ_ERRORS = (OSError, ValueError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError, yaml.YAMLError,
+               SafetensorError)
+
+
+class DamagedFileError(VaelabError):
+    """A file vaelab wrote earlier cannot be read back (truncated, cut, half-copied, overwritten).
+
+    Attributes:
+        path: the file. problem: what reading it raised, on one line. remedy: what to do about it.
+    """
+
+    def __init__(self, path: str | os.PathLike, problem: str, remedy: str):
+        self.path, self.problem, self.remedy = Path(path), problem, remedy
+        super().__init__(f"{self.path} is damaged ({problem}); {remedy}")
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """``exc``'s message on one line (whitespace collapsed), its first sentence when it is longer than ``limit``
+    characters, cut at ``limit``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > limit and ". " in text:
+        text = text[: text.index(". ")]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_checked(path: str | os.PathLike, read: Callable[[Path], T], *, remedy: str) -> T:
+    """``read(path)``; a file that cannot be read or parsed raises ``DamagedFileError`` instead.
+
+    Args:
+        read: reads and parses the file (e.g. ``json.loads`` of its text, ``torch.load``); a
+            ``VaelabError`` it raises (a readable file with a bad value) passes through unchanged.
+        remedy: what the person should do, e.g. "delete it and rerun `vaelab evaluate --run RUN`".
+
+    Raises:
+        DamagedFileError: ``read`` raised one of ``READ_ERRORS``; the message names the file, the
+            problem and ``remedy``, on one line.
+    """
+    path = Path(path)
+    try:
+        return read(path)
+    except VaelabError:
+        raise
+    except READ_ERRORS as exc:
+        raise DamagedFileError(path, one_line(exc), remedy) from exc
+
+
+def read_cache(path: str | os.PathLike, read: Callable[[Path], T], *, redo: str) -> T | None:
+    """``read(path)`` of a cache file, or ``None`` after one ``WARNING`` line on stderr when it is damaged
+    (the caller then computes the value again and overwrites the file).
+
+    Args:
+        redo: what happens instead, e.g. "computing the statistics again".
+    """
+    try:
+        return read_checked(path, read, remedy=redo)
+    except DamagedFileError as exc:
+        warn(str(exc))
+        return None
+
+
+def warn(text: str) -> None:
+    """One ``WARNING:`` line on stderr."""
+    print(f"WARNING: {text}", file=sys.stderr, flush=True)
+
+
+def read_json(path: str | os.PathLike, *, remedy: str) -> Any:
+    """The JSON value in ``path`` (see ``read_checked``)."""
+    return read_checked(path, lambda p: json.loads(p.read_text()), remedy=remedy)
+
+
+def load_written_yaml(path: Path) -> Any:
+    """The YAML value of a file vaelab wrote with ``write_yaml`` (for ``read_checked``).
+
+    Raises:
+        ValueError: its last line has no newline (``yaml.safe_dump`` ends every file with one): the copy
+            was cut short, even where the rest still parses. yaml.YAMLError: not YAML.
+    """
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        raise ValueError("its last line is cut")
+    return yaml.safe_load(text)
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
     """The mapping in YAML file ``path`` (``{}`` for an empty file).
 
@@ -97,8 +193,8 @@ def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
         raise ConfigError(f"{what} {path} does not exist")
     try:
         values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid YAML ({one_line(exc)})") from exc
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping ({what}), got {type(values).__name__}")
     return values
@@ -111,11 +207,30 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     write_text(path, old + dumps(row) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_jsonl(path: str | os.PathLike, *, remedy: str | None = None) -> list[dict]:
+    """The rows of a JSON-lines file (``[]`` when it is absent).
+
+    Raises:
+        DamagedFileError: a line is not a JSON object (a cut or half-copied row), named by its number;
+            ``remedy`` (default: remove that line or restore the file from a copy) says what to do.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = read_checked(path, lambda p: p.read_text().splitlines(), remedy=remedy or "restore it from a copy")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}")
+        except ValueError as exc:
+            raise DamagedFileError(path, f"line {number} of {len(lines)} is not a JSON object: {one_line(exc)}",
+                                   remedy or f"remove line {number} (a cut row) or restore the file from a copy") from exc
+        rows.append(row)
+    return rows
 
 
 def git_sha() -> str | None:

@@ -28,6 +28,7 @@ it and the options match; otherwise it is fitted again. Sampler options are writ
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 import warnings
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 import vaelab
 from vaelab.data import ImageSplit, batches, binarize_split
 from vaelab.errors import ConfigError, DataError
-from vaelab.io import git_sha
+from vaelab.io import git_sha, read_cache
 from vaelab.losses import gaussian_nll, kl_normal, soft_clip_log_sigma
 from vaelab.runtime import derive_seed
 
@@ -476,8 +477,13 @@ def load_or_fit(name: str, options: dict, model, run, *, num_classes: int | None
     cached = run.read_sampler(stem)
     if cached is not None and {k: cached[1].get(k) for k in key} == key:
         tensors, info = cached
-        report = run.read_json(f"samplers/{stem}.json") or {}
-        return FittedSampler(name, options, _rebuild(name, tensors, info).to(device), report, cached=True)
+        redo = f"fitting the {stem} sampler again (it replaces the file)"  # a damaged cache is refitted
+        report_path = run.path / "samplers" / f"{stem}.json"
+        report = read_cache(report_path, lambda p: json.loads(p.read_text()), redo=redo) if report_path.is_file() else {}
+        body = read_cache(run.path / "samplers" / f"{stem}.safetensors", lambda p: _rebuild(name, tensors, info),
+                          redo=redo) if report is not None else None
+        if body is not None:
+            return FittedSampler(name, options, body.to(device), report, cached=True)
 
     t0 = time.perf_counter()
     codes, described = train_codes(model, run)

@@ -1,7 +1,12 @@
 """One self-contained HTML page per run, sweep or comparison folder: ``FOLDER/report.html``.
 
-The page holds the config, every table of numbers the folder has, and every picture, each with a
-caption saying what it shows and on which split / feature space. Pictures are embedded as
+The page opens with what a person looks for first: for a run its key numbers (the model family's
+headline fields of ``summary.json``; FID with its train-vs-test floor, precision/recall and the
+evaluator's confidence on samples against real images from ``eval.json``), for a study its claims
+(the seed's number, ours, the verdict), each beside the key sample grid. Below come the tables and
+every picture, each with a caption saying what it shows and on which split / feature space; the raw
+key/value dumps (every field of ``summary.json`` and ``eval.json``, the config) are folded away in
+``<details>`` elements. Pictures are embedded as
 ``data:image/png;base64`` URIs and the CSS is inline, so the file makes no network request and can
 be mailed or archived on its own. There is no JavaScript.
 
@@ -27,6 +32,8 @@ import base64
 import html
 import json
 import math
+import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,7 +42,7 @@ import yaml
 
 import vaelab
 from vaelab.errors import VaelabError
-from vaelab.io import read_jsonl, write_text
+from vaelab.io import read_checked, read_json, write_text
 
 REPORT_NAME = "report.html"
 SKIP_DIRS = {"checkpoints", "tb", "logs", "configs", "__pycache__"}
@@ -76,6 +83,8 @@ CAPTION_PATTERNS: list[tuple[str, str]] = [
     ("confusion", "Confusion matrix of the evaluator classifier (rows: true class, columns: predicted class)."),
     ("nearest", "Generated images next to their nearest neighbours in the training set."),
 ]
+# the sample grid shown beside the headline numbers: the samples behind FID/KID when evaluated, else the run's own
+KEY_GRIDS = ["eval_samples.png", "samples.png"]
 ORDER = ["sweep_curves.png", "training_curves.png", "reconstructions.png", "samples.png", "interpolation.png",
          "latent_mu_pca.png", "latent_sigma_pca.png", "latent_mu_tsne.png", "eval_samples.png", "confidence_hist.png",
          "class_balance.png", "kl_per_dim.png"]
@@ -94,6 +103,12 @@ figure img{max-width:100%;height:auto;image-rendering:pixelated;display:block}
 figcaption{font-size:.88em;color:#333;margin-top:6px;max-width:900px}
 pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:.85em}
 .caption-file{font-family:monospace;color:#777}
+.headline{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start}
+.headline-text{flex:1 1 520px;min-width:0}.headline figure{margin:.6em 0;flex:0 1 440px;max-width:440px}
+table.key td.what{font-weight:600}table.key td{max-width:420px}table.key .why{font-weight:normal}
+.why{color:#555;font-size:.9em}.warn{color:#8a4b00}
+details{margin:1.2em 0;border:1px solid #e3e3e3;border-radius:4px;padding:4px 10px}
+summary{font-size:1.2em;font-weight:600;cursor:pointer;padding:4px 0}
 """
 
 
@@ -142,59 +157,180 @@ def write_report(folder: str | Path, *, out: str | Path | None = None) -> Path:
 
 
 def build_report(folder: str | Path) -> str:
-    """The report of ``folder`` as one HTML string (see the module docstring for what it holds)."""
+    """The report of ``folder`` as one HTML string (see the module docstring for what it holds): the headline
+    first (a study's claims, a run's key numbers, each beside the key sample grid), then the sections; raw
+    key/value dumps (a run's summary.json and eval.json, configs) folded away in ``<details>`` elements."""
     folder = Path(folder)
     kind = folder_kind(folder)
-    sections = {"run": _run_sections, "sweep": _sweep_sections, "comparison": _comparison_sections,
-                "study": _study_sections}[kind](folder)
+    headline, sections = {"run": _run_report, "sweep": _sweep_report, "comparison": _comparison_report,
+                          "study": _study_report}[kind](folder)
     title = f"{kind} report: {folder.resolve().name}"
-    nav = " ".join(f'<a href="#{_anchor(h)}">{html.escape(h)}</a>' for h, _ in sections)
-    body = "\n".join(f'<h2 id="{_anchor(h)}">{html.escape(h)}</h2>\n{content}' for h, content in sections)
+    nav = " ".join(f'<a href="#{_anchor(s.heading)}">{html.escape(s.heading)}</a>' for s in sections)
+    top = _render(headline) if headline else ""
+    body = "\n".join(_render(s) for s in sections)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}</title>"
         f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
         f"<p class=\"meta\">folder <code>{html.escape(str(folder.resolve()))}</code> &middot; written {stamp} by "
-        f"vaelab {html.escape(vaelab.__version__)}</p>\n<nav>{nav}</nav>\n{body}\n</body></html>\n"
+        f"vaelab {html.escape(vaelab.__version__)}</p>\n{top}\n<nav>{nav}</nav>\n{body}\n</body></html>\n"
     )
+
+
+@dataclass
+class Section:
+    """One part of a report: a heading and its HTML; ``folded`` ones (raw dumps) sit in a closed ``<details>``."""
+
+    heading: str
+    content: str
+    folded: bool = False
+
+
+def _render(section: Section, level: int = 2) -> str:
+    anchor, heading = _anchor(section.heading), html.escape(section.heading)
+    if section.folded:
+        return f'<details id="{anchor}"><summary>{heading}</summary>\n{section.content}\n</details>'
+    return f'<h{level} id="{anchor}">{heading}</h{level}>\n{section.content}'
+
+
+def _beside(text: str, picture: str) -> str:
+    """``text`` (a table) and ``picture`` (a figure) side by side, wrapping below each other on narrow screens."""
+    return f'<div class="headline"><div class="headline-text">{text}</div>{picture}</div>'
 
 
 # ---------------------------------------------------------------------------- sections per kind
 
 
-def _run_sections(folder: Path, *, heading_level: int = 3) -> list[tuple[str, str]]:
-    summary = _read_json(folder / "summary.json") or {}
-    ctx = _context(folder, summary)
-    sections = []
-    if summary:
-        sections.append(("Summary (test split)", _p(f"Measured on the {ctx['source']} test split "
-                                                     f"({ctx['n_test']} images).") + json_tables(summary)))
-    for path in _json_files(folder, exclude={"summary.json"}):
-        sections.append((f"Numbers: {path.name}", json_tables(_read_json(path))))
-    rows = read_jsonl(folder / "metrics.jsonl")
-    if rows:
-        sections.append(("Training per epoch", _p("train_* = running means over the epoch on the train split; val_* = "
-                                                  "the held-out validation part of the train split; loss terms in "
-                                                  "nats per image.") + rows_table(rows)))
+def _run_report(folder: Path) -> tuple[Section | None, list[Section]]:
+    from vaelab.run import Run
+
+    run = Run(folder)  # every file is read through Run: a damaged one names the command that writes it again
+    summary = run.summary() or {}
+    others = {path.name: run.read_json(path.name) for path in _json_files(folder, exclude={"summary.json"})}
+    rows = run.metrics()
+    config = run.config
+    ctx = _context(folder, summary, dataset=config.dataset)
     pictures = _pictures(folder)
-    if pictures:
-        sections.append(("Pictures", "\n".join(figure(p, caption(p, folder, ctx)) for p in pictures)))
-    if (folder / "config.yaml").is_file():
-        sections.append(("Config", _p("config.yaml: the resolved training config of this run.")
-                         + json_tables(yaml.safe_load((folder / "config.yaml").read_text()) or {})))
-    return sections
+    grid = next((p for name in KEY_GRIDS for p in pictures if p.relative_to(folder).as_posix() == name), None)
+    evaluation = others.get("eval.json") if isinstance(others.get("eval.json"), dict) else {}
+    headline = _run_headline(run.family, summary, evaluation, rows, ctx,
+                             figure(grid, caption(grid, folder, ctx)) if grid else "")
+    sections = []
+    if rows:
+        sections.append(Section("Training per epoch", _p("train_* = running means over the epoch on the train split; "
+                                                         "val_* = the held-out validation part of the train split; loss "
+                                                         "terms in nats per image.") + rows_table(rows)))
+    rest = [p for p in pictures if p != grid]
+    if rest:
+        sections.append(Section("Pictures", "\n".join(figure(p, caption(p, folder, ctx)) for p in rest)))
+    if summary:
+        sections.append(Section("Numbers: summary.json", _p(f"Every field, measured on the {ctx['source']} test split "
+                                                            f"({ctx['n_test']} images).") + json_tables(summary),
+                                folded=True))
+    for name, obj in others.items():
+        sections.append(Section(f"Numbers: {name}", json_tables(obj), folded=True))
+    sections.append(Section("Config", _p("config.yaml: the resolved training config of this run.")
+                            + json_tables({k: v for k, v in config.to_dict().items() if k != "out"}), folded=True))
+    return headline, sections
 
 
-def _sweep_sections(folder: Path) -> list[tuple[str, str]]:
+def _run_headline(family, summary: dict, evaluation: dict, rows: list[dict], ctx: dict, grid: str) -> Section:
+    """The run's key numbers: the family's headline fields of summary.json, then FID (with its floor),
+    precision/recall, confidence against real images and the likelihood bound from eval.json."""
+    on_test = f"{ctx['source']} test split ({ctx['n_test']} images)"
+    items = [(_label(key), key, summary[key], "", on_test if key.startswith("test_") else "")
+             for key in family.HEADLINE if key in summary]
+    if not summary:
+        last = rows[-1] if rows else {}
+        items.append(("training", "", "not finished", f"{len(rows)} epoch(s) in metrics.jsonl",
+                      f"last validation loss {format_value(last.get('val_loss'))}" if last else ""))
+    items += _evaluation_items(evaluation)
+    head = "<tr><th>number</th><th>value</th><th>beside it</th></tr>"
+    body, shown_on = [], None
+    for what, key, value, beside, on in items:
+        where = f'<div class="why">{html.escape(on)}</div>' if on and on != shown_on else ""  # once per run of rows
+        shown_on = on
+        title = f' title="{html.escape(key)}"' if key else ""
+        body.append(f'<tr><td class="what"{title}>{html.escape(what)}{where}</td>{_td(value)}'
+                    f"<td>{html.escape(beside)}</td></tr>")
+    body = "".join(body)
+    notes = "".join(f'<p class="warn">WARNING: {html.escape(str(w))}</p>' for w in evaluation.get("warnings") or [])
+    source = _p("From summary.json" + (" and eval.json" if evaluation else " (no eval.json: run `vaelab evaluate "
+                                                                          "--run` for FID, precision/recall and "
+                                                                          "confidence)") + "; every field below.")
+    return Section("Key numbers", _beside(_table(head + body, cls="key") + notes + source, grid))
+
+
+def _evaluation_items(ev: dict) -> list[tuple[str, str, Any, str, str]]:
+    """``(label, key, value, beside it, measured on)`` rows of the headline numbers of an ``eval.json``."""
+    items = []
+    spaces = (ev.get("settings") or {}).get("fid_features") or []
+    for key, entry in ev.items():
+        if not (key == "fid" or key.startswith("fid_")) or not isinstance(entry, dict) or "value" not in entry:
+            continue
+        suffix = key[len("fid"):]
+        space = suffix.lstrip("_") or (spaces[0] if spaces else entry.get("feature_space", ""))
+        n = entry.get("num_samples")
+        on = (f"{n:,} samples vs {entry.get('real', 'the test split')}" if isinstance(n, int) else "")
+        floor = _get(entry, "floor", "value") if isinstance(entry.get("floor"), dict) else entry.get("floor")
+        items.append((f"FID [{space}]", f"{key}.value", entry["value"],
+                      f"floor {format_value(floor)} (real train vs test)" if floor is not None else "", on))
+        prdc = ev.get(f"prdc{suffix}")
+        if isinstance(prdc, dict) and prdc.get("precision") is not None:
+            fl = prdc.get("floor") or {}
+            items.append((f"precision / recall [{space}]", f"prdc{suffix}",
+                          f"{format_value(prdc['precision'])} / {format_value(prdc.get('recall'))}",
+                          f"floor {format_value(fl.get('precision'))} / {format_value(fl.get('recall'))}" if fl else "",
+                          f"k = {prdc.get('k_precision_recall', '?')} nearest neighbours"))
+    conf = ev.get("confidence")
+    if isinstance(conf, dict) and isinstance(conf.get("generated"), dict):
+        g, r = conf["generated"], conf.get("real_test") or {}
+        for name, label in (("mean_max_prob", "confidence (mean top-1 probability)"),
+                            ("share_confident", f"share confident (top-1 ≥ {g.get('confidence_threshold', '?')})"),
+                            ("class_balance", "class balance (entropy / log K)")):
+            if g.get(name) is not None:
+                items.append((label, f"confidence.generated.{name}", g[name],
+                              f"real test images {format_value(r.get(name))}", "evaluator classifier on the samples"))
+    nll = ev.get("nll")
+    if isinstance(nll, dict) and nll.get("iwae_nll_nats") is not None:
+        items.append((f"IWAE NLL (k = {nll.get('k', '?')}, nats/image)", "nll.iwae_nll_nats", nll["iwae_nll_nats"],
+                      f"−ELBO {format_value(nll.get('neg_elbo_nats'))}", str(nll.get("split", ""))))
+    return items
+
+
+def _get(d: Any, *path: str) -> Any:
+    for part in path:
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+LABEL_WORDS = [("neg_elbo", "−ELBO"), ("eps_mse", "ε-MSE"), ("images_per_s", "images/s"), ("per_pixel", "per pixel"),
+               ("mse", "MSE"), ("kl", "KL"), ("recon", "reconstruction")]
+
+
+def _label(key: str) -> str:
+    """A summary.json key for people: ``test_neg_elbo_nats`` -> ``test −ELBO (nats/image)``."""
+    text, unit = key, ""
+    if text.endswith("_nats"):
+        text, unit = text[: -len("_nats")], " (nats/image)"
+    elif text.endswith("_time_s"):
+        text, unit = text[: -len("_s")], " (s)"
+    for word, shown in LABEL_WORDS:
+        text = re.sub(rf"(^|_){word}(?=_|$)", lambda m: m[1] + shown, text)
+    return text.replace("_", " ") + unit
+
+
+def _sweep_report(folder: Path) -> tuple[Section | None, list[Section]]:
     sweep = _read_json(folder / "sweep.json")
     points = sweep.get("points", [])
     axes = sweep.get("axes", {})
-    sections = [("Sweep", _p(sweep.get("description", "")) + _sweep_table(sweep))]
+    sections = [Section("Sweep", _p(sweep.get("description", "")) + _sweep_table(sweep))]
     pictures = [p for p in _pictures(folder, recursive=False) if p.name != "sweep_curves.png"]
     if (folder / "sweep_curves.png").is_file():
         ctx = {"source": sweep.get("dataset", "the dataset"), "n_test": "the"}
-        sections.append(("Curves", figure(folder / "sweep_curves.png", caption(folder / "sweep_curves.png", folder, ctx))))
+        sections.append(Section("Curves", figure(folder / "sweep_curves.png",
+                                                 caption(folder / "sweep_curves.png", folder, ctx))))
     strips = []
     for point in points:
         strip = folder / point.get("samples", "")
@@ -203,62 +339,91 @@ def _sweep_sections(folder: Path) -> list[tuple[str, str]]:
             strips.append(figure(strip, f"Point {point['name']}: 16 samples ({how}), the same seed for every point "
                                         "(no test image involved)."))
     if strips:
-        sections.append(("Samples per point", "\n".join(strips)))
+        sections.append(Section("Samples per point", "\n".join(strips)))
     if pictures:
-        sections.append(("Other pictures", "\n".join(figure(p, caption(p, folder, {})) for p in pictures)))
+        sections.append(Section("Other pictures", "\n".join(figure(p, caption(p, folder, {})) for p in pictures)))
     for point in points:
         run_dir = folder / point.get("run_dir", point["name"])
-        if run_dir.is_dir():
-            parts = [f"<h3>{html.escape(h)}</h3>\n{c}" for h, c in _run_sections(run_dir) if h != "Config"]
-            sections.append((f"Point {point['name']}", "\n".join(parts)))
+        if (run_dir / "config.yaml").is_file():
+            headline, parts = _run_report(run_dir)
+            shown = [headline] if headline else []
+            shown += [s for s in parts if s.heading != "Config"]
+            sections.append(Section(f"Point {point['name']}", "\n".join(_render(s, level=3) for s in shown)))
     base = sweep.get("base_config")
     if base:
-        sections.append(("Config", _p("Base config of every point; the swept fields "
-                                      f"({', '.join(axes)}) replace its values.") + json_tables(base)))
-    return sections
+        sections.append(Section("Config", _p("Base config of every point; the swept fields "
+                                             f"({', '.join(axes)}) replace its values.") + json_tables(base), folded=True))
+    return None, sections
 
 
-def _comparison_sections(folder: Path) -> list[tuple[str, str]]:
+def _comparison_report(folder: Path) -> tuple[Section | None, list[Section]]:
     sections = []
     for path in _json_files(folder):
-        sections.append((f"Numbers: {path.name}", json_tables(_read_json(path))))
+        sections.append(Section(f"Numbers: {path.name}", json_tables(_read_json(path))))
     for path in sorted(folder.glob("*.md")):
-        sections.append((f"Text: {path.name}", f"<pre>{html.escape(path.read_text())}</pre>"))
+        sections.append(Section(f"Text: {path.name}", f"<pre>{html.escape(path.read_text())}</pre>"))
     pictures = _pictures(folder)
     if pictures:
-        sections.append(("Pictures", "\n".join(figure(p, caption(p, folder, {})) for p in pictures)))
+        sections.append(Section("Pictures", "\n".join(figure(p, caption(p, folder, {})) for p in pictures)))
     if (folder / "config.yaml").is_file():
-        sections.append(("Config", json_tables(yaml.safe_load((folder / "config.yaml").read_text()) or {})))
-    return sections
+        sections.append(Section("Config", json_tables(_read_yaml(folder / "config.yaml")), folded=True))
+    return None, sections
 
 
-def _study_sections(folder: Path) -> list[tuple[str, str]]:
+def _study_report(folder: Path) -> tuple[Section | None, list[Section]]:
     study = _read_json(folder / "study.json")
-    head = "".join(f"<th>{h}</th>" for h in ("claim", "seed", "ours", "seed's protocol", "our protocol", "verdict"))
-    body = []
-    for c in study["claims"]:
-        seed = c.get("seed") or {}
-        seed_text = f"{seed['value']:.4g}{c['unit']}" if seed.get("value") is not None else seed.get("text", "no number")
-        ours = "not measured" if c["ours"] is None else f"{c['ours']:.4g}{c['unit']}"
-        if c.get("than") is not None:
-            ours += f" vs {c['than']:.4g}{c['unit']}"
-        cells = [c["claim"], seed_text, ours, seed.get("protocol", ""), c.get("protocol", ""),
-                 f"<b>{html.escape(c['verdict'])}</b>: {html.escape(c['why'])}"]
-        body.append("<tr>" + "".join(f"<td>{x if i == 5 else html.escape(str(x))}</td>" for i, x in enumerate(cells)) + "</tr>")
-    sections = [("Claims", _p(study.get("question", "")) + _p(f"Budget: {study['budget']}.")
-                 + _table(f"<tr>{head}</tr>\n" + "\n".join(body)))]
+    claims = study["claims"]
+    grid_dir, grid = _study_grid(folder, study)
+    picture = ""
+    if grid is not None:
+        ctx = _context(grid_dir, _read_json(grid_dir / "summary.json") or {}, dataset=study.get("dataset"))
+        picture = figure(grid, f"Stage {grid_dir.name}: {caption(grid, grid_dir, ctx)}")
+    head = "<tr><th>claim</th><th>seed</th><th>ours</th><th>verdict</th></tr>"
+    body = "".join(f"<tr><td>{html.escape(c['claim'])}</td><td>{html.escape(_seed_text(c))}</td>"
+                   f"<td>{html.escape(_ours_text(c))}</td><td><b>{html.escape(c['verdict'])}</b>"
+                   f"<div class=\"why\">{html.escape(c['why'])}</div></td></tr>" for c in claims)
+    intro = _p(study.get("question", "")) + _p(f"Budget: {study['budget']}.")
+    headline = Section("Claims", intro + _beside(_table(head + body, cls="key"), picture))
+    full_head = "".join(f"<th>{h}</th>" for h in ("claim", "seed", "ours", "seed's protocol", "our protocol"))
+    full = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
+        c["claim"], _seed_text(c), _ours_text(c), (c.get("seed") or {}).get("protocol", ""), c.get("protocol", "")))
+        + "</tr>" for c in claims)
+    sections = [Section("Protocols", _p("How the seed measured each number, and how this study measured ours.")
+                        + _table(f"<tr>{full_head}</tr>\n{full}"))]
     stages = "".join(f"<li><code>{html.escape(s['name'])}</code> ({html.escape(s['kind'])})"
                      + (f", {s['seconds']:.0f} s" if "seconds" in s else "") + "</li>" for s in study["stages"])
-    sections.append(("Stages", f"<ul>{stages}</ul>"))
+    sections.append(Section("Stages", f"<ul>{stages}</ul>"))
     for s in study["stages"]:
         stage_dir = folder / s["name"]
-        pictures = _pictures(stage_dir, recursive=False) if stage_dir.is_dir() else []
+        pictures = [p for p in _pictures(stage_dir, recursive=False) if p != grid] if stage_dir.is_dir() else []
         if pictures:
-            ctx = _context(stage_dir, _read_json(stage_dir / "summary.json") or {})
-            sections.append((f"Stage {s['name']}", "\n".join(figure(p, caption(p, stage_dir, ctx)) for p in pictures)))
+            ctx = _context(stage_dir, _read_json(stage_dir / "summary.json") or {}, dataset=study.get("dataset"))
+            sections.append(Section(f"Stage {s['name']}", "\n".join(figure(p, caption(p, stage_dir, ctx)) for p in pictures)))
     for note in study.get("notes", []):
-        sections.append(("Notes", _p(note)))
-    return sections
+        sections.append(Section("Notes", _p(note)))
+    return headline, sections
+
+
+def _seed_text(claim: dict) -> str:
+    seed = claim.get("seed") or {}
+    return f"{seed['value']:.4g}{claim['unit']}" if seed.get("value") is not None else seed.get("text", "no number")
+
+
+def _ours_text(claim: dict) -> str:
+    ours = "not measured" if claim["ours"] is None else f"{claim['ours']:.4g}{claim['unit']}"
+    return ours + (f" vs {claim['than']:.4g}{claim['unit']}" if claim.get("than") is not None else "")
+
+
+def _study_grid(folder: Path, study: dict) -> tuple[Path | None, Path | None]:
+    """``(stage folder, picture)``: the sample grid of the stage behind the first claim with a number, else the first
+    stage with one (evaluation samples before training samples)."""
+    stages = [c.get("stage") for c in study["claims"] if c.get("ours") is not None and c.get("stage")]
+    stages += [s["name"] for s in study["stages"]]
+    for name in KEY_GRIDS:
+        for stage in dict.fromkeys(stages):
+            if (folder / stage / name).is_file():
+                return folder / stage, folder / stage / name
+    return None, None
 
 
 def _sweep_table(sweep: dict) -> str:
@@ -400,10 +565,8 @@ def _anchor(heading: str) -> str:
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json(path, remedy="restore it from a copy, or delete it and rerun the command that wrote it, then "
+                                  "`vaelab report` again")
 
 
 def _json_files(folder: Path, *, exclude: set[str] = frozenset()) -> list[Path]:
@@ -432,12 +595,18 @@ def _pictures(folder: Path, *, recursive: bool = True) -> list[Path]:
     return sorted(found, key=lambda p: (len(p.relative_to(folder).parts), rank.get(p.name, len(ORDER)), p.as_posix()))
 
 
-def _context(folder: Path, summary: dict) -> dict:
+def _context(folder: Path, summary: dict, *, dataset: str | None = None) -> dict:
     n = summary.get("num_test_images")
-    source = summary.get("dataset")
+    source = summary.get("dataset") or dataset
     if source is None and (folder / "config.yaml").is_file():
-        source = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("dataset")
+        source = _read_yaml(folder / "config.yaml").get("dataset")
     return {"source": source or "the dataset", "n_test": f"{n:,}" if isinstance(n, int) else "the"}
+
+
+def _read_yaml(path: Path) -> dict:
+    values = read_checked(path, lambda p: yaml.safe_load(p.read_text()) or {},
+                          remedy="restore it from a copy, then `vaelab report` again")
+    return values if isinstance(values, dict) else {}
 
 
 def report_command(folder: str | Path, *, out: str | Path | None = None, screenshot: str | Path | None = None) -> str:

@@ -2,7 +2,8 @@
 
 Layout::
 
-    RUN_DIR/config.yaml        the resolved TrainConfig (re-runnable with --config)
+    RUN_DIR/config.yaml        the resolved TrainConfig (re-runnable with --config); its first line says how many
+                               fields were written, so a copy cut at a line end is still caught
     RUN_DIR/metrics.jsonl      one strict-JSON row per finished epoch
     RUN_DIR/summary.json       test-split numbers and provenance, written when training ends
     RUN_DIR/checkpoints/epoch-NNNN/{model.safetensors, config.json, trainer_state.pt}
@@ -22,23 +23,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from functools import cached_property
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vaelab.config import TrainConfig, load_config
+from vaelab.config import TrainConfig, config_from_dict
 from vaelab.data import RunData, load_run_data
 from vaelab.errors import VaelabError
-from vaelab.io import append_jsonl, atomic_path, read_jsonl, write_json, write_jsonl, write_yaml
+from vaelab.io import (append_jsonl, atomic_path, load_written_yaml, read_cache, read_checked, read_json, read_jsonl,
+                       write_json, write_jsonl, write_text)
 from vaelab.models import load_model, save_model
 
 CONFIG, METRICS, SUMMARY, CHECKPOINTS = "config.yaml", "metrics.jsonl", "summary.json", "checkpoints"
 SAMPLERS = "samplers"
 TRAINER_STATE = "trainer_state.pt"
+CONFIG_HEADER = "vaelab run config:"  # config.yaml's first line: "# vaelab run config: N fields"
+# run files other commands write, and the command that writes each again ({run}: the run folder)
+WRITTEN_BY = {SUMMARY: "vaelab train --resume {run}", "eval.json": "vaelab evaluate --run {run}"}
 
 
 class Run:
@@ -68,7 +75,8 @@ class Run:
         if checkpoint_dirs(path):
             raise VaelabError(f"{path} already holds a run; use --resume {path} or another --out")
         path.mkdir(parents=True, exist_ok=True)
-        write_yaml(path / CONFIG, config.to_dict())
+        values = config.to_dict()
+        write_text(path / CONFIG, f"# {CONFIG_HEADER} {len(values)} fields\n" + yaml.safe_dump(values, sort_keys=False))
         return cls(path)
 
     # ------------------------------------------------------------------ reading
@@ -76,7 +84,9 @@ class Run:
     @cached_property
     def config(self) -> TrainConfig:
         """The run's config as trained (``config.yaml``), with ``out`` pointing at this folder."""
-        config = load_config(self.path / CONFIG)
+        path = self.path / CONFIG
+        config = config_from_dict(read_checked(path, _read_run_config, remedy="restore it from a copy: it holds the "
+                                               "settings the run was trained with"), source=str(path))
         config.out = str(self.path)
         return config
 
@@ -105,12 +115,24 @@ class Run:
 
     def load_model(self, device: torch.device | str = "cpu", checkpoint: Path | None = None):
         """The model of the newest checkpoint (or ``checkpoint``), in eval mode on ``device``."""
-        return load_model(checkpoint or self.last_checkpoint(), device=device)
+        ckpt = checkpoint or self.last_checkpoint()
+        return load_model(ckpt, device=device, remedy=self.checkpoint_remedy(ckpt))
 
     def trainer_state(self, checkpoint: Path | None = None) -> dict:
         """Optimizer, scheduler, generator and counters saved with a checkpoint (CPU tensors)."""
         ckpt = checkpoint or self.last_checkpoint()
-        return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+        return read_checked(ckpt / TRAINER_STATE, lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                            remedy=self.checkpoint_remedy(ckpt))
+
+    def checkpoint_remedy(self, checkpoint: Path) -> str:
+        """What to do when a file of ``checkpoint`` is damaged: fall back to an older checkpoint where one
+        is kept, else restore the run (training keeps only the newest checkpoint)."""
+        older = [c for c in self.checkpoints() if c.name < checkpoint.name]
+        if older:
+            return (f"resume from the previous checkpoint: remove {checkpoint} and rerun "
+                    f"`vaelab train --resume {self.path}`")
+        return (f"{checkpoint.name} is the run's only checkpoint (training keeps the newest alone): restore "
+                f"{self.path} from a copy, or remove it and train again")
 
     def data(self, device: torch.device | str = "cpu") -> RunData:
         """The run's train / validation / test splits exactly as trained, on ``device``."""
@@ -122,21 +144,29 @@ class Run:
 
     def metrics(self) -> list[dict]:
         """The rows of ``metrics.jsonl`` (one per finished epoch)."""
-        return read_jsonl(self.path / METRICS)
+        return read_jsonl(self.path / METRICS)  # a cut row stops it, naming the line
 
     def summary(self) -> dict | None:
         """``summary.json`` (``None`` before training has finished)."""
-        path = self.path / SUMMARY
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self.read_json(SUMMARY)
 
     @property
     def finished(self) -> bool:
         return (self.path / SUMMARY).is_file()
 
     def read_json(self, name: str) -> dict | None:
-        """``RUN_DIR/name`` parsed, or ``None`` if absent (e.g. ``eval.json``)."""
+        """``RUN_DIR/name`` parsed, or ``None`` if absent (e.g. ``eval.json``).
+
+        Raises:
+            DamagedFileError: the file is not valid JSON; the message names the command that writes it again.
+        """
         path = self.path / name
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        command = WRITTEN_BY.get(name)
+        remedy = (f"delete it and rerun `{command.format(run=self.path)}`, which writes it again" if command
+                  else "delete it and rerun the command that wrote it")
+        return read_json(path, remedy=remedy)
 
     def checkpoint_fingerprint(self, checkpoint: Path | None = None) -> str:
         """SHA-256 (hex, first 16 digits) of the newest (or ``checkpoint``'s) ``model.safetensors``: what a
@@ -150,17 +180,16 @@ class Run:
 
     def read_sampler(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """``samplers/<name>.safetensors``: its tensors (CPU) and its metadata ``info`` (a dict, parsed from
-        JSON), or ``None`` when absent or unreadable (the caller fits it again)."""
+        JSON), or ``None`` when absent or damaged (after a warning; the caller fits it again)."""
         path = self.path / SAMPLERS / f"{name}.safetensors"
         if not path.is_file():
             return None
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-                info = json.loads((fh.metadata() or {})["info"])
-        except Exception:  # a truncated or foreign file: refit
-            return None
-        return tensors, info
+
+        def read(p: Path) -> tuple[dict[str, torch.Tensor], dict]:
+            with safe_open(str(p), framework="pt") as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}, json.loads((fh.metadata() or {})["info"])
+
+        return read_cache(path, read, redo=f"fitting the {name} sampler again (it replaces the file)")
 
     # ------------------------------------------------------------------ writing
 
@@ -215,6 +244,18 @@ class Run:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def _read_run_config(path: Path) -> dict:
+    """A run's ``config.yaml`` as a mapping; ``ValueError`` when it was cut short: a last line without its newline,
+    or fewer fields than its first line says were written (a cut at a line end still parses as YAML)."""
+    values = load_written_yaml(path)
+    if not isinstance(values, dict):
+        raise ValueError(f"it holds a {type(values).__name__}, not a mapping of config fields")
+    match = re.match(rf"# {CONFIG_HEADER} (\d+) fields\n", path.read_text())
+    if match and len(values) < int(match[1]):
+        raise ValueError(f"{len(values)} of the {match[1]} fields written: the file was cut short")
+    return values
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:

@@ -39,6 +39,7 @@ verdicts (e.g. a budget that only shrinks the evaluation's sample count).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -51,7 +52,8 @@ import yaml
 
 from vaelab.config import TrainConfig, load_config, with_overrides
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.io import read_yaml_mapping, write_json, write_text, write_yaml
+from vaelab.io import (DamagedFileError, load_written_yaml, read_checked, read_json, read_yaml_mapping, write_json,
+                       write_text, write_yaml)
 
 KINDS: dict[str, dict[str, Any]] = {
     # kind -> {"done": marker file, "keys": allowed stage keys (besides name/kind), "refs": keys naming stages}
@@ -211,17 +213,20 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
     study = load_study(path, budget=budget)
     out = Path(out) if out else default_out(study)
     _check_plan(out, study)
-    state = _read_state(out)
+    state = _read_state(out, study)
     for i, stage in enumerate(study.stages, 1):
         folder = out / stage["name"]
-        if stage["kind"] == "train" and (folder / "config.yaml").is_file():
-            _check_same_run(folder, _train_config(study.path, stage, stage["name"]))
-        if (folder / KINDS[stage["kind"]]["done"]).is_file():
-            print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']}): finished earlier, skipped")
-            continue
-        print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']})")
-        t0 = time.perf_counter()
-        STAGES[stage["kind"]](study, stage, out, device)
+        with _naming_the_stage(study, out, stage["name"]):
+            if stage["kind"] == "train" and (folder / "config.yaml").is_file():
+                _check_same_run(folder, _train_config(study.path, stage, stage["name"]))
+            done = folder / KINDS[stage["kind"]]["done"]
+            if done.is_file():
+                read_json(done, remedy=_stage_remedy(study, out, stage["name"]))  # a damaged output stops here
+                print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']}): finished earlier, skipped")
+                continue
+            print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']})")
+            t0 = time.perf_counter()
+            STAGES[stage["kind"]](study, stage, out, device)
         state[stage["name"]] = {"kind": stage["kind"], "seconds": time.perf_counter() - t0,
                                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(out / "stages.json", state)
@@ -251,21 +256,58 @@ def _write_reports(study: Study, out: Path) -> Path:
     return out
 
 
+def _rerun(study: Study, out: Path) -> str:
+    budget = "" if study.budget == FULL else f" --budget {study.budget}"
+    return f"`vaelab study run {study.path}{budget} --out {out}`"
+
+
+def _stage_remedy(study: Study, out: Path, name: str) -> str:
+    return f"delete {out / name} and rerun {_rerun(study, out)}, which redoes that stage"
+
+
+@contextlib.contextmanager
+def _naming_the_stage(study: Study, out: Path, current: str):
+    """A damaged file met while running stage ``current`` stops the study with one line naming the stage, the
+    file and the stage folder to delete (the stage that wrote it); every other stage's folder stays as it is."""
+    try:
+        yield
+    except DamagedFileError as exc:
+        owner = _owning_stage(exc.path, study, out)
+        remedy = exc.remedy if owner is None else (
+            f"delete {out / owner} and rerun {_rerun(study, out)}, which redoes stage {owner}"
+            + ("" if owner == current else f", then {current}"))
+        raise VaelabError(f"study stage {current}: {exc.path} is damaged ({exc.problem}); {remedy}") from exc
+
+
+def _owning_stage(path: Path, study: Study, out: Path) -> str | None:
+    """The stage whose folder holds ``path``, or ``None``."""
+    try:
+        parts = Path(path).resolve().relative_to(Path(out).resolve()).parts
+    except ValueError:
+        return None
+    return parts[0] if len(parts) > 1 and parts[0] in {s["name"] for s in study.stages} else None
+
+
 def _check_plan(out: Path, study: Study) -> None:
     plan = {"study": str(study.path), "name": study.name, "budget": study.budget, "stages": study.stages}
     path = out / PLAN_FILE
     if path.is_file():
-        old = yaml.safe_load(path.read_text())
+        old = read_checked(path, load_written_yaml,
+                           remedy=f"delete it and rerun {_rerun(study, out)}, which writes it again from the study file")
         if old != yaml.safe_load(yaml.safe_dump(plan)):
             raise ConfigError(f"{out} holds another study plan (see {path}: other stages or budget); use another "
-                              "--out or the same study file and --budget")
+                              "--out or the same study file and --budget (if that file was cut short, delete it and "
+                              "rerun: it is written again from the study file)")
     else:
         write_yaml(path, plan)
 
 
-def _read_state(out: Path) -> dict:
+def _read_state(out: Path, study: Study) -> dict:
     path = out / "stages.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    return read_json(path, remedy=f"delete it and rerun {_rerun(study, out)}: it records how long each stage took "
+                                  "(those times are lost, no stage is redone)")
 
 
 def _train(study: Study, stage: dict, out: Path, device: str | None) -> None:
@@ -290,7 +332,9 @@ def _check_same_run(folder: Path, config: TrainConfig) -> None:
     def fields(c: TrainConfig) -> dict:
         return {k: v for k, v in c.resolved().to_dict().items() if k not in RUNTIME_FIELDS}
 
-    saved, wanted = fields(load_config(folder / "config.yaml")), fields(config)
+    from vaelab.run import Run
+
+    saved, wanted = fields(Run(folder).config), fields(config)
     diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
     if diff:
         raise ConfigError(f"{folder} holds a run with other settings ({', '.join(f'{k}: {saved.get(k)!r} vs {wanted[k]!r}' for k in diff)}); "
@@ -308,12 +352,14 @@ def _cas(study: Study, stage: dict, out: Path, device: str | None) -> None:
     from vaelab.cas import cas
 
     synthetic = out / stage["synthetic"]
-    manifest = json.loads((synthetic / "manifest.json").read_text())
+    manifest = read_json(synthetic / "manifest.json", remedy=_stage_remedy(study, out, stage["synthetic"]))
     args = {k: stage[k] for k in ("epochs", "steps", "budget", "augment", "seed", "train_subset", "test_subset",
                                   "precision") if k in stage}
     if "rows" in stage:
         args["rows"] = tuple(stage["rows"])
-    run_config = load_config(Path(manifest["source_run"]) / "config.yaml")
+    from vaelab.run import Run
+
+    run_config = Run(manifest["source_run"]).config
     cas(synthetic, stage.get("dataset", manifest["dataset"]), data_root=run_config.data_root, out=out / stage["name"],
         device=device or "auto", **args)
 
@@ -368,7 +414,7 @@ def _walk(out: Path, study: Study, ref: dict) -> tuple[Any, Any]:
     path = out / stage["name"] / KINDS[stage["kind"]]["done"]
     if not path.is_file():
         return None, None
-    node: Any = json.loads(path.read_text())
+    node: Any = read_json(path, remedy=_stage_remedy(study, out, stage["name"]))
     parent = None
     for part in str(ref["key"]).split("."):
         parent = node
@@ -453,10 +499,11 @@ def summarize(study: Study, out: Path) -> dict:
         if result != "not measured" and any(reduced_precision(out, study, ref) for ref in refs):
             bf16 = "measured with reduced-precision (bf16) Inception features"
             result, why = (result, f"{why}; {bf16}") if result == "reported" else ("not comparable", bf16)
-        rows.append({"id": claim["id"], "claim": claim["claim"], "seed": claim.get("seed", {}), "ours": ours,
+        rows.append({"id": claim["id"], "claim": claim["claim"], "stage": (claim.get("ours") or {}).get("stage"),
+                     "seed": claim.get("seed", {}), "ours": ours,
                      "than": than, "unit": claim.get("unit", ""), "protocol": claim.get("protocol", ""),
                      "verdict": result, "why": why})
-    state = _read_state(out)
+    state = _read_state(out, study)
     report = {
         "study": study.name, "title": study.title, "question": study.question, "dataset": study.dataset,
         "study_file": str(study.path), "budget": study.budget,

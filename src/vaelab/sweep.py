@@ -37,7 +37,7 @@ from vaelab.config import ALIASES, FIELD_NAMES, TrainConfig, with_overrides
 from vaelab.data import to_pixels
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.generation import generate
-from vaelab.io import write_json, write_text, write_yaml
+from vaelab.io import load_written_yaml, read_checked, write_json, write_text, write_yaml
 from vaelab.run import Run, checkpoint_dirs
 from vaelab.runtime import select_device
 
@@ -217,7 +217,8 @@ def _check_plan(out: Path, base: TrainConfig, axes: dict[str, list[Any]]) -> Non
     plan = {"base_config": base.to_dict(), "axes": axes}
     path = out / PLAN_FILE
     if path.is_file():
-        old = yaml.safe_load(path.read_text())
+        old = read_checked(path, load_written_yaml,
+                           remedy="delete it and rerun the sweep, which writes it again (finished points are kept)")
         if old != yaml.safe_load(yaml.safe_dump(plan)):
             raise VaelabError(f"{out} holds a different sweep (see {path}); use another --out or the same config and --set")
     else:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from vaelab.data.split import ImageSplit, RunData, binarize_split, split_validation
 from vaelab.data.tensors import read_tensor_file
 from vaelab.errors import DataError
-from vaelab.io import atomic_path
+from vaelab.io import atomic_path, read_cache
 
 _MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -364,13 +364,9 @@ def load_split(name: str, split: str, data_root: str | os.PathLike | None = None
     key = _fingerprint(name, split, files)
     cache_file = cache_dir() / "datasets" / f"{name}-{split}-{key}.safetensors"
     if use_cache and cache_file.exists():
-        try:
-            with safe_open(str(cache_file), framework="pt") as fh:
-                meta = fh.metadata()
-                images, labels = fh.get_tensor("images"), fh.get_tensor("labels")
-            return ImageSplit(images, labels, json.loads(meta["classes"]), meta["source"], name)
-        except Exception:
-            cache_file.unlink(missing_ok=True)  # unreadable cache: decode again below
+        cached = read_cache(cache_file, lambda p: _read_cached_split(p, name), redo="decoding the dataset again")
+        if cached is not None:
+            return cached
     if name in ("mnist", "fashion-mnist"):
         images, labels, classes, _ = _read_mnist(root, name, split)
     elif name == "cifar10" and (root / "cifar-10-batches-py").is_dir():
@@ -387,6 +383,13 @@ def load_split(name: str, split: str, data_root: str | os.PathLike | None = None
                 metadata={"classes": json.dumps(classes), "source": source},
             )
     return ImageSplit(images, labels, classes, source, name)
+
+
+def _read_cached_split(path: Path, name: str) -> ImageSplit:
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        images, labels = fh.get_tensor("images"), fh.get_tensor("labels")
+    return ImageSplit(images, labels, json.loads(meta["classes"]), meta["source"], name)
 
 
 def load_run_data(

@@ -7,7 +7,8 @@ the model's own samples (11 images/s on 2 CPU cores), so they are cached under
 ``vaelab.data.cache_dir()/reference-stats/`` keyed by the dataset, the split, N, how the N images
 were chosen, a content hash of the pixels and labels, the feature space (weights hash and
 preprocessing) and ``VERSION``: another dataset, subset, binarisation, seed or network gives another
-file. Files are written to a temporary name and renamed, so a cached file is complete or absent.
+file. Files are written to a temporary name and renamed, so a cached file is complete or absent; one
+damaged later (a cut copy) is computed again after a warning.
 Numbers derived from two reference sets only (the train-vs-test floors) are cached beside them
 (``cached_values``).
 """
@@ -21,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from vaelab.data import ImageSplit, cache_dir
-from vaelab.io import atomic_path, write_json
+from vaelab.io import atomic_path, read_cache, write_json
 from vaelab.metrics.distances import psd_sqrt
 from vaelab.metrics.features import extract_features
 from vaelab.metrics.manifold import K_DENSITY_COVERAGE, K_PRECISION_RECALL, knn_radii
@@ -137,17 +138,17 @@ def _save(ref: Reference, path) -> None:
 
 
 def _load(path, key: str) -> Reference | None:
-    """A cached reference, or ``None`` when the file is unreadable or holds another key."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
+    """A cached reference, or ``None`` when the file holds another key or is damaged (after a warning)."""
+    def read(p) -> Reference | None:
+        with safe_open(str(p), framework="pt") as fh:
             info = json.loads(fh.metadata()["info"])
             if info.get("key") != key:
                 return None
             t = {name: fh.get_tensor(name) for name in fh.keys()}
-    except (SafetensorError, OSError, KeyError, ValueError):
-        return None
-    radii = {k: t[f"radii_{k}"] for k in KS}
-    return Reference(t["features"].double(), t["labels"], t["mean"], t["cov"], t.get("cov_sqrt"), radii, info)
+        radii = {k: t[f"radii_{k}"] for k in KS}
+        return Reference(t["features"].double(), t["labels"], t["mean"], t["cov"], t.get("cov_sqrt"), radii, info)
+
+    return read_cache(path, read, redo="computing the reference statistics again (they replace the file)")
 
 
 def cached_values(fields: dict, compute: Callable[[], dict], *, use_cache: bool = True) -> dict:
@@ -156,12 +157,9 @@ def cached_values(fields: dict, compute: Callable[[], dict], *, use_cache: bool 
     key = hashlib.sha1(json.dumps({"version": VERSION, **fields}, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "reference-stats" / "values" / f"{key}.json"
     if use_cache and path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-            if stored.get("fields") == json.loads(json.dumps(fields)):
-                return {**stored["values"], "cached": True}
-        except (OSError, ValueError):
-            pass
+        stored = read_cache(path, lambda p: json.loads(p.read_text()), redo="computing the values again")
+        if isinstance(stored, dict) and stored.get("fields") == json.loads(json.dumps(fields)) and "values" in stored:
+            return {**stored["values"], "cached": True}
     values = compute()
     if use_cache:
         write_json(path, {"fields": fields, "values": values})

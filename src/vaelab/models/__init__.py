@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.io import atomic_path, write_json
+from vaelab.io import atomic_path, read_checked, write_json
 from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 from vaelab.models.ddpm import DDPM, DDPMConfig
@@ -144,16 +144,22 @@ def save_model(model: nn.Module, folder: str | Path) -> None:
     write_json(folder / "config.json", model.config.to_dict())
 
 
-def load_model(folder: str | Path, *, device: torch.device | str = "cpu") -> nn.Module:
+def load_model(folder: str | Path, *, device: torch.device | str = "cpu",
+               remedy: str = "restore it from a copy") -> nn.Module:
     """Rebuild a model saved by ``save_model``; returned in eval mode on ``device``.
+
+    Args:
+        remedy: what to do when a file of the folder is damaged (the caller knows what wrote it).
 
     Raises:
         VaelabError: the folder lacks ``config.json`` or ``model.safetensors``.
+        DamagedFileError: one of them cannot be read, or the weights do not fit the config (named, with ``remedy``).
     """
     folder = Path(folder)
     for f in ("config.json", "model.safetensors"):
         if not (folder / f).exists():
             raise VaelabError(f"{folder} is not a saved model: {f} is missing")
-    model = build_model(config_from_dict(json.loads((folder / "config.json").read_text())))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    config = read_checked(folder / "config.json", lambda p: config_from_dict(json.loads(p.read_text())), remedy=remedy)
+    model = build_model(config)
+    read_checked(folder / "model.safetensors", lambda p: model.load_state_dict(load_file(str(p))), remedy=remedy)
     return model.to(device).eval()
