@@ -28,8 +28,9 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     if not full:
         return
-    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | cvae-mnist | cvae-cifar | cvae-conv | "
-                                   "ddpm-28 | ddpm-32 | ddpm")
+    from vaelab.models import PRESETS
+
+    p.add_argument("--model", help="model preset: " + " | ".join(PRESETS))
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int)
