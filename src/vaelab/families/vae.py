@@ -38,7 +38,7 @@ from vaelab.runtime import Distributed
 from vaelab.tblog import add_grid
 
 NAME = "vae"
-DESCRIPTION = "variational autoencoder (VAE, beta-VAE, conditional VAE)"
+DESCRIPTION = "variational autoencoder (VAE, beta-VAE, conditional VAE, and the zoo's objectives and priors)"
 LOSS_UNIT = "nats per image (recon + beta * KL)"
 LOSS_FORMAT = ".2f"
 TERMS = {"recon": "nats per image", "kl": "nats per image"}
@@ -269,9 +269,11 @@ def write_pictures(run_dir: Path, model, data, rows: list[dict], config, metrics
     mu, logvar, labels = metrics["mu"], metrics["logvar"], test.labels.cpu().numpy()
     plots.latent_scatter(mu.numpy(), labels, test.classes, run_dir / "latent_mu_pca.png",
                          title=f"PCA of posterior means mu ({test.source} test, n={len(labels):,})")
-    plots.latent_scatter((0.5 * logvar).exp().numpy(), labels, test.classes, run_dir / "latent_sigma_pca.png",
-                         title=f"PCA of posterior std exp(0.5*logvar) ({test.source} test, n={len(labels):,})")
-    written += ["latent_mu_pca.png", "latent_sigma_pca.png"]
+    written.append("latent_mu_pca.png")
+    if model.HAS_ELBO:  # a deterministic encoder has no posterior spread to plot
+        plots.latent_scatter((0.5 * logvar).exp().numpy(), labels, test.classes, run_dir / "latent_sigma_pca.png",
+                             title=f"PCA of posterior std exp(0.5*logvar) ({test.source} test, n={len(labels):,})")
+        written.append("latent_sigma_pca.png")
     if config.tsne:
         n = min(3000, len(labels))
         plots.latent_scatter(mu[:n].numpy(), labels[:n], test.classes, run_dir / "latent_mu_tsne.png",
