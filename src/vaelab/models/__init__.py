@@ -2,10 +2,10 @@
 
 Presets fix the input shape where the architecture is tied to it (``cifar-seed``,
 ``mnist-small``, ``resnet-cifar``); ``conv`` takes its input shape from the dataset. ``cvae-mnist``,
-``cvae-cifar`` and ``cvae-conv`` are their conditional twins. The zoo (``ZOO``: IWAE, beta-TC-VAE,
-InfoVAE, RAE, VampPrior; docs/model-zoo.md) has ``<type>-mnist`` and ``<type>-conv`` presets on the
-networks of ``mnist-small`` and ``conv``: only the objective or the prior differs. ``resnet-cifar`` is the stronger CIFAR-10
-VAE (residual blocks, ``vaelab.models.resnet_vae``); ``cifar-seed`` stays the seeds' network.
+``cvae-cifar`` and ``cvae-conv`` are their conditional twins. ``resnet-cifar`` is the stronger CIFAR-10
+VAE (residual blocks, ``vaelab.models.resnet_vae``); ``cifar-seed`` stays the seeds' network. The zoo
+(``ZOO``: IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior; docs/model-zoo.md) has ``<type>-mnist`` and
+``<type>-conv`` presets on the networks of ``mnist-small`` and ``conv``: only the objective or the prior differs.
 """
 
 from __future__ import annotations
