@@ -3,35 +3,34 @@ point, then one analytic property per model."""
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from torch.distributions import Normal
 
-from vaelab.cli import build_parser
+from vaelab.cli import build_parser, main
 from vaelab.config import TrainConfig
 from vaelab.errors import ConfigError
 from vaelab.families import vae
-from vaelab.generation import sample_run
 from vaelab.losses import log_standard_normal
 from vaelab.metrics.likelihood import importance_weights
 from vaelab.models import PRESETS, ZOO, build_config, build_model, check_preset
 from vaelab.models.btcvae import mws_terms
 from vaelab.models.infovae import mmd
-from vaelab.run import Run
-from vaelab.training import resume, train
+from vaelab.run import Run, run_data
 
 TINY = dict(channels=[8, 16], fc_hidden=32)  # mnist-small's layout, narrower (and latent_dim 4)
 # the zoo's own small settings: fewer pseudo-inputs and importance samples than the presets' defaults
 OWN = {"iwae": {"k": 3}, "vamp": {"num_pseudo": 8}, "rae": {"decoder_reg": "gp"}}
 
 
-def tiny_run(tmp_path, model: str, **kw) -> TrainConfig:
-    values = dict(dataset="mnist", model=model, epochs=1, train_subset=256, test_subset=64, batch_size=64, latent_dim=4,
-                  out=str(tmp_path / model), device="cpu", tensorboard=False,
-                  model_args={**TINY, **OWN.get(model.split("-")[0], {})})
-    return TrainConfig(**{**values, **kw})
+def tiny_config(tmp_path, model: str, data_root) -> str:
+    """A YAML config of a tiny run of ``model`` on 256 real MNIST images (as a user writes one)."""
+    own = {**TINY, **OWN.get(model.split("-")[0], {})}
+    path = tmp_path / f"{model}.yaml"
+    path.write_text(f"dataset: mnist\nmodel: {model}\nepochs: 1\ntrain_subset: 256\ntest_subset: 64\nbatch_size: 64\n"
+                    f"latent_dim: 4\ntensorboard: false\ndata_root: {data_root}\nmodel_args: {json.dumps(own)}\n")
+    return str(path)
 
 
 def tiny_model(name: str, **fields):
@@ -43,9 +42,11 @@ def tiny_model(name: str, **fields):
 
 
 @pytest.mark.parametrize("name", [f"{t}-mnist" for t in ZOO])
-def test_zoo_preset_trains_saves_resumes_and_samples(tmp_path, shared_datasets, name):
-    config = tiny_run(tmp_path, name, data_root=str(shared_datasets))
-    run_dir = train(config)
+def test_zoo_preset_trains_saves_resumes_and_samples(tmp_path, shared_datasets, capsys, name):
+    run_dir = tmp_path / name
+    train = ["train", "--config", tiny_config(tmp_path, name, shared_datasets), "--out", str(run_dir), "--device", "cpu"]
+    assert main(train) == 0, capsys.readouterr().err  # the real entry point: `vaelab train`
+    assert "test split of MNIST: " in capsys.readouterr().out
     run = Run(run_dir)
     model = run.load_model()
     assert model.config.model_type == name.split("-")[0] and model.config.latent_dim == 4
@@ -58,13 +59,14 @@ def test_zoo_preset_trains_saves_resumes_and_samples(tmp_path, shared_datasets, 
     if "dataset_size" in model.config.to_dict():
         assert model.config.dataset_size == len(run.data().train)  # filled from the run's train split
 
-    resume(run_dir, epochs=2)
+    assert main(["train", "--resume", str(run_dir), "--epochs", "2"]) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 2 * rows[0]["step"]
     assert all(math.isfinite(rows[-1][f"val_{t}"]) for t in model.EXTRA_TERMS)
 
-    out = sample_run(run_dir, 16, tmp_path / "samples.png")  # the `vaelab sample` path, the model's default sampler
-    assert out.is_file()
+    png = tmp_path / "samples.png"
+    assert main(["sample", "--run", str(run_dir), "--n", "16", "--out", str(png)]) == 0  # the model's default sampler
+    assert png.is_file()
     draw = vae.sampler(Run(run_dir).load_model(), Run(run_dir))
     assert draw.name == model.DEFAULT_SAMPLER
     images = draw.draw(16, torch.Generator().manual_seed(0), None)
@@ -224,9 +226,6 @@ def test_rae_defaults_to_the_gmm_sampler_and_skips_the_likelihood():
 
 
 def test_one_component_vampprior_is_the_gaussian_posterior_at_its_pseudo_input(shared_datasets):
-    from vaelab.config import TrainConfig
-    from vaelab.run import run_data
-
     data = run_data(TrainConfig(dataset="mnist", data_root=str(shared_datasets), train_subset=500).resolved())
     mean_image = (data.train.images.float() / 255).mean(0)  # (1, 28, 28) in [0, 1]
     model = tiny_model("vamp-mnist", num_pseudo=1)

@@ -220,7 +220,9 @@ def _print_outputs(run_dir: Path) -> None:
     run = Run(run_dir)
     summary = run.summary()
     print(f"\nrun folder: {run_dir}")
-    print(f"test split of {summary['dataset']}: " + ", ".join(f"{k}={summary[k]:.4g}" for k in run.family.HEADLINE))
+    # a value a model does not have (e.g. the KL of a deterministic encoder) is null in summary.json
+    print(f"test split of {summary['dataset']}: " + ", ".join(
+        f"{k}={summary[k]:.4g}" if summary[k] is not None else f"{k}=n/a" for k in run.family.HEADLINE))
     for f in sorted(run_dir.glob("*.png")) + [run_dir / "summary.json", run_dir / "metrics.jsonl"]:
         print(f"  {f}")
 
