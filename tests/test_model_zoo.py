@@ -156,6 +156,23 @@ def test_btcvae_terms_sum_to_the_kl_estimate_on_the_same_minibatch():
     torch.testing.assert_close(out.objective, out.recon + one_sample_kl, rtol=1e-4, atol=1e-3)
 
 
+def test_btcvae_estimators_of_log_q_z_for_identical_posteriors():
+    # every q(z|x_j) = N(0, I): q(z) = p(z). MSS's weights sum to 1 per row; MWS's to 1/N
+    z = torch.randn(16, 3)
+    zeros = torch.zeros(16, 3)
+    log_pz = log_standard_normal(z)
+    mss = mws_terms(z, zeros, zeros, log_pz, 500, "mss")
+    mws = mws_terms(z, zeros, zeros, log_pz, 500, "mws")
+    torch.testing.assert_close(mss["log_qz"], log_pz)
+    torch.testing.assert_close(mss["mi"], torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mss["tc"], torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mws["log_qz"], log_pz - math.log(500))
+    for t in (mss, mws):  # whatever the weights, the three terms sum to log q(z|x) - log p(z)
+        torch.testing.assert_close(t["mi"] + t["tc"] + t["dim_kl"], t["log_qz_x"] - log_pz)
+    with pytest.raises(ConfigError, match="unknown estimator"):
+        build_config("btcvae-mnist", estimator="mcmc")
+
+
 def test_btcvae_tc_weight_is_beta():
     model = tiny_model("btcvae-mnist").eval()
     x, noise = torch.rand(8, 1, 28, 28), {"eps": torch.randn(8, 4)}

@@ -58,9 +58,10 @@ SYNTHESIS_METHODS = ("class-mean", "class-std", "class-gaussian", "class-gmm")
 
 # file -> caption; {source} is the dataset label, {n_test} the number of test images
 PICTURES = {
-    "training_curves.png": "Training curves: reconstruction NLL, KL(q(z|x) || p(z)) and the total loss recon + beta*KL, in "
-                           "nats per image, per epoch. Train = running mean over each epoch on the {source} train split; "
-                           "validation = the held-out part of the train split, evaluated at the end of each epoch.",
+    "training_curves.png": "Training curves: reconstruction NLL, KL(q(z|x) || p(z)) and the total loss recon + beta*KL (a "
+                           "zoo model's own objective, docs/model-zoo.md), in nats per image, per epoch. Train = running "
+                           "mean over each epoch on the {source} train split; validation = the held-out part of the train "
+                           "split, evaluated at the end of each epoch.",
     "reconstructions.png": "Reconstructions: top row, 8 random images of the {source} test split; bottom row, their "
                            "reconstructions (decoder mean at z = mu).",
     "samples.png": "Samples from the prior: decoder means of 64 draws z ~ {prior} (no test image involved) of the model "

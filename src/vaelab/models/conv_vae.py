@@ -120,7 +120,7 @@ class ConvVAE(nn.Module):
     conditional = False
     # what a VAE-family model may change beside its loss (see "The zoo's contract" in vaelab.families.vae):
     EXTRA_TERMS: dict[str, str] = {}  # LossOutput.extra names -> what they are (reported as val_/test_ numbers)
-    HAS_ELBO = True  # False: no stochastic posterior, so no KL, ELBO or likelihood bound (recon and kl=0 reported)
+    HAS_ELBO = True  # False: no stochastic posterior (loss gives kl = 0; KL and -ELBO are reported as null)
     NOT_APPLICABLE: dict[str, str] = {}  # `vaelab evaluate` metrics this model cannot support -> why
     DEFAULT_SAMPLER = "prior"  # the family sampler used when --sampler is not given
     PRIOR = "N(0, I)"  # the prior p(z), in words
