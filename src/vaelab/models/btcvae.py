@@ -114,7 +114,8 @@ class BTCVAE(ConvVAE):
     """A ``ConvVAE`` trained on ``recon + alpha * mi + beta * tc + gamma * dim_kl`` (Chen et al. 2018, eq. 4).
 
     Shapes as ``ConvVAE``. The estimated terms of an image depend on the other images of its batch (and, in
-    evaluation, of its block of ``vaelab.families.base.EVAL_BLOCK`` images).
+    evaluation, of its block of ``vaelab.families.base.EVAL_BLOCK`` images); under data parallelism, of its
+    rank's share of the global batch.
     """
 
     EXTRA_TERMS = {

@@ -84,7 +84,8 @@ class InfoVAE(ConvVAE):
     """A ``ConvVAE`` trained on ``recon + beta * kl + mmd_weight * MMD(q(z), p(z))`` (Zhao et al. 2019).
 
     Shapes as ``ConvVAE``; ``draw_noise(n)`` gives ``{"eps": (n, D), "prior": (n, D)}``: the posterior
-    noise and ``n`` standard normals from which the prior draws of the MMD are made.
+    noise and ``n`` standard normals from which the prior draws of the MMD are made. Under data
+    parallelism each rank computes the MMD of its own share of the global batch.
     """
 
     EXTRA_TERMS = {"mmd": "MMD^2(q(z), p(z)) of the batch (inverse multiquadratic kernel; Zhao et al. 2019, "
