@@ -51,7 +51,8 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
 
 
 def _sampler_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", help="how to draw images, by model family: VAE prior (default, z ~ N(0, I)) | gmm "
+    p.add_argument("--sampler", help="how to draw images, by model family: VAE prior (z ~ the model's prior, N(0, I) "
+                                     "unless it has its own; the default unless the model names another) | gmm "
                                      "(Gaussian mixture on the train codes; gmm:components=K, default 10) | two-stage "
                                      "(second-stage VAE on the train codes; two-stage:epochs=E,hidden=H); both fitted "
                                      "once and cached in RUN_DIR/samplers/. DDPM ddpm (T-step ancestral, default) | ddim")
