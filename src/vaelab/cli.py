@@ -28,8 +28,9 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     if not full:
         return
-    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | cvae-mnist | cvae-cifar | cvae-conv | "
-                                   "ddpm-28 | ddpm-32 | ddpm")
+    from vaelab.models import PRESETS
+
+    p.add_argument("--model", help="model preset: " + " | ".join(PRESETS))
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int)
@@ -50,7 +51,8 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
 
 
 def _sampler_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", help="how to draw images, by model family: VAE prior (default, z ~ N(0, I)) | gmm "
+    p.add_argument("--sampler", help="how to draw images, by model family: VAE prior (z ~ the model's prior, N(0, I) "
+                                     "unless it has its own; the default unless the model names another) | gmm "
                                      "(Gaussian mixture on the train codes; gmm:components=K, default 10) | two-stage "
                                      "(second-stage VAE on the train codes; two-stage:epochs=E,hidden=H); both fitted "
                                      "once and cached in RUN_DIR/samplers/. DDPM ddpm (T-step ancestral, default) | ddim | "
@@ -225,7 +227,9 @@ def _print_outputs(run_dir: Path) -> None:
     run = Run(run_dir)
     summary = run.summary()
     print(f"\nrun folder: {run_dir}")
-    print(f"test split of {summary['dataset']}: " + ", ".join(f"{k}={summary[k]:.4g}" for k in run.family.HEADLINE))
+    # a value a model does not have (e.g. the KL of a deterministic encoder) is null in summary.json
+    print(f"test split of {summary['dataset']}: " + ", ".join(
+        f"{k}={summary[k]:.4g}" if summary[k] is not None else f"{k}=n/a" for k in run.family.HEADLINE))
     for f in sorted(run_dir.glob("*.png")) + [run_dir / "summary.json", run_dir / "metrics.jsonl"]:
         print(f"  {f}")
 

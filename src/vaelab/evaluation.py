@@ -198,9 +198,10 @@ def evaluate_run(
     if space_warning:
         say(f"WARNING: {space_warning}")
         notes.append(space_warning)
+    not_applicable = {**family.NOT_APPLICABLE, **getattr(model, "NOT_APPLICABLE", {})}  # the family's, then the model's
     for name in wanted:
-        if name in family.NOT_APPLICABLE:
-            result["not_applicable"][name] = family.NOT_APPLICABLE[name]
+        if name in not_applicable:
+            result["not_applicable"][name] = not_applicable[name]
     todo = [m for m in wanted if m not in result["not_applicable"]]
     distances = [m for m in todo if m in DISTANCES]
     spaces = spaces if distances else []

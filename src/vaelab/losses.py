@@ -10,7 +10,7 @@ beta-VAE (Higgins et al. 2017):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,10 @@ class LossOutput:
             data's pixel units (``[0, 1]`` data gives values in ``[0, 1]``).
         mu: ``(B, latent_dim)`` posterior means.
         logvar: ``(B, latent_dim)`` posterior log-variances.
+        objective: ``(B,)`` the per-image training objective whose batch mean is ``loss``, for models whose
+            objective is not ``recon + beta * kl`` (IWAE, beta-TC-VAE, InfoVAE, RAE); ``None``: ``recon + beta * kl``.
+        extra: ``{name: (B,)}`` the model's own per-image terms (its ``EXTRA_TERMS``), e.g. the negative
+            IWAE bound or the total correlation; validation and test report their means.
     """
 
     loss: torch.Tensor
@@ -52,6 +56,12 @@ class LossOutput:
     mse: torch.Tensor
     mu: torch.Tensor
     logvar: torch.Tensor
+    objective: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def per_image(self, beta: float) -> torch.Tensor:
+        """``(B,)`` per-image loss: ``objective`` if the model gave one, else ``recon + beta * kl`` (nats per image)."""
+        return self.objective if self.objective is not None else self.recon + beta * self.kl
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -71,6 +81,17 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         ``(B, D)`` KL in nats; sum over ``D`` for nats per image.
     """
     return -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp())
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise log-density of ``z`` under ``N(mu, exp(logvar))`` in nats (broadcasting shapes);
+    sum over the last dimension for a diagonal Gaussian's ``log q(z | x)``."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) * torch.exp(-logvar))
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """``(..., D)`` -> ``(...)``: ``log N(z; 0, I)`` summed over the last dimension, in nats."""
+    return (-0.5 * (z.pow(2) + math.log(2 * math.pi))).sum(-1)
 
 
 def recon_nll(

@@ -71,6 +71,8 @@ def prepare(config: TrainConfig, *, resume_from: str | Path | None = None):
     overrides = config.model_overrides()
     if "num_classes" in model_fields(config.model):  # conditional models size their label input from the data
         overrides["num_classes"] = len(data.train.classes)
+    if "dataset_size" in model_fields(config.model):  # estimators of the aggregate posterior q(z) weight by N
+        overrides["dataset_size"] = len(data.train)
     model_config = build_config(config.model, data_shape=data.train.shape, **overrides)
     if config.out is None:
         stamp = dist.broadcast(datetime.now().strftime("%Y%m%d-%H%M%S"))

@@ -1,10 +1,23 @@
-"""The VAE family: VAE, beta-VAE and conditional VAE (``ConvVAE``, ``CVAE``).
+"""The VAE family: VAE, beta-VAE, conditional VAE and the zoo of VAE objectives and priors (IWAE,
+beta-TC-VAE, InfoVAE/WAE-MMD, RAE, VampPrior; ``vaelab.models``).
 
-Loss terms in nats per image: ``recon = -log p(x | z)`` and ``kl = KL(q(z | x) || N(0, I))``
+Loss terms in nats per image: ``recon = -log p(x | z)`` and ``kl = KL(q(z | x) || p(z))``
 (Kingma & Welling 2013), the training loss is ``recon + beta * kl`` (Higgins et al. 2017).
 Every model of the family takes class labels ``y`` (or ``None``) in ``encode``, ``decode``,
 ``decode_logits``, ``loss``, ``reconstruct`` and ``sample``; unconditional models ignore them.
 See ``vaelab.families`` for the contract this module implements.
+
+The zoo's contract: what a model of this family may change, all on the model class (``ConvVAE`` holds
+the defaults), so that this module and everything outside it never ask which model it is:
+
+- ``loss`` may return ``LossOutput.objective`` (its own per-image objective; validation ``loss`` and the LR
+  schedule use it) and ``LossOutput.extra`` (its own per-image terms, named in ``EXTRA_TERMS``: reported as
+  ``val_<name>`` per epoch and ``test_<name>`` in ``summary.json``);
+- ``log_prior(z, y=)`` and ``sample_prior(n, y=, generator=)``: its prior, used by the prior sampler, the
+  pictures and the IWAE likelihood bound; ``PRIOR`` names it in words;
+- ``DEFAULT_SAMPLER``: the sampler drawn when none is asked for (e.g. ``gmm`` for a model without a prior);
+- ``HAS_ELBO = False``: a deterministic encoder; KL and -ELBO are reported as ``null``;
+- ``NOT_APPLICABLE``: ``vaelab evaluate`` metrics it cannot support, with the reason.
 """
 
 from __future__ import annotations
@@ -20,11 +33,12 @@ from vaelab.errors import ConfigError
 from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks, gather_rows
 from vaelab.losses import likelihood_note
 from vaelab.metrics.latent import COLLAPSE_KL_NATS, active_units
+from vaelab.models import PRESETS
 from vaelab.runtime import Distributed
 from vaelab.tblog import add_grid
 
 NAME = "vae"
-DESCRIPTION = "variational autoencoder (VAE, beta-VAE, conditional VAE)"
+DESCRIPTION = "variational autoencoder (VAE, beta-VAE, conditional VAE, and the zoo's objectives and priors)"
 LOSS_UNIT = "nats per image (recon + beta * KL)"
 LOSS_FORMAT = ".2f"
 TERMS = {"recon": "nats per image", "kl": "nats per image"}
@@ -39,17 +53,18 @@ SWEEP_COLUMNS = [
 NOT_APPLICABLE: dict[str, str] = {}
 # sampler name -> how z is drawn (each decoded in one pass); gmm and two-stage are fitted on the run's train
 # split and cached in RUN_DIR/samplers/ (vaelab.latent_priors); options are written NAME:KEY=VALUE,...
-SAMPLERS = {"prior": "z ~ N(0, I) (the model's prior)", **latent_priors.DESCRIPTIONS}
+SAMPLERS = {"prior": "z ~ p(z) (the model's prior, N(0, I) unless the model has its own)", **latent_priors.DESCRIPTIONS}
 SYNTHESIS_METHODS = ("class-mean", "class-std", "class-gaussian", "class-gmm")
 
 # file -> caption; {source} is the dataset label, {n_test} the number of test images
 PICTURES = {
-    "training_curves.png": "Training curves: reconstruction NLL, KL(q(z|x) || p(z)) and the total loss recon + beta*KL, in "
-                           "nats per image, per epoch. Train = running mean over each epoch on the {source} train split; "
-                           "validation = the held-out part of the train split, evaluated at the end of each epoch.",
+    "training_curves.png": "Training curves: reconstruction NLL, KL(q(z|x) || p(z)) and the total loss recon + beta*KL (a "
+                           "zoo model's own objective, docs/model-zoo.md), in nats per image, per epoch. Train = running "
+                           "mean over each epoch on the {source} train split; validation = the held-out part of the train "
+                           "split, evaluated at the end of each epoch.",
     "reconstructions.png": "Reconstructions: top row, 8 random images of the {source} test split; bottom row, their "
                            "reconstructions (decoder mean at z = mu).",
-    "samples.png": "Samples from the prior: decoder means of 64 draws z ~ N(0, I) (no test image involved) of the model "
+    "samples.png": "Samples from the prior: decoder means of 64 draws z ~ {prior} (no test image involved) of the model "
                    "trained on {source}.",
     "interpolation.png": "Latent interpolation: each row decodes 10 evenly spaced points on the straight line between the "
                          "posterior means mu of two {source} test images (left and right ends).",
@@ -69,8 +84,6 @@ PICTURES = {
 CONTINUOUS_LIKELIHOOD = "gaussian"
 # data-derived defaults (image folders): Bernoulli when at least this share of pixels is near black or white
 NEAR_BINARY = 0.7
-# presets that take their input shape from the data; their widths and latent size are derived for image folders
-SHAPE_FROM_DATA = ("conv", "cvae-conv")
 WIDTHS = (32, 64, 128, 256)
 
 
@@ -90,7 +103,8 @@ def data_defaults(config, stats) -> dict[str, str]:
     - ``recon_likelihood``: Bernoulli when at least ``NEAR_BINARY`` of the pixels are within 10 % of black
       or white (ink on a background, like MNIST: 91 %; a 16x16 resize of MNIST: 79 %), else
       ``CONTINUOUS_LIKELIHOOD`` (Fashion-MNIST: 61 %, photos lower).
-    - for the ``SHAPE_FROM_DATA`` presets: one stride-2 conv per halving down to a 4-7 px feature map
+    - for the presets that take their input shape from the data (no ``image_size`` fixed: ``conv``,
+      ``cvae-conv``, ``iwae-conv``, ...): one stride-2 conv per halving down to a 4-7 px feature map
       (widths from ``WIDTHS``, at most 4), a 256-wide hidden layer, and ``latent_dim`` 16 for images of at
       most 1,024 sub-pixels (the size of mnist-small's code), else the preset's.
     """
@@ -103,7 +117,7 @@ def data_defaults(config, stats) -> dict[str, str]:
             "near-binary images, where the Bernoulli likelihood is the usual choice (as for MNIST)" if binary else
             f"{CONTINUOUS_LIKELIHOOD}: continuous pixel values (only {stats.near_binary:.0%} within 10% of black or "
             f"white, < {NEAR_BINARY:.0%}{'' if config.pixel_range == '[0,1]' else '; Bernoulli needs [0,1] pixels'})")
-    if config.model in SHAPE_FROM_DATA:
+    if "image_size" not in PRESETS[config.model][1]:
         side = min(stats.height, stats.width)
         n = max(1, min(len(WIDTHS), int(math.log2(max(side // 4, 1)))))
         args = config.model_args
@@ -132,34 +146,39 @@ def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, keep
     (see ``eval_blocks``: the same numbers with any number of data-parallel ranks), in float32.
 
     Returns:
-        dict with ``loss`` (recon + beta*kl), ``recon``, ``kl``, ``neg_elbo`` (nats per image),
+        dict with ``loss`` (the model's objective, recon + beta*kl for a VAE), ``recon``, ``kl``,
+        ``neg_elbo`` (nats per image; ``None`` for a model without an ELBO, ``HAS_ELBO = False``),
         ``mse`` (per pixel), ``mu_mean``, ``logvar_mean``, ``active_units`` (dims with
-        Var_x(E_q[z_i]) > 0.01, Burda et al. 2015) and, if ``keep_latents``, ``mu`` and ``logvar``
-        as ``(N, latent_dim)`` CPU tensors in the split's order.
+        Var_x(E_q[z_i]) > 0.01, Burda et al. 2015), the means of the model's ``EXTRA_TERMS`` and, if
+        ``keep_latents``, ``mu`` and ``logvar`` as ``(N, latent_dim)`` CPU tensors in the split's order.
     """
     dist = dist or Distributed()
     was_training = model.training
     model.eval()
     device = split.images.device
-    sums = torch.zeros(4, device=device)  # recon, kl, mse, n
+    extra = tuple(model.EXTRA_TERMS)
+    sums = torch.zeros(5 + len(extra), device=device)  # loss, recon, kl, mse, *extra, n
     mus, logvars, idxs = [], [], []
     for x, y, noise, idx in eval_blocks(model, split, seed=seed, dist=dist):
         out = model.loss(x, beta=beta, y=y, noise=noise)
-        sums += torch.stack([out.recon.sum(), out.kl.sum(), out.mse.sum(), torch.tensor(float(len(x)), device=device)])
+        sums += torch.stack([out.per_image(beta).sum(), out.recon.sum(), out.kl.sum(), out.mse.sum(),
+                             *(out.extra[k].sum() for k in extra), torch.tensor(float(len(x)), device=device)])
         mus.append(out.mu.float())
         logvars.append(out.logvar.float())
         idxs.append(idx)
     model.train(was_training)
-    recon, kl, mse, n = dist.all_reduce(sums).tolist()
+    loss, recon, kl, mse, *extra_sums, n = dist.all_reduce(sums).tolist()
     d = model.config.latent_dim
     mu, logvar = gather_rows(dist, torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.int64),
                              torch.cat(mus) if mus else torch.zeros(0, d), torch.cat(logvars) if logvars else torch.zeros(0, d))
+    elbo = model.HAS_ELBO
     result = {
-        "loss": (recon + beta * kl) / n,
+        "loss": loss / n,
         "recon": recon / n,
-        "kl": kl / n,
-        "neg_elbo": (recon + kl) / n,
+        "kl": kl / n if elbo else None,
+        "neg_elbo": (recon + kl) / n if elbo else None,
         "mse": mse / n,
+        **{k: v / n for k, v in zip(extra, extra_sums)},
         "mu_mean": mu.mean().item(),
         "logvar_mean": logvar.mean().item(),
         "active_units": active_units(mu) if len(mu) > 1 else 0,
@@ -170,8 +189,12 @@ def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, keep
 
 
 def epoch_line(row: dict, model) -> str:
-    return (f"train loss {row['train_loss']:.2f} recon {row['train_recon']:.2f} kl {row['train_kl']:.2f} | "
-            f"val loss {row['val_loss']:.2f} recon {row['val_recon']:.2f} kl {row['val_kl']:.2f} | "
+    def kl(key: str) -> str:
+        return f" kl {row[key]:.2f}" if row.get(key) is not None and model.HAS_ELBO else ""
+
+    extra = "".join(f" {k} {row[f'val_{k}']:.2f}" for k in model.EXTRA_TERMS)
+    return (f"train loss {row['train_loss']:.2f} recon {row['train_recon']:.2f}{kl('train_kl')} | "
+            f"val loss {row['val_loss']:.2f} recon {row['val_recon']:.2f}{kl('val_kl')}{extra} | "
             f"mu mean {row['val_mu_mean']:+.3f} logvar mean {row['val_logvar_mean']:+.3f} | active units "
             f"{row['val_active_units']}/{model.config.latent_dim} | beta {row['beta']:.3g}")
 
@@ -180,7 +203,7 @@ def epoch_warning(rows: list[dict]) -> str | None:
     """The posterior-collapse warning when the validation KL stayed below 0.1 nats for the last two epochs."""
     low = 0
     for row in reversed(rows):
-        if row["val_kl"] >= COLLAPSE_KL_NATS:
+        if row["val_kl"] is None or row["val_kl"] >= COLLAPSE_KL_NATS:  # None: no KL (a deterministic encoder)
             break
         low += 1
     if low < 2:
@@ -200,13 +223,17 @@ def summary(model, test: ImageSplit, config, metrics: dict) -> dict:
         "recon_likelihood": model.config.recon_likelihood,
         # the Gaussian decoder's standard deviation in pixel units (fitted for gaussian_learned/_calibrated)
         "decoder_sigma": None if log_sigma is None else math.exp(log_sigma.item()),
+        "prior": model.PRIOR,
         "test_recon_nats": metrics["recon"],
         "test_kl_nats": metrics["kl"],
         "test_neg_elbo_nats": metrics["neg_elbo"],
-        "test_neg_elbo_bits_per_dim": metrics["neg_elbo"] / (c * h * w * math.log(2)) if discrete else None,
+        "test_neg_elbo_bits_per_dim": metrics["neg_elbo"] / (c * h * w * math.log(2)) if discrete and model.HAS_ELBO else None,
         "test_mse_per_pixel": metrics["mse"],
         "active_units": metrics["active_units"],
-        "units": f"recon/KL/-ELBO in nats per image (one z sample); MSE per pixel on {model.config.pixel_range} pixels",
+        **({"test_loss": metrics["loss"], **{f"test_{k}": metrics[k] for k in model.EXTRA_TERMS},
+            "terms": dict(model.EXTRA_TERMS)} if model.EXTRA_TERMS else {}),
+        "units": f"recon/KL/-ELBO in nats per image (one z sample); MSE per pixel on {model.config.pixel_range} pixels"
+                 + ("" if model.HAS_ELBO else "; no KL or -ELBO: the encoder is deterministic"),
         "likelihood": likelihood,
     }
 
@@ -234,7 +261,7 @@ def write_pictures(run_dir: Path, model, data, rows: list[dict], config, metrics
     x = to_pixels(test.images[pick.to(test.images.device)], pr).to(device)
     y = test.labels[pick.to(test.labels.device)].to(device)
     grid(torch.cat([x[:8], model.reconstruct(x[:8], y=y[:8])]), "reconstructions.png", 8)
-    z = torch.randn(64, model.config.latent_dim, generator=gen).to(device)
+    z = model.sample_prior(64, generator=gen)
     y64 = cycle_labels(model, 64)
     grid(model.decode(z, y=None if y64 is None else y64.to(device)), "samples.png", 8)
     grid(interpolations(model, x[8:14], x[14:20], y_a=y[8:14], y_b=y[14:20]), "interpolation.png", 10)
@@ -243,15 +270,17 @@ def write_pictures(run_dir: Path, model, data, rows: list[dict], config, metrics
     mu, logvar, labels = metrics["mu"], metrics["logvar"], test.labels.cpu().numpy()
     plots.latent_scatter(mu.numpy(), labels, test.classes, run_dir / "latent_mu_pca.png",
                          title=f"PCA of posterior means mu ({test.source} test, n={len(labels):,})")
-    plots.latent_scatter((0.5 * logvar).exp().numpy(), labels, test.classes, run_dir / "latent_sigma_pca.png",
-                         title=f"PCA of posterior std exp(0.5*logvar) ({test.source} test, n={len(labels):,})")
-    written += ["latent_mu_pca.png", "latent_sigma_pca.png"]
+    written.append("latent_mu_pca.png")
+    if model.HAS_ELBO:  # a deterministic encoder has no posterior spread to plot
+        plots.latent_scatter((0.5 * logvar).exp().numpy(), labels, test.classes, run_dir / "latent_sigma_pca.png",
+                             title=f"PCA of posterior std exp(0.5*logvar) ({test.source} test, n={len(labels):,})")
+        written.append("latent_sigma_pca.png")
     if config.tsne:
         n = min(3000, len(labels))
         plots.latent_scatter(mu[:n].numpy(), labels[:n], test.classes, run_dir / "latent_mu_tsne.png",
                              title=f"t-SNE of mu ({test.source} test, first {n:,})", method="tsne")
         written.append("latent_mu_tsne.png")
-    return {name: PICTURES[name].format(source=test.source, n_test=f"{len(test):,}") for name in written}
+    return {name: PICTURES[name].format(source=test.source, n_test=f"{len(test):,}", prior=model.PRIOR) for name in written}
 
 
 @torch.no_grad()
@@ -304,7 +333,8 @@ def sweep_metrics(summary: dict) -> dict:
 def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = None) -> Sampler:
     """How to draw images from a VAE: ``z`` from one of ``SAMPLERS``, decoded in one pass (decoder means).
 
-    - ``prior`` (default): ``z ~ N(0, I)``.
+    - ``prior`` (default unless the model's ``DEFAULT_SAMPLER`` says otherwise): ``z ~ p(z)``
+      (``model.sample_prior``: ``N(0, I)``, or the model's own prior such as a VampPrior).
     - ``gmm[:components=K,max_iter=N]``: a full-covariance Gaussian mixture (10 components by default)
       fitted on the posterior means of the run's train split; per class for a conditional VAE.
     - ``two-stage[:epochs=E,hidden=H,depth=L,batch_size=B,lr=R]``: a second-stage VAE trained on the
@@ -320,7 +350,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
     """
     if steps is not None:
         raise ConfigError("--steps applies to diffusion samplers; a VAE decodes an image in one pass")
-    spec = sampler or "prior"
+    spec = sampler or model.DEFAULT_SAMPLER
     name = spec.partition(":")[0].strip()
     if name not in SAMPLERS:
         raise ConfigError(f"unknown VAE sampler {name!r}; valid: {', '.join(SAMPLERS)}")
@@ -334,7 +364,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
             return model.sample(n, y=y, generator=generator)
 
         return Sampler(name=name, options={"sampler": name}, label="prior", network_evaluations=1,
-                       latent_space=f"z in R^{cfg.latent_dim}, prior N(0, I); encoder gives q(z|x) ({decoder})",
+                       latent_space=f"z in R^{cfg.latent_dim}, prior {model.PRIOR}; encoder gives q(z|x) ({decoder})",
                        draw=draw)
     name, options = latent_priors.parse_spec(spec)  # every option checked before any fitting
     if run is None:

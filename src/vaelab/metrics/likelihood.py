@@ -17,11 +17,11 @@ def importance_weights(model, x: torch.Tensor, k: int, *, y: torch.Tensor | None
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Log importance weights ``log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x)``, ``z_i ~ q(z|x)``.
 
-    Burda et al. (2015), eq. 8. The ``k`` samples are drawn in chunks of ``chunk`` so at most
+    Burda et al. (2015), eq. 8; ``log p(z)`` is the model's own prior (``model.log_prior``). The ``k`` samples are drawn in chunks of ``chunk`` so at most
     ``B * chunk`` images are decoded at once.
 
     Args:
-        model: a VAE with ``encode``, ``decode_logits`` and ``config.recon_likelihood``.
+        model: a VAE with ``encode``, ``decode_logits``, ``log_prior`` and ``config.recon_likelihood``.
         x: ``(B, C, H, W)`` images in the model's pixel range.
         k: samples per image; positive.
 
@@ -41,8 +41,8 @@ def importance_weights(model, x: torch.Tensor, k: int, *, y: torch.Tensor | None
         eps = torch.randn((b, kc, mu.shape[1]), device=x.device, dtype=mu.dtype, generator=generator)
         z = mu[:, None] + std[:, None] * eps  # (B, kc, D)
         log_q = (-0.5 * eps.pow(2) - 0.5 * logvar[:, None] - 0.5 * math.log(2 * math.pi)).sum(2)
-        log_p_z = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(2)
         yk = y.repeat_interleave(kc) if y is not None else None
+        log_p_z = model.log_prior(z.reshape(b * kc, -1), y=yk).reshape(b, kc)  # the model's prior, N(0, I) by default
         logits = model.decode_logits(z.reshape(b * kc, -1), y=yk)
         xk = x.repeat_interleave(kc, dim=0)
         nll, _ = recon_nll(logits, xk, cfg.recon_likelihood, sigma=cfg.recon_sigma, pixel_range=cfg.pixel_range)

@@ -3,7 +3,9 @@
 Presets fix the input shape where the architecture is tied to it (``cifar-seed``,
 ``mnist-small``, ``resnet-cifar``); ``conv`` takes its input shape from the dataset. ``cvae-mnist``,
 ``cvae-cifar`` and ``cvae-conv`` are their conditional twins. ``resnet-cifar`` is the stronger CIFAR-10
-VAE (residual blocks, ``vaelab.models.resnet_vae``); ``cifar-seed`` stays the seeds' network.
+VAE (residual blocks, ``vaelab.models.resnet_vae``); ``cifar-seed`` stays the seeds' network. The zoo
+(``ZOO``: IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior; docs/model-zoo.md) has ``<type>-mnist`` and
+``<type>-conv`` presets on the networks of ``mnist-small`` and ``conv``: only the objective or the prior differs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 from vaelab.models.ddpm import DDPM, DDPMConfig
 from vaelab.models.cvae import CVAE, CVAEConfig
 from vaelab.models.resnet_vae import ResNetVAE, ResNetVAEConfig
+from vaelab.models.iwae import IWAE, IWAEConfig
+from vaelab.models.btcvae import BTCVAE, BTCVAEConfig
+from vaelab.models.infovae import InfoVAE, InfoVAEConfig
+from vaelab.models.rae import RAE, RAEConfig
+from vaelab.models.vamp import VampConfig, VampVAE
 
 # model_type (stored in config.json) -> (config class, model class)
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -32,6 +39,11 @@ MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "cvae": (CVAEConfig, CVAE),
     "classifier": (ClassifierConfig, ResNetClassifier),
     "resnet_vae": (ResNetVAEConfig, ResNetVAE),
+    "iwae": (IWAEConfig, IWAE),
+    "btcvae": (BTCVAEConfig, BTCVAE),
+    "infovae": (InfoVAEConfig, InfoVAE),
+    "rae": (RAEConfig, RAE),
+    "vamp": (VampConfig, VampVAE),
 }
 
 # preset name -> (model_type, fixed fields); fields not fixed here come from the dataset/config.
@@ -60,6 +72,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 PRESETS["cvae-mnist"] = ("cvae", PRESETS["mnist-small"][1])
 PRESETS["cvae-cifar"] = ("cvae", PRESETS["cifar-seed"][1])
 PRESETS["cvae-conv"] = ("cvae", PRESETS["conv"][1])
+# the zoo (docs/model-zoo.md): VAE objectives and priors over the same networks, layer for layer; <name>-mnist on
+# mnist-small's networks (28x28 gray), <name>-conv on conv's (input shape from the dataset)
+ZOO = ("iwae", "btcvae", "infovae", "rae", "vamp")  # model types, also the presets' name prefixes
+for _type in ZOO:
+    PRESETS[f"{_type}-mnist"] = (_type, PRESETS["mnist-small"][1])
+    PRESETS[f"{_type}-conv"] = (_type, PRESETS["conv"][1])
 # fields a preset pins to its input shape: a dataset of another shape is an error, not a resize
 SHAPE_FIELDS = ("in_channels", "image_size")
 

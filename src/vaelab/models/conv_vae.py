@@ -24,6 +24,7 @@ from vaelab.losses import (
     LossOutput,
     decoder_mean,
     kl_normal,
+    log_standard_normal,
     optimal_log_sigma,
     recon_nll,
     soft_clip_log_sigma,
@@ -117,6 +118,12 @@ class ConvVAE(nn.Module):
 
     family = "vae"  # the key of its model family in ``vaelab.families.FAMILIES``
     conditional = False
+    # what a VAE-family model may change beside its loss (see "The zoo's contract" in vaelab.families.vae):
+    EXTRA_TERMS: dict[str, str] = {}  # LossOutput.extra names -> what they are (reported as val_/test_ numbers)
+    HAS_ELBO = True  # False: no stochastic posterior (loss gives kl = 0; KL and -ELBO are reported as null)
+    NOT_APPLICABLE: dict[str, str] = {}  # `vaelab evaluate` metrics this model cannot support -> why
+    DEFAULT_SAMPLER = "prior"  # the family sampler used when --sampler is not given
+    PRIOR = "N(0, I)"  # the prior p(z), in words
 
     def __init__(self, config: ConvVAEConfig):
         super().__init__()
@@ -219,6 +226,22 @@ class ConvVAE(nn.Module):
         """``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)`` (Kingma & Welling 2013, eq. 10)."""
         return mu + (0.5 * logvar).exp() * eps
 
+    def log_prior(self, z: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p(z)`` in nats: ``(B, latent_dim)`` -> ``(B,)``; here the standard normal ``N(0, I)`` (``y`` ignored).
+
+        Models with another prior override it (VampPrior); the IWAE likelihood bound
+        (``vaelab.metrics.likelihood``) reads the prior through it.
+        """
+        return log_standard_normal(z.float())
+
+    def sample_prior(self, n: int, *, y: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` codes ``z ~ p(z)``: ``(n, latent_dim)`` float32 on the model's device, drawn on the generator's
+        device (the model's without one); here ``N(0, I)`` (``y`` ignored)."""
+        device = next(self.parameters()).device
+        return torch.randn(n, self.config.latent_dim, device=generator.device if generator is not None else device,
+                           generator=generator).to(device)
+
     def loss(
         self,
         x: torch.Tensor,
@@ -255,8 +278,17 @@ class ConvVAE(nn.Module):
         (momentum ``SIGMA_MOMENTUM``), which evaluation uses: a fixed sigma, so test numbers are true NLLs.
         Under data parallelism each rank fits its own shard and rank 0's running value is kept.
         """
+        mu, logvar = mu.float(), logvar.float()
+        recon, mse = self.recon_terms(x, logits)
+        kl = kl_normal(mu, logvar).sum(1)
+        return LossOutput(loss=(recon + beta * kl).mean(), recon=recon, kl=kl, mse=mse, mu=mu, logvar=logvar)
+
+    def recon_terms(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(recon, mse)``, each ``(B,)`` float32: ``-log p(x | z)`` in nats per image for decoder ``logits``
+        of images ``x`` (a calibrated decoder fits sigma here, see ``loss_terms``) and the MSE per pixel of the
+        decoder mean."""
         cfg = self.config
-        x, logits, mu, logvar = x.float(), logits.float(), mu.float(), logvar.float()
+        x, logits = x.float(), logits.float()
         if cfg.recon_likelihood == "gaussian_calibrated" and self.training:
             c = x.shape[1]
             mean = decoder_mean(logits, cfg.pixel_range, likelihood=cfg.recon_likelihood)
@@ -266,9 +298,7 @@ class ConvVAE(nn.Module):
                 self.log_sigma.copy_(0.5 * var.log())
             logits = torch.cat([logits[:, :c], log_sigma.expand(logits[:, c:].shape)], dim=1)
         recon, mean = recon_nll(logits, x, cfg.recon_likelihood, sigma=cfg.recon_sigma, pixel_range=cfg.pixel_range)
-        kl = kl_normal(mu, logvar).sum(1)
-        mse = (mean - x).pow(2).flatten(1).mean(1)
-        return LossOutput(loss=(recon + beta * kl).mean(), recon=recon, kl=kl, mse=mse, mu=mu, logvar=logvar)
+        return recon, (mean - x).pow(2).flatten(1).mean(1)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, *, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,7 +307,6 @@ class ConvVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, y: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` images from the prior: ``z ~ N(0, I)``, return the decoder means ``(n, C, H, W)`` (``y`` ignored)."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.config.latent_dim, device=device, generator=generator)
-        return self.decode(z)
+        """``n`` images from the prior: ``z ~ p(z)`` (``sample_prior``), return the decoder means ``(n, C, H, W)``
+        (``y`` ignored)."""
+        return self.decode(self.sample_prior(n, generator=generator))
