@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,10 @@ class ImageSplit:
         source: a human-readable description of where the pixels came from, used to label
             every number measured on them (e.g. ``"CIFAR-10 (JPEG q75 copy)"``).
         name: the dataset name it was loaded as (``"mnist"``, ``"tensors"``, ...).
+        factors: ``int64`` ``(N, K)`` ground-truth generative factors of each image, as indices
+            into each factor's values (a generated dataset such as ``vaelab.data.shapes``), or
+            ``None`` when the images have no known factors (every real dataset).
+        factor_names: the ``K`` factor names (column ``k`` of ``factors``); empty without factors.
     """
 
     images: torch.Tensor
@@ -27,6 +32,8 @@ class ImageSplit:
     classes: list[str]
     source: str
     name: str = ""
+    factors: torch.Tensor | None = None
+    factor_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -37,10 +44,11 @@ class ImageSplit:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def to(self, device: torch.device | str) -> "ImageSplit":
-        return ImageSplit(self.images.to(device), self.labels.to(device), self.classes, self.source, self.name)
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
     def subset(self, index: torch.Tensor | slice) -> "ImageSplit":
-        return ImageSplit(self.images[index], self.labels[index], self.classes, self.source, self.name)
+        factors = None if self.factors is None else self.factors[index]
+        return dataclasses.replace(self, images=self.images[index], labels=self.labels[index], factors=factors)
 
     def sample(self, n: int, seed: int = 0) -> "ImageSplit":
         """``n`` images drawn at random without replacement (seeded), kept in the split's order; the
@@ -89,4 +97,4 @@ def binarize_split(split: ImageSplit, seed: int) -> ImageSplit:
     gen = torch.Generator(device=split.images.device).manual_seed(seed)
     p = split.images.float().div(255.0)
     images = (torch.bernoulli(p, generator=gen) * 255).to(torch.uint8)
-    return ImageSplit(images, split.labels, split.classes, f"{split.source}, binarised (seed {seed})", split.name)
+    return dataclasses.replace(split, images=images, source=f"{split.source}, binarised (seed {seed})")
