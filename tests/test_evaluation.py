@@ -265,6 +265,7 @@ def test_evaluate_run_vae(image_folder, tmp_path, monkeypatch):
     assert saved == json.loads(json.dumps(result))
     for name in ("fid", "kid", "prdc", "confidence", "recon", "nll", "latent", "speed"):
         assert name in result, name
+    assert "no ground-truth factors" in result["not_applicable"]["disentanglement"]  # an image folder has none
     assert result["fid"]["feature_space"].startswith("classifier") and result["fid"]["num_samples"] == 40
     assert result["fid"]["floor"]["value"] >= 0 and "per_class" not in result["fid"]
     assert result["fid"]["floor"]["num_images"] == 40 and "seed 0" in result["fid"]["floor"]["definition"]

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--dataset", help="no model: the floors alone (N random real train images vs the test split) of "
                                           "mnist | fashion-mnist | cifar10 | ...; fills the reference-statistics cache")
     p.add_argument("--data-root", "--data_root", dest="data_root", help="with --dataset: folder holding the dataset")
-    p.add_argument("--metrics", help="comma-separated: fid,kid,prdc,confidence,recon,nll,latent,speed (default: all)")
+    p.add_argument("--metrics", help="comma-separated: fid,kid,prdc,confidence,recon,nll,latent,speed,disentanglement "
+                                     "(default: all; disentanglement needs a dataset with factors, see 'vaelab data')")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images for FID/KID/PRDC/confidence")
     _evaluation_options(p)
     p.add_argument("--seed", type=int, default=0)
@@ -171,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-mixed", action="store_true", help="accept runs trained on different datasets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("data", help="generate a dataset with known factors (for the disentanglement metrics)")
+    gen = p.add_subparsers(dest="action", required=True)
+    p = gen.add_parser("shapes", help="dSprites-like shapes: every combination of shape x scale x orientation x "
+                                      "position once, as a tensors dataset (train/test.safetensors)")
+    p.add_argument("--out", required=True, help="folder to create; then train with --dataset tensors --data-root OUT")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--scales", type=int, default=5, help="scale values (0.5 .. 1.0)")
+    p.add_argument("--orientations", type=int, default=8, help="angles over a full turn")
+    p.add_argument("--positions", type=int, default=10, help="centre positions per axis (whole-pixel steps)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="share of the combinations in the test split")
+    p.add_argument("--seed", type=int, default=0, help="seeds the train/test split (the images have no randomness)")
 
     p = sub.add_parser("evaluator", help="evaluator classifiers (the yardstick of FID/KID and confidence metrics)")
     ev = p.add_subparsers(dest="action", required=True)
@@ -320,6 +333,14 @@ def main(argv: list[str] | None = None) -> int:
                                feature_precision=args.feature_precision, inception_engine=args.inception_engine)
             print((out / "comparison.md").read_text())
             print(f"comparison folder: {out}")
+        elif args.command == "data":
+            from vaelab.data.shapes import ShapesSpec, write_shapes
+
+            spec = ShapesSpec(image_size=args.image_size, scales=args.scales, orientations=args.orientations,
+                              positions=args.positions, test_fraction=args.test_fraction, seed=args.seed)
+            out = write_shapes(args.out, spec)
+            print(f"shapes dataset: {out} ({spec.count:,} images; train.safetensors, test.safetensors, manifest.json)\n"
+                  f"  vaelab train --dataset tensors --data-root {out} --model conv")
         elif args.command == "evaluator":
             from vaelab.evaluator import build_evaluator, describe_evaluator
             from vaelab.runtime import distributed

@@ -22,6 +22,9 @@ stages, prints the estimated time of each before starting and records the measur
   likelihood is discrete; on a seeded random subset of the test split by default.
 - ``latent``: active units (Burda et al. 2015), KL per latent dimension, posterior-collapse verdict.
 - ``speed``: generated images per second at batch 150 and 1,000 (``vaelab.metrics.speed``).
+- ``disentanglement``: MIG (Chen et al. 2018) and DCI (Eastwood & Williams 2018) of the posterior
+  means against the ground-truth factors of the test images (``vaelab.metrics.disentanglement``);
+  only for datasets that have factors (``vaelab data shapes``), else listed under ``not_applicable``.
 
 Metrics a model's family cannot support (e.g. ``nll`` for a diffusion model) are listed under
 ``not_applicable`` with the reason.
@@ -43,6 +46,7 @@ from vaelab.families import family_of
 from vaelab.generation import generate
 from vaelab.io import write_json
 from vaelab.metrics.confidence import confidence_report
+from vaelab.metrics import disentanglement
 from vaelab.metrics.distances import KID_SUBSETS, KID_SUBSET_SIZE, distance_metrics, floor_metrics
 from vaelab.metrics.features import ClassifierFeatures, extract_features
 from vaelab.metrics.inception import find_inception_weights, load_inception
@@ -55,7 +59,7 @@ from vaelab.metrics.speed import speed_metrics, time_generation
 from vaelab.run import Run
 from vaelab.runtime import Distributed, distributed, provenance, select_device
 
-METRICS = ("fid", "kid", "prdc", "confidence", "recon", "nll", "latent", "speed")
+METRICS = ("fid", "kid", "prdc", "confidence", "recon", "nll", "latent", "speed", "disentanglement")
 DISTANCES = ("fid", "kid", "prdc")  # computed in every feature space
 FEATURE_SPACES = ("inception", "classifier")
 
@@ -199,6 +203,9 @@ def evaluate_run(
         say(f"WARNING: {space_warning}")
         notes.append(space_warning)
     not_applicable = {**family.NOT_APPLICABLE, **getattr(model, "NOT_APPLICABLE", {})}  # the family's, then the model's
+    if test.factors is None:  # a property of the data, not of the model
+        not_applicable.setdefault("disentanglement", f"{test.source} has no ground-truth factors (a generated dataset "
+                                                     "such as `vaelab data shapes` has)")
     for name in wanted:
         if name in not_applicable:
             result["not_applicable"][name] = not_applicable[name]
@@ -253,6 +260,9 @@ def evaluate_run(
     if "speed" in todo:
         with stages("speed"):
             result["speed"] = speed_metrics(model, draw, seed=seed)
+    if "disentanglement" in todo:
+        with stages("disentanglement"):
+            result["disentanglement"] = disentanglement.disentanglement_metrics(model, test, device=dev, seed=seed)
     result["timing_s"] = stages.seconds
     result["estimated_s"] = estimate
     write_json(run.path / "eval.json", result)
@@ -442,6 +452,8 @@ def estimate_stages(model, draw, test, todo: list[str], extractors: dict, refs: 
         est["latent"] = _timed(lambda: model.encode(x, y=y)) * n_test / len(x)
     if "speed" in todo:
         est["speed"] = per_sample * 4 * sum(SPEED_SIZES)  # a warm-up and 3 timed runs per batch size
+    if "disentanglement" in todo:
+        est["disentanglement"] = disentanglement.estimate_seconds(model, test, device=dev)
     return est
 
 
@@ -476,6 +488,11 @@ def describe(result: dict) -> str:
         lt = result["latent"]
         lines.append(f"  latent: {lt['active_units']}/{lt['latent_dim']} active units, KL {lt['kl_nats']:.2f} nats, "
                      f"posterior collapse: {'YES' if lt['posterior_collapse'] else 'no'}")
+    if "disentanglement" in result:
+        d = result["disentanglement"]
+        lines.append(f"  disentanglement: MIG {d['mig']['mig']:.3f}, DCI disentanglement {d['dci']['disentanglement']:.3f} / "
+                     f"completeness {d['dci']['completeness']:.3f} / informativeness {d['dci']['informativeness']:.3f} "
+                     f"({', '.join(d['factor_names'])})")
     if "speed" in result:
         s = result["speed"]
         lines.append(f"  speed ({s['batch_150']['device']}, {s['dtype']}): {s['batch_150']['samples_per_s']:.0f} samples/s at batch 150, "

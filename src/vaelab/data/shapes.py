@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,11 +161,16 @@ def write_shapes(out: str | os.PathLike, spec: ShapesSpec = ShapesSpec()) -> Pat
     n_test = max(1, round(spec.test_fraction * len(data)))
     test, train = data.subset(perm[:n_test].sort().values), data.subset(perm[n_test:].sort().values)
     values = spec.values()
-    out.mkdir(parents=True, exist_ok=True)
-    write_tensor_file(train, out / "train.safetensors", factor_values=values)
-    write_tensor_file(test, out / "test.safetensors", factor_values=values)
-    write_json(out / "manifest.json", {
+    tmp = out.parent / f".{out.name}.tmp"  # written whole, then renamed: the folder is complete or absent
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_tensor_file(train, tmp / "train.safetensors", factor_values=values)
+    write_tensor_file(test, tmp / "test.safetensors", factor_values=values)
+    write_json(tmp / "manifest.json", {
         "dataset": "shapes", "source": data.source, "spec": asdict(spec), "factor_names": list(FACTOR_NAMES),
         "factor_values": values, "images": {"train": len(train), "test": len(test)},
     })
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    tmp.rename(out)
     return out

@@ -25,6 +25,16 @@ def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> 
 
 
 @torch.no_grad()
+def encode_means(model, split: ImageSplit, *, device, batch_size: int = 500) -> torch.Tensor:
+    """Posterior means ``mu`` of every image of ``split``: ``(N, latent_dim)`` float32 on the CPU."""
+    mus = []
+    for start in tqdm(range(0, len(split), batch_size), desc="encoding", unit="batch", leave=False):
+        x = to_pixels(split.images[start : start + batch_size].to(device), model.config.pixel_range)
+        mus.append(model.encode(x, y=split.labels[start : start + batch_size].to(device))[0].float().cpu())
+    return torch.cat(mus)
+
+
+@torch.no_grad()
 def latent_metrics(model, test: ImageSplit, run_dir: Path, *, device, batch_size: int = 500) -> dict:
     pixel_range = model.config.pixel_range
     mus, kls = [], []
