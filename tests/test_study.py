@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "studies").glob("*.yaml"))
 
 
-def test_five_study_files_ship_and_validate():
-    assert len(STUDIES) == 5
+def test_the_study_files_ship_and_validate():
+    assert len(STUDIES) == 7
     for path in STUDIES:
         study = load_study(path)
         assert study.claims and study.stages
@@ -117,3 +117,38 @@ def test_mnist_study_end_to_end_then_an_interruption_resumes(tmp_path, monkeypat
     assert calls == []
     with pytest.raises(ConfigError, match="holds another study plan"):
         run_study(REPO / "studies" / "mnist-fid.yaml", budget="quick", out=out, device="cpu")
+
+
+def test_a_data_stage_generates_the_dataset_its_train_stages_use(tmp_path):
+    """A study on generated shapes: data -> train (on that data) -> evaluate with MIG / DCI, then claims."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: s\nstages:\n"
+        "  - {name: shapes, kind: data, generator: shapes, image_size: 16, scales: 2, orientations: 3, positions: 3,"
+        " test_fraction: 0.3}\n"
+        "  - {name: vae, kind: train, data: shapes, set: {model: conv, latent_dim: 3, epochs: 1, batch_size: 16,"
+        " model_args: {channels: [4, 8], fc_hidden: 16}, recon_likelihood: bernoulli, tensorboard: false}}\n"
+        "  - {name: ev, kind: evaluate, run: vae, metrics: [disentanglement]}\n"
+        "claims:\n"
+        "  - {id: mig, claim: MIG, ours: {stage: ev, key: disentanglement.mig.mig}, verdict: {rule: report}}\n"
+        "budgets: {smaller: {data: {image_size: 8, positions: 1}}}\n")
+    out = run_study(path, out=tmp_path / "out", device="cpu")
+    assert (out / "shapes" / "manifest.json").is_file()
+    from vaelab.run import Run
+
+    config = Run(out / "vae").config
+    assert config.dataset == "tensors" and config.data_root == str(out / "shapes")
+    report = json.loads((out / "study.json").read_text())
+    assert report["claims"][0]["verdict"] == "reported" and 0 <= report["claims"][0]["ours"] <= 1
+    run_study(path, out=tmp_path / "out", device="cpu")  # everything finished: skipped, the same run
+    from vaelab.study import budget_changes
+
+    smaller = load_study(path, budget="smaller")
+    assert smaller.stage("shapes")["image_size"] == 8 and budget_changes(smaller, "ev")  # via train, via data
+    bad = {"{name: d, kind: data, generator: blobs}": "'generator', one of shapes",
+           "{name: d, kind: data, generator: shapes, scales: 0}": "scales must be",
+           "{name: t, kind: train, data: later}": "'data: later' names no earlier stage"}
+    for stage, message in bad.items():
+        path.write_text(f"name: s\nstages: [{stage}]\nclaims: []\n")
+        with pytest.raises(ConfigError, match=message):
+            load_study(path)

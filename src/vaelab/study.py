@@ -20,9 +20,12 @@ A study file (YAML, see ``studies/``) names the stages and the claims::
     budgets:                     # --budget NAME: overrides by stage kind (full = none)
       quick: {train: {epochs: 1}, synth: {per_class: 100}}
 
-Stage kinds: ``train`` (``vaelab train``; ``config`` relative to the study file, ``set`` overrides),
-``synth``, ``cas``, ``evaluate`` (``eval.json`` and its pictures are copied into the stage folder),
-``compare``, ``sweep``. A stage is finished when its output file exists (``summary.json``,
+Stage kinds: ``data`` (``vaelab data GENERATOR``: a generated dataset with known factors, e.g.
+``{name: shapes, kind: data, generator: shapes, image_size: 64}``), ``train`` (``vaelab train``;
+``config`` relative to the study file, ``set`` overrides, ``data: STAGE`` trains on the dataset a
+``data`` stage wrote, as ``--dataset tensors --data-root``), ``synth``, ``cas``, ``evaluate``
+(``eval.json`` and its pictures are copied into the stage folder), ``compare``, ``sweep``. A stage is
+finished when its output file exists (``manifest.json``, ``summary.json``,
 ``manifest.json``, ``cas.json``, ``eval.json``, ``comparison.json``, ``sweep.json``); a re-run skips
 finished stages, resumes an interrupted training from its checkpoint and repeats any other
 interrupted stage (those write their folders atomically). A study folder belongs to one plan: the
@@ -56,8 +59,11 @@ from vaelab.io import (DamagedFileError, load_written_yaml, read_checked, read_j
                        write_text, write_yaml)
 
 KINDS: dict[str, dict[str, Any]] = {
-    # kind -> {"done": marker file, "keys": allowed stage keys (besides name/kind), "refs": keys naming stages}
-    "train": {"done": "summary.json", "keys": {"config", "set"}, "refs": set()},
+    # kind -> {"done": marker file, "keys": allowed stage keys (besides name/kind), "refs": keys naming stages,
+    # "optional": refs that may be left out}
+    "data": {"done": "manifest.json", "keys": {"generator", "image_size", "scales", "orientations", "positions",
+                                               "test_fraction", "seed"}, "refs": set()},
+    "train": {"done": "summary.json", "keys": {"config", "set", "data"}, "refs": {"data"}, "optional": {"data"}},
     "synth": {"done": "manifest.json", "keys": {"run", "per_class", "method", "noise_scale", "seed"}, "refs": {"run"}},
     "cas": {"done": "cas.json", "keys": {"synthetic", "dataset", "rows", "epochs", "steps", "budget", "augment", "seed",
                                          "train_subset", "test_subset", "precision"}, "refs": {"synthetic"}},
@@ -71,6 +77,7 @@ KINDS: dict[str, dict[str, Any]] = {
               "refs": set()},
 }
 RULES = ("within", "at_least", "order", "report")
+GENERATORS = ("shapes",)  # data stages: vaelab.data.shapes
 FULL = "full"
 PLAN_FILE = "study_plan.yaml"
 
@@ -156,12 +163,36 @@ def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict)
             raise ConfigError(f"{where}: {exc}") from exc
     else:
         spec.update(budgeted)
+    if kind == "data":
+        _check_data_stage(spec, where)
     for ref_key in KINDS[kind]["refs"]:
         refs = spec.get(ref_key)
+        if refs is None and ref_key in KINDS[kind].get("optional", ()):
+            continue
         for ref in refs if isinstance(refs, list) else [refs]:
             if ref not in seen:
                 raise ConfigError(f"{where}: '{ref_key}: {ref}' names no earlier stage; earlier: {', '.join(sorted(seen)) or 'none'}")
     return {"name": name, "kind": kind, **spec}
+
+
+def _check_data_stage(spec: dict, where: str) -> None:
+    from vaelab.data.shapes import ShapesSpec
+
+    if spec.get("generator") not in GENERATORS:
+        raise ConfigError(f"{where}: a data stage needs 'generator', one of {', '.join(GENERATORS)}; got "
+                          f"{spec.get('generator')!r}")
+    try:
+        ShapesSpec(**{k: v for k, v in spec.items() if k != "generator"}).check()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _stage_config(study: Study, stage: dict, out: Path) -> TrainConfig:
+    """A train stage's config; with ``data: STAGE``, on the tensors dataset that data stage wrote."""
+    config = _train_config(study.path, stage, stage["name"])
+    if stage.get("data"):
+        config = with_overrides(config, {"dataset": "tensors", "data_root": str(out / stage["data"])})
+    return config
 
 
 def _train_config(path: Path, spec: dict, where: str) -> TrainConfig:
@@ -218,7 +249,7 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
         folder = out / stage["name"]
         with _naming_the_stage(study, out, stage["name"]):
             if stage["kind"] == "train" and (folder / "config.yaml").is_file():
-                _check_same_run(folder, _train_config(study.path, stage, stage["name"]))
+                _check_same_run(folder, _stage_config(study, stage, out))
             done = folder / KINDS[stage["kind"]]["done"]
             if done.is_file():
                 read_json(done, remedy=_stage_remedy(study, out, stage["name"]))  # a damaged output stops here
@@ -315,7 +346,7 @@ def _train(study: Study, stage: dict, out: Path, device: str | None) -> None:
     from vaelab.training import resume, train
 
     folder = out / stage["name"]
-    config = _train_config(study.path, stage, stage["name"])
+    config = _stage_config(study, stage, out)
     if checkpoint_dirs(folder):
         _check_same_run(folder, config)
         resume(folder, device=device)
@@ -328,17 +359,29 @@ RUNTIME_FIELDS = ("out", "device", "precision", "channels_last", "compile", "log
 
 
 def _check_same_run(folder: Path, config: TrainConfig) -> None:
-    """Refuse to resume a run folder whose config is not the stage's (runtime-only fields aside)."""
-    def fields(c: TrainConfig) -> dict:
-        return {k: v for k, v in c.resolved().to_dict().items() if k not in RUNTIME_FIELDS}
-
+    """Refuse to resume a run folder whose config is not the stage's (runtime-only fields aside, and the
+    fields training derived from the images of an image folder or tensor file: the stage left them unset)."""
     from vaelab.run import Run
 
-    saved, wanted = fields(Run(folder).config), fields(config)
+    saved_config = Run(folder).config
+    skip = {*RUNTIME_FIELDS, "data_defaults", *saved_config.data_defaults}
+
+    def fields(c: TrainConfig) -> dict:
+        return {k: v for k, v in c.resolved().to_dict().items() if k not in skip}
+
+    saved, wanted = fields(saved_config), fields(config)
     diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
     if diff:
         raise ConfigError(f"{folder} holds a run with other settings ({', '.join(f'{k}: {saved.get(k)!r} vs {wanted[k]!r}' for k in diff)}); "
                           "remove it or use another --out")
+
+
+def _data(study: Study, stage: dict, out: Path, device: str | None) -> None:
+    from vaelab.data.shapes import ShapesSpec, write_shapes
+
+    folder = out / stage["name"]
+    shutil.rmtree(folder, ignore_errors=True)  # never finished (no manifest.json)
+    write_shapes(folder, ShapesSpec(**{k: v for k, v in stage.items() if k not in ("name", "kind", "generator")}))
 
 
 def _synth(study: Study, stage: dict, out: Path, device: str | None) -> None:
@@ -402,7 +445,7 @@ def _sweep(study: Study, stage: dict, out: Path, device: str | None) -> None:
     run_sweep(base, {k: list(v) for k, v in stage["axes"].items()}, out=out / stage["name"], **args)
 
 
-STAGES = {"train": _train, "synth": _synth, "cas": _cas, "evaluate": _evaluate, "compare": _compare, "sweep": _sweep}
+STAGES = {"data": _data, "train": _train, "synth": _synth, "cas": _cas, "evaluate": _evaluate, "compare": _compare, "sweep": _sweep}
 
 
 # ---------------------------------------------------------------------------- claims
