@@ -490,7 +490,8 @@ def describe(result: dict) -> str:
                      f"posterior collapse: {'YES' if lt['posterior_collapse'] else 'no'}")
     if "disentanglement" in result:
         d = result["disentanglement"]
-        lines.append(f"  disentanglement: MIG {d['mig']['mig']:.3f}, DCI disentanglement {d['dci']['disentanglement']:.3f} / "
+        mig = "n/a" if d["mig"]["mig"] is None else f"{d['mig']['mig']:.3f}"  # None: no factor varies
+        lines.append(f"  disentanglement: MIG {mig}, DCI disentanglement {d['dci']['disentanglement']:.3f} / "
                      f"completeness {d['dci']['completeness']:.3f} / informativeness {d['dci']['informativeness']:.3f} "
                      f"({', '.join(d['factor_names'])})")
     if "speed" in result:

@@ -296,6 +296,15 @@ def _evaluation_items(ev: dict) -> list[tuple[str, str, Any, str, str]]:
     if isinstance(nll, dict) and nll.get("iwae_nll_nats") is not None:
         items.append((f"IWAE NLL (k = {nll.get('k', '?')}, nats/image)", "nll.iwae_nll_nats", nll["iwae_nll_nats"],
                       f"−ELBO {format_value(nll.get('neg_elbo_nats'))}", str(nll.get("split", ""))))
+    dis = ev.get("disentanglement")
+    if isinstance(dis, dict) and isinstance(dis.get("mig"), dict) and isinstance(dis.get("dci"), dict):
+        names = ", ".join(dis.get("factor_names") or [])
+        items.append(("MIG", "disentanglement.mig.mig", dis["mig"].get("mig"), f"factors: {names}",
+                      str(dis.get("split", ""))))
+        d = dis["dci"]
+        items.append(("DCI disentanglement / completeness / informativeness", "disentanglement.dci",
+                      " / ".join(format_value(d.get(k)) for k in ("disentanglement", "completeness", "informativeness")),
+                      "informativeness: held-out accuracy", str(d.get("regressor", ""))))
     return items
 
 

@@ -6,7 +6,8 @@ hold-out) -> ``ImageSplit.to(device)`` -> ``batches`` (random slices, batched au
 
 Modules: ``sources`` (where data lives, decoding, the cache), ``split`` (``ImageSplit``, validation
 and binarisation), ``tensors`` (the safetensors dataset format), ``batches`` (on-device batching and
-augmentation), ``pixels`` (every pixel-range conversion).
+augmentation), ``pixels`` (every pixel-range conversion), ``shapes`` (a generated dSprites-like dataset
+with known factors, written as a tensors dataset).
 """
 
 from vaelab.data.batches import augment, batches, global_batches

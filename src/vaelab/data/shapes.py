@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -65,7 +65,10 @@ class ShapesSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"shapes: {name} must be an integer >= {low}, got {value!r}")
-        if not 0.0 < self.test_fraction < 1.0:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"shapes: seed must be an integer, got {self.seed!r}")
+        if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) \
+                or not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"shapes: test_fraction must be in (0, 1), got {self.test_fraction!r}")
         offsets = _offsets(self)
         if len(set(offsets)) < len(offsets):
@@ -118,7 +121,7 @@ def render(spec: ShapesSpec, factors: torch.Tensor) -> torch.Tensor:
     t = (torch.arange(s * k, dtype=torch.float32) + 0.5) / (s * k) * 2 - 1
     gy, gx = torch.meshgrid(t, t, indexing="ij")
     gx, gy = gx.reshape(1, -1), gy.reshape(1, -1)
-    sprites = factor_grid(ShapesSpec(s, spec.scales, spec.orientations, 1))[:, :3]  # (shape, scale, orientation)
+    sprites = factor_grid(replace(spec, positions=1))[:, :3]  # every (shape, scale, orientation) once
     scale = torch.tensor(values["scale"])[sprites[:, 1]].unsqueeze(1)
     angle = torch.tensor(values["orientation"])[sprites[:, 2]].unsqueeze(1)
     cos, sin, size = torch.cos(angle), torch.sin(angle), RADIUS * scale
@@ -155,10 +158,10 @@ def write_shapes(out: str | os.PathLike, spec: ShapesSpec = ShapesSpec()) -> Pat
     spec.check()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder")
+        raise ConfigError(f"{out} already exists and is not empty; choose a new folder")
     data = make_shapes(spec)
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed))
-    n_test = max(1, round(spec.test_fraction * len(data)))
+    n_test = min(len(data) - 1, max(1, round(spec.test_fraction * len(data))))  # neither split empty
     test, train = data.subset(perm[:n_test].sort().values), data.subset(perm[n_test:].sort().values)
     values = spec.values()
     tmp = out.parent / f".{out.name}.tmp"  # written whole, then renamed: the folder is complete or absent

@@ -10,4 +10,5 @@
 - ``reconstruction``: MSE / PSNR / SSIM of test reconstructions (VAEs).
 - ``latent``: active units, KL per dimension, posterior collapse (VAEs).
 - ``speed``: generation time, one definition for evaluate and compare.
+- ``disentanglement``: MIG and DCI of the latent code against known generative factors.
 """
