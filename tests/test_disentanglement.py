@@ -14,8 +14,8 @@ import torch
 
 from vaelab.cli import main
 from vaelab.config import TrainConfig
-from vaelab.data import load_split, write_tensor_file
-from vaelab.data.shapes import FACTOR_NAMES, SHAPES, ShapesSpec, factor_grid, make_shapes, write_shapes
+from vaelab.data import binarize_split, load_run_data, load_split, write_tensor_file
+from vaelab.data.shapes import FACTOR_NAMES, SHAPES, ShapesSpec, factor_grid, make_shapes, render, write_shapes
 from vaelab.errors import ConfigError, DataError
 from vaelab.evaluation import describe, evaluate_run
 from vaelab.io import write_yaml
@@ -65,7 +65,12 @@ def test_write_shapes_splits_the_combinations_and_loads_as_a_tensors_dataset(tmp
     assert manifest["images"] == {"train": len(train_split), "test": len(test_split)}
     assert manifest["factor_values"]["shape"] == list(SHAPES)
     assert not list(tmp_path.glob(".*.tmp"))
-    again = write_shapes(tmp_path / "again", TINY)  # same spec and seed: the same files
+    # factors stay with their images through a run's subsets, validation hold-out and binarisation
+    run_data = load_run_data("tensors", out, train_subset=60, test_subset=20, val_fraction=0.2, seed=3)
+    for split in (run_data.train, run_data.val, run_data.test):
+        assert torch.equal(render(TINY, split.factors), split.images)
+    assert torch.equal(binarize_split(run_data.test, 3).factors, run_data.test.factors)
+    again = write_shapes(tmp_path / "again", TINY)  # same spec and seed: the same split
     repeat = load_split("tensors", "test", again)
     assert torch.equal(repeat.images, test_split.images) and torch.equal(repeat.factors, test_split.factors)
     with pytest.raises(ConfigError, match="not empty"):
@@ -130,3 +135,21 @@ def test_evaluate_scores_a_run_on_shapes_and_says_why_not_elsewhere(tmp_path, ca
     write_yaml(run / "config.yaml", replace(config, data_root=str(plain)).to_dict())
     result = evaluate_run(run, metrics="disentanglement", device="cpu")
     assert "disentanglement" not in result and "no ground-truth factors" in result["not_applicable"]["disentanglement"]
+
+
+def test_tensor_files_refuse_factors_that_do_not_fit_their_images(tmp_path):
+    from safetensors.torch import save_file
+
+    from vaelab.data.tensors import read_tensor_file
+
+    split = make_shapes(TINY)
+    with pytest.raises(DataError, match="factors must be int64"):
+        write_tensor_file(replace(split, factors=split.factors.float()), tmp_path / "a.safetensors")
+    with pytest.raises(DataError, match="one name per column"):
+        write_tensor_file(replace(split, factor_names=("shape",)), tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+    save_file({"images": split.images, "labels": split.labels, "factors": split.factors[:-1]},
+              str(tmp_path / "b.safetensors"), metadata={"classes": json.dumps(split.classes),
+                                                         "factor_names": json.dumps(FACTOR_NAMES)})
+    with pytest.raises(DataError, match=f"N={len(split)}"):
+        read_tensor_file(tmp_path / "b.safetensors")
