@@ -28,8 +28,11 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     if not full:
         return
-    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | cvae-mnist | cvae-cifar | cvae-conv | "
-                                   "ddpm-28 | ddpm-32 | ddpm")
+    p.add_argument("--model", help="model preset: mnist-small | cifar-seed | conv | resnet-cifar | kl-f4 (spatial latent) | "
+                                   "cvae-mnist | cvae-cifar | cvae-conv | ddpm-28 | ddpm-32 | ddpm | ldm-mlp | ldm-unet "
+                                   "(latent diffusion, with --first-stage)")
+    p.add_argument("--first-stage", "--first_stage", dest="first_stage", metavar="RUN_DIR",
+                   help="latent diffusion (ldm-mlp, ldm-unet): the trained VAE run whose latents are diffused (frozen)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int)
@@ -53,8 +56,11 @@ def _sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", help="how to draw images, by model family: VAE prior (default, z ~ N(0, I)) | gmm "
                                      "(Gaussian mixture on the train codes; gmm:components=K, default 10) | two-stage "
                                      "(second-stage VAE on the train codes; two-stage:epochs=E,hidden=H); both fitted "
-                                     "once and cached in RUN_DIR/samplers/. DDPM ddpm (T-step ancestral, default) | ddim")
-    p.add_argument("--steps", type=int, help="diffusion samplers: denoising steps (ddpm: T, ddim: 50 by default)")
+                                     "once and cached in RUN_DIR/samplers/. DDPM ddpm (T-step ancestral, default) | ddim. "
+                                     "LDM dpmsolver++ (default) | ddim | ddpm, class-conditional with classifier-free "
+                                     "guidance NAME:guidance=W (default 1)")
+    p.add_argument("--steps", type=int, help="diffusion samplers: denoising steps (ddpm: T, ddim: 50, dpmsolver++: 20 "
+                                             "by default)")
 
 
 FID_FEATURES_HELP = ("feature spaces of FID/KID/precision-recall, comma-separated, headline first: inception | classifier "

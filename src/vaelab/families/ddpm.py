@@ -47,17 +47,24 @@ def resolve_config(config) -> None:
     """Reject VAE-only fields: a diffusion model has no latent code, likelihood choice or KL weight.
 
     Raises:
-        ConfigError: naming the first such field that is set.
+        ConfigError: naming the first such field that is set (or ``first_stage``: latent diffusion only).
     """
     for name, unset in VAE_ONLY.items():
         if getattr(config, name) not in unset:
             raise ConfigError(f"{name}={getattr(config, name)!r} applies to VAEs only; model {config.model!r} is a "
                               "diffusion model (remove it from the config or command line)")
+    if config.first_stage is not None:
+        raise ConfigError(f"first_stage applies to latent diffusion models (ldm-mlp, ldm-unet); model {config.model!r} "
+                          "is a pixel-space diffusion model (remove it from the config or command line)")
 
 
 def data_defaults(config, stats) -> dict[str, str]:
     """No family defaults depend on the images (the ``ddpm`` preset already takes its shape from them)."""
     return {}
+
+
+def prepare_model(model, train: ImageSplit, config) -> None:
+    """Nothing to set up from the data."""
 
 
 def after_step(model) -> None:
