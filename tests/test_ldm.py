@@ -5,6 +5,7 @@ CAS, and the refusal of a changed first stage."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from vaelab.errors import ConfigError
 from vaelab.families import family_of
 from vaelab.models import build_config, build_model
 from vaelab.run import Run
+from vaelab.study import _train_config, load_study
 from vaelab.synthesis import synthesize
 from vaelab.training import resume, train
 
@@ -160,3 +162,14 @@ def test_bad_configs_are_refused_before_any_work(first_stages, tmp_path):
         train(TrainConfig(**COMMON, data_root=first_stages["root"], model="ldm-mlp", first_stage=str(tmp_path),
                           out=str(tmp_path / "x")))
     assert not (tmp_path / "u").exists() and not (tmp_path / "x").exists()
+
+
+def test_latent_diffusion_study_validates_and_points_ldm_stages_at_their_first_stage(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "studies" / "latent-diffusion.yaml"
+    for budget in ("full", "quick"):
+        study = load_study(path, budget=budget)
+        for name, first in (("ldm-vae", "vae"), ("ldm-klf4", "klf4"), ("cifar-cldm", "cifar-klf4")):
+            stage = study.stage(name)
+            assert stage["first_stage"] == first
+            assert _train_config(study.path, stage, name, tmp_path).first_stage == str(tmp_path / first)
+        assert study.stage("cifar-synth")["sampler"] == "dpmsolver++:guidance=2"
