@@ -16,6 +16,7 @@ from vaelab.cli import main
 from vaelab.config import TrainConfig
 from vaelab.data import to_pixels
 from vaelab.errors import ConfigError
+from vaelab.evaluation import evaluate_run
 from vaelab.families import family_of
 from vaelab.models import build_config, build_model
 from vaelab.run import Run
@@ -97,6 +98,11 @@ def test_mlp_ldm_trains_scales_samples_with_each_sampler_and_resumes(first_stage
     with pytest.raises(ConfigError, match=r"steps must be an integer in \[1, 20\]"):
         family.sampler(model, run, sampler="dpmsolver++", steps=21)
 
+    result = evaluate_run(run_dir, metrics="recon,nll,latent", device="cpu")
+    assert set(result["not_applicable"]) == {"recon", "nll", "latent"}
+    model.double()  # the unregistered first stage moves with the model
+    assert next(model.first_stage.parameters()).dtype == torch.float64
+
     resume(run_dir, epochs=2)
     assert [r["epoch"] for r in Run(run_dir).metrics()] == [1, 2]
     assert Run(run_dir).load_model().scale_factor.item() == pytest.approx(summary["scale_factor"])  # kept, not refitted
@@ -114,7 +120,7 @@ def test_conditional_unet_ldm_guidance_synth_and_cas(first_stages, tmp_path):
     z = model.sample_latents(3, y=y, sampler="dpmsolver++", steps=3, guidance=2.0)
     assert z.shape == (3, 4, 7, 7) and torch.isfinite(z).all()
     sampler = family_of(model).sampler(model, run, sampler="dpmsolver++:guidance=2.5", steps=3)
-    assert sampler.options["guidance"] == 2.5 and sampler.network_evaluations == 2 * 3 + 1
+    assert sampler.options["guidance"] == 2.5 and sampler.network_evaluations == 2 * 3
     assert sampler.draw(3, torch.Generator().manual_seed(0), y).shape == (3, 1, 28, 28)
     with pytest.raises(ConfigError, match="unknown option"):
         family_of(model).sampler(model, run, sampler="ddim:scale=2")

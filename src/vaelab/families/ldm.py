@@ -213,7 +213,9 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
 
     return Sampler(name=name, options={"sampler": spec, "steps": steps, **({"guidance": guidance} if model.conditional else {})},
                    label=label + (f", guidance {guidance:g}" if guided else ""),
-                   network_evaluations=steps * (2 if guided else 1) + 1,  # + the first stage's decoder
+                   # denoiser passes, as for a pixel DDPM (speed extrapolation scales with them); the one decoder
+                   # pass at the end is not counted
+                   network_evaluations=steps * (2 if guided else 1),
                    latent_space=f"z_T ~ N(0, I) in R^{shape} (the first stage's posterior-mean space scaled by "
                                 f"{float(model.scale_factor):.4g}); {how}; decoded by the first stage",
                    draw=draw)

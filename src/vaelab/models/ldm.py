@@ -84,7 +84,7 @@ class LDMConfig:
     denoiser: str = "mlp"
     width: int = 512
     depth: int = 4
-    widths: tuple[int, ...] = (64, 128)
+    widths: tuple[int, ...] = (32, 64)
     layers_per_block: int = 2
     norm_num_groups: int = 8
     dropout: float = 0.0
