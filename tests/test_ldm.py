@@ -153,6 +153,17 @@ def test_a_changed_first_stage_is_refused_naming_both_hashes(first_stages, tmp_p
     assert Run(run_dir).load_model().latent_shape == (4, 7, 7)  # the restored first stage is accepted again
 
 
+def test_cli_train_takes_the_first_stage_flag(first_stages, tmp_path, capsys):
+    config = ldm_config(first_stages, tmp_path / "unused").to_dict()
+    config.pop("first_stage"), config.pop("out")
+    (tmp_path / "ldm.yaml").write_text(json.dumps(config))  # JSON is YAML
+    out = tmp_path / "cli"
+    assert main(["train", "--config", str(tmp_path / "ldm.yaml"), "--first-stage", str(first_stages["vector"]),
+                 "--out", str(out)]) == 0
+    assert "latent scale factor" in capsys.readouterr().out
+    assert Run(out).config.first_stage == str(Path(first_stages["vector"]).resolve())
+
+
 def test_bad_configs_are_refused_before_any_work(first_stages, tmp_path):
     with pytest.raises(ConfigError, match="--first-stage RUN_DIR"):
         TrainConfig(model="ldm-mlp").resolved()

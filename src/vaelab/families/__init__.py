@@ -19,8 +19,9 @@ The contract (module-level names of a family module)::
     resolve_config(config)                     fill family defaults into a TrainConfig, reject fields that do not apply
     data_defaults(config, stats) -> dict       fill unset fields from the training images (image folders; stats: a
                                                config.DataStats) before resolve_config; {field: "value: why"}
-    prepare_model(model, train, config)        once before the first step of a new run (not on resume: what it
-                                               sets lives in the checkpoint), e.g. the LDM's latent scale factor
+    prepare_model(model, train, config) -> str | None   once before the first step of a new run (not on resume:
+                                               what it sets lives in the checkpoint), e.g. the LDM's latent scale
+                                               factor; returns a line for people or None
     after_step(model)                          called after every optimiser step (e.g. an EMA update)
     evaluate(model, split, *, beta, seed, keep_latents, dist) -> dict
                                                mean loss terms over a split; "loss" drives the LR schedule

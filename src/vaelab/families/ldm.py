@@ -79,10 +79,10 @@ def data_defaults(config, stats) -> dict[str, str]:
     return {}
 
 
-def prepare_model(model, train: ImageSplit, config) -> None:
-    """The latent scale factor, once, from the train split (``LDM.set_scale_factor``)."""
+def prepare_model(model, train: ImageSplit, config) -> str:
+    """The latent scale factor, once, from the train split (``LDM.set_scale_factor``); returns a line saying it."""
     scale = model.set_scale_factor(train.images, pixel_range=config.pixel_range)
-    print(f"latent scale factor {scale:.4g} (1 / std of the first stage's posterior means over {len(train):,} train images)")
+    return f"latent scale factor {scale:.4g} (1 / std of the first stage's posterior means over {len(train):,} train images)"
 
 
 def after_step(model) -> None:

@@ -128,8 +128,9 @@ def data_defaults(config, stats) -> dict[str, str]:
     return derived
 
 
-def prepare_model(model, train: ImageSplit, config) -> None:
+def prepare_model(model, train: ImageSplit, config) -> str | None:
     """Nothing to set up from the data."""
+    return None
 
 
 def after_step(model) -> None:

@@ -41,11 +41,13 @@ class KLVAEConfig(ConvVAEConfig):
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
+        if not self.channels or min(self.channels) < 1:
+            raise ConfigError(f"channels must be a non-empty list of positive widths, got {list(self.channels)}")
         if isinstance(self.latent_channels, bool) or not isinstance(self.latent_channels, int) or self.latent_channels < 1:
             raise ConfigError(f"latent_channels must be a positive integer, got {self.latent_channels!r}")
         if self.fc_hidden is not None:
             raise ConfigError(f"fc_hidden must be null for a spatial-latent autoencoder, got {self.fc_hidden}")
-        if self.channels and self.image_size >= 2 ** len(self.channels):
+        if self.image_size >= 2 ** len(self.channels):
             side = self.spatial_sizes()[-1]
             d = self.latent_channels * side * side
             if self.latent_dim is not None and self.latent_dim != d:
