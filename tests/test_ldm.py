@@ -11,7 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fixtures import write_image_folder
+
 from vaelab.cas import cas
+from vaelab.comparison import compare_runs
 from vaelab.cli import main
 from vaelab.config import TrainConfig
 from vaelab.data import to_pixels
@@ -190,3 +193,24 @@ def test_latent_diffusion_study_validates_and_points_ldm_stages_at_their_first_s
             assert stage["first_stage"] == first
             assert _train_config(study.path, stage, name, tmp_path).first_stage == str(tmp_path / first)
         assert study.stage("cifar-synth")["sampler"] == "dpmsolver++:guidance=2"
+
+
+def test_compare_gives_an_ldm_two_entries_beside_its_first_stage(tmp_path, monkeypatch):
+    """On a 3-class 8x8 image folder: compare a VAE and an LDM on its latents (classifier-space FID, confidence)."""
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "data", classes=("c0", "c1", "c2"), per_class=20, size=8, channels=1)
+    common = dict(dataset="imagefolder", data_root=str(tmp_path / "data"), epochs=1, batch_size=16, device="cpu",
+                  tensorboard=False)
+    vae = train(TrainConfig(model="conv", latent_dim=3, recon_likelihood="bernoulli", out=str(tmp_path / "vae"),
+                            model_args={"channels": [4, 8], "fc_hidden": 16}, **common))
+    ldm = train(TrainConfig(model="ldm-mlp", first_stage=str(vae), out=str(tmp_path / "ldm"), model_args=TINY_MLP,
+                            **common))
+    out = compare_runs([vae, ldm], out=tmp_path / "cmp", num_samples=30, ddim_steps=3, metrics="fid,confidence",
+                       fid_features="classifier", timing_repeats=1, timing_max_steps=5, device="cpu")
+    entries = json.loads((out / "comparison.json").read_text())["entries"]
+    ldm_entries = [e for e in entries if e["family"] == "ldm"]
+    assert [(e["sampler"]["sampler"], e["network_evaluations"]) for e in ldm_entries] == [("dpmsolver++", 20), ("ddim", 3)]
+    for e in ldm_entries:
+        assert "fid" in e["evaluation"] and "confidence" in e["evaluation"]
+        assert e["parameters"] == Run(ldm).load_model().num_parameters  # the denoiser; the first stage is its own run
+    assert "LDM, DPM-Solver++, 20 steps" in (out / "comparison.md").read_text()
