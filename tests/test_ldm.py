@@ -23,7 +23,7 @@ from vaelab.evaluation import evaluate_run
 from vaelab.families import family_of
 from vaelab.models import build_config, build_model
 from vaelab.run import Run
-from vaelab.study import _train_config, load_study
+from vaelab.study import _train_config, load_study, run_study
 from vaelab.synthesis import synthesize
 from vaelab.training import resume, train
 
@@ -214,3 +214,28 @@ def test_compare_gives_an_ldm_two_entries_beside_its_first_stage(tmp_path, monke
         assert "fid" in e["evaluation"] and "confidence" in e["evaluation"]
         assert e["parameters"] == Run(ldm).load_model().num_parameters  # the denoiser; the first stage is its own run
     assert "LDM, DPM-Solver++, 20 steps" in (out / "comparison.md").read_text()
+
+
+def test_a_study_chains_first_stage_ldm_synth_and_cas_and_reruns_skipping(shared_datasets, tmp_path):
+    tiny = {**COMMON, "data_root": str(shared_datasets)}
+    study = {
+        "name": "tiny-ldm", "stages": [
+            {"name": "fs", "kind": "train", "set": {**tiny, "model": "kl-f4", "beta": 0.01, "model_args": {"channels": [8, 16]}}},
+            {"name": "cldm", "kind": "train", "first_stage": "fs",
+             "set": {**tiny, "model": "ldm-unet", "model_args": {**TINY_UNET, "class_conditional": True}}},
+            {"name": "syn", "kind": "synth", "run": "cldm", "per_class": 2, "method": "prior",
+             "sampler": "dpmsolver++:guidance=2"},
+            {"name": "cas", "kind": "cas", "synthetic": "syn", "rows": ["synthetic"], "steps": 2, "test_subset": 50}],
+        "claims": [{"id": "cas", "claim": "CAS of the LDM set", "ours": {"stage": "cas", "key": "rows.synthetic.top1"},
+                    "verdict": {"rule": "report"}}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(study))
+    out = tmp_path / "out"
+    run_study(path, out=out, device="cpu")
+    assert Run(out / "cldm").config.first_stage == str((out / "fs").resolve())
+    assert json.loads((out / "syn" / "manifest.json").read_text())["sampler"]["guidance"] == 2.0
+    assert (out / "cas" / "cas.json").is_file()
+    before = (out / "cldm" / "summary.json").stat().st_mtime_ns
+    run_study(path, out=out, device="cpu")  # everything finished: skipped, the LDM's config still matches
+    assert (out / "cldm" / "summary.json").stat().st_mtime_ns == before
