@@ -127,6 +127,10 @@ def test_conditional_unet_ldm_guidance_synth_and_cas(first_stages, tmp_path):
     assert sampler.draw(3, torch.Generator().manual_seed(0), y).shape == (3, 1, 28, 28)
     with pytest.raises(ConfigError, match="unknown option"):
         family_of(model).sampler(model, run, sampler="ddim:scale=2")
+    model.config.label_dropout = 0.0  # as if trained without label dropout: no unconditional estimate to guide with
+    with pytest.raises(ConfigError, match="label_dropout 0 never learned"):
+        model.check_guidance(2.0)
+    model.config.label_dropout = 0.1
 
     syn = synthesize(run_dir, tmp_path / "syn", per_class=2, method="prior", sampler="dpmsolver++:guidance=2",
                      device="cpu")

@@ -454,12 +454,15 @@ class LDM(nn.Module):
 
     def check_guidance(self, guidance: float) -> float:
         """``guidance`` as a float. Raises ``ConfigError``: not a finite number >= 0, or not 1 for an
-        unconditional model."""
+        unconditional model or one trained without label dropout."""
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
             raise ConfigError(f"guidance must be a finite number >= 0, got {guidance!r}")
         if guidance != 1.0 and not self.conditional:
             raise ConfigError(f"guidance {guidance:g} needs a class-conditional model (class_conditional: true); "
                               "this one is unconditional")
+        if guidance != 1.0 and self.config.label_dropout == 0:
+            raise ConfigError(f"guidance {guidance:g} needs the unconditional estimate, which a model trained with "
+                              "label_dropout 0 never learned; use guidance 1 or train with label_dropout > 0")
         return float(guidance)
 
     @torch.no_grad()
