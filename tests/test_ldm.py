@@ -119,6 +119,7 @@ def test_conditional_unet_ldm_guidance_synth_and_cas(first_stages, tmp_path):
     run = Run(run_dir)
     model = run.load_model()
     assert model.latent_shape == (4, 7, 7) and run.summary()["class_conditional"]
+    assert "one row of 8 per class" in run.summary()["captions"]["samples.png"]
     y = torch.tensor([3, 3, 7])
     z = model.sample_latents(3, y=y, sampler="dpmsolver++", steps=3, guidance=2.0)
     assert z.shape == (3, 4, 7, 7) and torch.isfinite(z).all()

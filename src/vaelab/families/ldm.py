@@ -39,7 +39,7 @@ DEFAULT_SAMPLER = "dpmsolver++"
 OPTIONS = {"guidance": "classifier-free guidance scale w >= 0 (1: conditional only; class-conditional models)"}
 
 PICTURES = {
-    "samples.png": "64 samples: DPM-Solver++ with {steps} steps in latent space from the EMA weights, decoded by the first "
+    "samples.png": "{n} samples: DPM-Solver++ with {steps} steps in latent space from the EMA weights, decoded by the first "
                    "stage{labels} (model trained on {source}).",
     "training_curves.png": "Epsilon-MSE per latent entry per epoch: train (running mean over the epoch on the {source} train "
                            "split) and validation (held-out part of the train split, end of each epoch).",
@@ -147,12 +147,16 @@ def write_pictures(run_dir: Path, model, data, rows: list[dict], config, metrics
         plots.loss_curves(rows, run_dir / "training_curves.png", ylabel="epsilon-MSE per latent entry")
         written.append("training_curves.png")
     steps = min(DEFAULT_STEPS[DEFAULT_SAMPLER], model.config.num_train_timesteps)
-    y = cycle_labels(model, 64)
-    images = model.sample(64, y=None if y is None else y.to(gen.device), generator=gen, sampler=DEFAULT_SAMPLER, steps=steps)
+    n, labels = 64, ""
+    y = None
+    if model.conditional:  # one row of 8 per class
+        k = model.config.num_classes
+        n, y = 8 * k, torch.arange(k, device=gen.device).repeat_interleave(8)
+        labels = ", one row of 8 per class, no guidance"
+    images = model.sample(n, y=y, generator=gen, sampler=DEFAULT_SAMPLER, steps=steps)
     plots.save_grid(images, run_dir / "samples.png", nrow=8, pixel_range=model.config.pixel_range)
     written.append("samples.png")
-    labels = ", classes in turn (no guidance)" if model.conditional else ""
-    return {name: PICTURES[name].format(source=data.test.source, steps=steps, labels=labels) for name in written}
+    return {name: PICTURES[name].format(source=data.test.source, steps=steps, n=n, labels=labels) for name in written}
 
 
 def log_images(writer, model, val: ImageSplit, epoch: int, seed: int) -> None:
