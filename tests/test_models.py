@@ -7,7 +7,8 @@ from vaelab.errors import ConfigError, VaelabError
 from vaelab.models import PRESETS, build_config, build_model, load_model, preset_family, save_model
 
 SHAPES = {"mnist-small": (1, 28, 28), "cifar-seed": (3, 32, 32), "conv": (3, 16, 16),
-          "cvae-mnist": (1, 28, 28), "cvae-cifar": (3, 32, 32), "cvae-conv": (3, 16, 16), "resnet-cifar": (3, 32, 32)}
+          "cvae-mnist": (1, 28, 28), "cvae-cifar": (3, 32, 32), "cvae-conv": (3, 16, 16), "resnet-cifar": (3, 32, 32),
+          "kl-f4": (3, 32, 32)}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in PRESETS if preset_family(n) == "vae"))  # DDPMs: test_ddpm.py

@@ -89,7 +89,14 @@ WIDTHS = (32, 64, 128, 256)
 
 def resolve_config(config) -> None:
     """Default likelihood (Bernoulli for digit-like data, else ``CONTINUOUS_LIKELIHOOD``) and Gaussian sigma
-    (sqrt 0.5: fixed, or the starting value of a fitted one)."""
+    (sqrt 0.5: fixed, or the starting value of a fitted one).
+
+    Raises:
+        ConfigError: ``first_stage`` is set (latent diffusion models only).
+    """
+    if config.first_stage is not None:
+        raise ConfigError(f"first_stage applies to latent diffusion models (ldm-mlp, ldm-unet); model {config.model!r} "
+                          "is a VAE (remove it from the config or command line)")
     if config.recon_likelihood is None:
         config.recon_likelihood = "bernoulli" if config.dataset in DIGIT_LIKE else CONTINUOUS_LIKELIHOOD
     if config.recon_sigma is None:
@@ -133,6 +140,11 @@ def data_defaults(config, stats) -> dict[str, str]:
             derived["latent_dim"] = (f"16: small images ({stats.channels}x{stats.height}x{stats.width} <= 1,024 "
                                      "sub-pixels), the code size of mnist-small")
     return derived
+
+
+def prepare_model(model, train: ImageSplit, config) -> str | None:
+    """Nothing to set up from the data."""
+    return None
 
 
 def after_step(model) -> None:

@@ -190,6 +190,12 @@ class ConvVAE(nn.Module):
         plane = self.decoder_log_sigma().to(logits.dtype).expand(logits.shape)
         return torch.cat([logits, plane], dim=1)
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one code: ``(latent_dim,)`` (a spatial first stage such as ``KLVAE`` gives ``(C, h, w)``;
+        its ``z`` is still passed around flattened to ``latent_dim = C * h * w``)."""
+        return (self.config.latent_dim,)
+
     def decoder_in(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The decoder's input vector for codes ``z`` (``y`` ignored; the conditional VAE appends the label)."""
         return z
