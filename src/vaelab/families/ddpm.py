@@ -16,7 +16,7 @@ from vaelab import plots
 from vaelab.data import ImageSplit
 from vaelab.errors import ConfigError
 from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks
-from vaelab.models.ddpm import DEFAULT_DDIM_STEPS, DEFAULT_DPM_STEPS, SAMPLERS
+from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLERS, default_steps
 from vaelab.runtime import Distributed
 
 NAME = "ddpm"
@@ -76,8 +76,9 @@ def after_step(model) -> None:
 @torch.no_grad()
 def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, keep_latents: bool = False,
              dist: Distributed | None = None) -> dict:
-    """``{"loss": mean epsilon-MSE per pixel}`` over ``split``, one seeded ``t`` and noise draw per image
-    (trained weights, not the EMA; the same with any number of data-parallel ranks, see ``eval_blocks``)."""
+    """``{"loss": mean epsilon-MSE per diffused entry (pixel, or latent entry for latent diffusion)}`` over
+    ``split``, one seeded ``t`` and noise draw per image, true labels (trained weights, not the EMA; the
+    same with any number of data-parallel ranks, see ``eval_blocks``)."""
     dist = dist or Distributed()
     was_training = model.training
     model.eval()
@@ -152,7 +153,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
     if name not in SAMPLERS:
         raise ConfigError(f"unknown diffusion sampler {name!r}; valid: {', '.join(SAMPLERS)}")
     T = model.config.num_train_timesteps
-    steps = steps if steps is not None else {"ddpm": T, "ddim": DEFAULT_DDIM_STEPS, "dpmsolver++": DEFAULT_DPM_STEPS}[name]
+    steps = steps if steps is not None else default_steps(name, T)
     model.make_scheduler(name, steps)  # raises for steps outside [1, T]
     c, s = model.config.in_channels, model.config.image_size
     noise = f"no compact latent: x_T is {c}x{s}x{s} Gaussian noise, the size of the image"
@@ -167,7 +168,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
                    network_evaluations=steps, latent_space=f"{noise}; {how}", draw=draw)
 
 
-def comparison_samplers(model, run=None, *, ddim_steps: int = DEFAULT_DDIM_STEPS) -> list[Sampler]:
+def comparison_samplers(model, run=None, *, ddim_steps: int = DEFAULT_STEPS["ddim"]) -> list[Sampler]:
     """The full ``T``-step DDPM chain, DDIM with ``ddim_steps`` steps and DPM-Solver++ with 20 (in this order)."""
     return [sampler(model, run, sampler="ddpm"), sampler(model, run, sampler="ddim", steps=ddim_steps),
             sampler(model, run, sampler="dpmsolver++")]

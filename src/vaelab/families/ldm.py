@@ -16,10 +16,11 @@ import torch
 from vaelab import plots
 from vaelab.data import ImageSplit
 from vaelab.errors import ConfigError
-from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks
+from vaelab.families import ddpm
+from vaelab.families.base import Sampler, constant_labels, cycle_labels
 from vaelab.families.ddpm import VAE_ONLY
-from vaelab.models.ldm import DEFAULT_STEPS, SAMPLERS, first_stage_path
-from vaelab.runtime import Distributed
+from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLERS, default_steps
+from vaelab.models.ldm import first_stage_path
 
 NAME = "ldm"
 DESCRIPTION = "latent diffusion model on a frozen VAE first stage (DDPM, DDIM, DPM-Solver++ sampling)"
@@ -85,35 +86,8 @@ def prepare_model(model, train: ImageSplit, config) -> str:
     return f"latent scale factor {scale:.4g} (1 / std of the first stage's posterior means over {len(train):,} train images)"
 
 
-def after_step(model) -> None:
-    """One EMA update of the sampling weights."""
-    model.update_ema()
-
-
-@torch.no_grad()
-def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, keep_latents: bool = False,
-             dist: Distributed | None = None) -> dict:
-    """``{"loss": mean epsilon-MSE per latent entry}`` over ``split``, one seeded ``t`` and noise draw per
-    image, true labels (no label drop), trained weights (not the EMA); see ``eval_blocks``."""
-    dist = dist or Distributed()
-    was_training = model.training
-    model.eval()
-    device = split.images.device
-    sums = torch.zeros(2, device=device)  # eps_mse, n
-    for x, y, noise, _ in eval_blocks(model, split, seed=seed, dist=dist):
-        out = model.loss(x, y=y, noise=noise)
-        sums += torch.stack([out.eps_mse.sum(), torch.tensor(float(len(x)), device=device)])
-    model.train(was_training)
-    eps_mse, n = dist.all_reduce(sums).tolist()
-    return {"loss": eps_mse / n}
-
-
-def epoch_line(row: dict, model) -> str:
-    return f"train eps-MSE {row['train_loss']:.4f} | val eps-MSE {row['val_loss']:.4f}"
-
-
-def epoch_warning(rows: list[dict]) -> str | None:
-    return None
+# the loss is the DDPM's on latents instead of pixels: the same per-step hook, evaluation and lines
+after_step, evaluate, epoch_line, epoch_warning = ddpm.after_step, ddpm.evaluate, ddpm.epoch_line, ddpm.epoch_warning
 
 
 def summary(model, test: ImageSplit, config, metrics: dict) -> dict:
@@ -203,7 +177,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
     name, options = parse_sampler(sampler)
     guidance = model.check_guidance(options["guidance"])
     T = model.config.num_train_timesteps
-    steps = steps if steps is not None else (T if name == "ddpm" else DEFAULT_STEPS[name])
+    steps = steps if steps is not None else default_steps(name, T)
     model.make_scheduler(name, steps)  # raises for steps outside [1, T]
     shape = "x".join(map(str, model.latent_shape))
     how = {"ddpm": "fresh noise at every step (stochastic)", "ddim": "DDIM (eta 0): deterministic",

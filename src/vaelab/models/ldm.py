@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.training_utils import EMAModel
 from torch import nn
@@ -44,9 +44,8 @@ from tqdm.auto import tqdm
 from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.models.ddpm import DenoisingLoss
+from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLERS, check_count, check_labels, make_scheduler  # noqa: F401
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
-DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20}  # ddpm: T
 DENOISERS = ("mlp", "unet")
 BETA_SCHEDULES = ("linear", "scaled_linear")
 
@@ -244,11 +243,6 @@ def open_first_stage(path: str, sha256: str | None):
 # ---------------------------------------------------------------------------- the model
 
 
-def _check_count(n) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"n must be a positive integer, got {n!r}")
-
-
 class LDM(nn.Module):
     """Latent diffusion model: epsilon prediction on scaled first-stage latents, EMA weights for sampling.
 
@@ -314,43 +308,14 @@ class LDM(nn.Module):
         return self.config.num_classes
 
     def make_scheduler(self, sampler: str, steps: int | None = None):
-        """A fresh diffusers scheduler for ``sampler`` (one of ``SAMPLERS``) set to ``steps`` steps
-        (default ``T`` for ``ddpm``, ``DEFAULT_STEPS`` otherwise); no clipping (latents are not bounded).
-
-        Raises:
-            ConfigError: unknown sampler, or ``steps`` not an integer in ``[1, T]``.
-        """
+        """A fresh scheduler for ``sampler`` (``vaelab.models.diffusion.SAMPLERS``) set to ``steps`` steps; no
+        clipping (latents are not bounded). Raises ``ConfigError`` for an unknown sampler or ``steps`` outside ``[1, T]``."""
         cfg = self.config
-        T = cfg.num_train_timesteps
-        schedule = dict(num_train_timesteps=T, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                        beta_schedule=cfg.beta_schedule, timestep_spacing="trailing")
-        if sampler == "ddpm":
-            scheduler = DDPMScheduler(**schedule, variance_type="fixed_small", clip_sample=False)
-        elif sampler == "ddim":
-            scheduler = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=True)
-        elif sampler == "dpmsolver++":
-            scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
-        else:
-            raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-        steps = (T if sampler == "ddpm" else DEFAULT_STEPS[sampler]) if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-            raise ConfigError(f"{sampler} steps must be an integer in [1, {T}] (the model was trained with T={T}), got {steps!r}")
-        scheduler.set_timesteps(steps)
-        return scheduler
+        return make_scheduler(sampler, steps, num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                              beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule, clip_sample=False)
 
     def _labels(self, y: torch.Tensor | None, n: int, device: torch.device, *, sampling: bool) -> torch.Tensor | None:
-        if not self.conditional:
-            return None  # an unconditional model ignores labels (one signature for every model)
-        if y is None:
-            if not sampling:
-                raise ConfigError("this latent diffusion model is class-conditional: loss() needs labels y")
-            return torch.arange(n, device=device) % self.config.num_classes
-        if y.shape != (n,) or y.dtype != torch.int64:
-            raise ConfigError(f"y must be int64 of shape ({n},), got {tuple(y.shape)} {y.dtype}")
-        k = self.config.num_classes
-        if n and (int(y.min()) < 0 or int(y.max()) >= k):
-            raise ConfigError(f"class labels must lie in 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
-        return y.to(device)
+        return check_labels(self, y, n, device, sampling=sampling)
 
     # ------------------------------------------------------------------ latents
 
@@ -481,7 +446,7 @@ class LDM(nn.Module):
         Raises:
             ConfigError: bad sampler, steps, ``n``, labels or guidance; the scale factor was never set.
         """
-        _check_count(n)
+        check_count(n)
         guidance = self.check_guidance(guidance)
         scheduler = self.make_scheduler(sampler, steps)
         if not math.isfinite(float(self.scale_factor)):
@@ -502,7 +467,7 @@ class LDM(nn.Module):
         """``n`` images ``(n, C, H, W)`` float32 in ``config.pixel_range``: ``sample_latents`` on
         ``batch_size`` at a time, decoded by the first stage. Raises ``ConfigError`` as ``sample_latents``,
         before any work."""
-        _check_count(n)
+        check_count(n)
         self.check_guidance(guidance)
         self.make_scheduler(sampler, steps)  # validate before any work
         y = self._labels(y, n, self.ema_updates.device, sampling=True)
