@@ -322,3 +322,22 @@ def test_sampler_options_on_a_vae_run_are_rejected(tmp_path):
     assert not (tmp_path / "s.png").exists()
     assert sample_run(run, 4, tmp_path / "s.png", device="cpu").is_file()
     assert main(["evaluate", "--run", str(run), "--sampler", "ddim", "--metrics", "confidence"]) == 2
+
+
+def test_cpu_attention_is_the_same_arithmetic_as_sdpa():
+    """The UNet's attention runs diffusers' classic processor on a CPU (faster there under bf16) and
+    scaled_dot_product_attention elsewhere: the same outputs."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from vaelab.models.ddpm import DeviceAttnProcessor
+
+    model = tiny().eval()
+    layers = [m for m in model.unet.modules() if isinstance(m, Attention)]
+    assert layers and all(isinstance(m.processor, DeviceAttnProcessor) for m in layers)
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        ours = model.unet(x, t).sample
+        for m in layers:
+            m.set_processor(AttnProcessor2_0())
+        sdpa = model.unet(x, t).sample
+    torch.testing.assert_close(ours, sdpa, atol=1e-5, rtol=1e-5)
