@@ -15,6 +15,9 @@ the defaults), so that this module and everything outside it never ask which mod
   ``val_<name>`` per epoch and ``test_<name>`` in ``summary.json``);
 - ``log_prior(z, y=)`` and ``sample_prior(n, y=, generator=)``: its prior, used by the prior sampler, the
   pictures and the IWAE likelihood bound; ``PRIOR`` names it in words;
+- ``importance_samples(x, k, y=, generator=)``: ``k`` posterior draws per image and ``log p - log q`` of every
+  latent variable, read by the IWAE likelihood bound (a model whose posterior is not the diagonal Gaussian of
+  ``encode``, a flow or a hierarchy, gives its own);
 - ``DEFAULT_SAMPLER``: the sampler drawn when none is asked for (e.g. ``gmm`` for a model without a prior);
 - ``HAS_ELBO = False``: a deterministic encoder; KL and -ELBO are reported as ``null``;
 - ``NOT_APPLICABLE``: ``vaelab evaluate`` metrics it cannot support, with the reason.
