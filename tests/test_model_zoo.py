@@ -1,4 +1,4 @@
-"""The model zoo (IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior): every preset through the real training entry
+"""The model zoo (IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior, IAF posterior, Ladder VAE): every preset through the real training entry
 point, then one analytic property per model."""
 
 import json
@@ -16,12 +16,15 @@ from vaelab.losses import log_standard_normal
 from vaelab.metrics.likelihood import importance_weights
 from vaelab.models import PRESETS, ZOO, build_config, build_model, check_preset
 from vaelab.models.btcvae import mws_terms
+from vaelab.models.conv_vae import ConvVAE
 from vaelab.models.infovae import mmd
+from vaelab.models.ladder import precision_weighted
 from vaelab.run import Run, run_data
 
 TINY = dict(channels=[8, 16], fc_hidden=32)  # mnist-small's layout, narrower (and latent_dim 4)
 # the zoo's own small settings: fewer pseudo-inputs and importance samples than the presets' defaults
-OWN = {"iwae": {"k": 3}, "vamp": {"num_pseudo": 8}, "rae": {"decoder_reg": "gp"}}
+OWN = {"iwae": {"k": 3}, "vamp": {"num_pseudo": 8}, "rae": {"decoder_reg": "gp"},
+       "iaf": {"made_hidden": 16}, "ladder": {"top_dim": 2, "ladder_hidden": 16}}
 
 
 def tiny_config(tmp_path, model: str, data_root) -> str:
@@ -286,3 +289,109 @@ def test_vampprior_reaches_the_training_kl_and_the_iwae_bound():
     manual = -recon.reshape(4, 3) + model.log_prior(zk.reshape(12, 4)).reshape(4, 3) - log_q
     torch.testing.assert_close(log_w.float(), manual, rtol=1e-4, atol=1e-3)
     assert not torch.allclose(model.log_prior(zk.reshape(12, 4)), log_standard_normal(zk.reshape(12, 4)))
+
+
+# ------------------------------------------------------------------- IAF posterior
+
+
+def test_iaf_at_identity_initialisation_is_the_diagonal_gaussian_posterior():
+    model = tiny_model("iaf-mnist").eval()  # MADE output layers start at zero: every step is the identity
+    x, eps = torch.rand(5, 1, 28, 28), torch.randn(5, 4)
+    mu0, logvar0, _ = model.base(x)
+    std0 = (0.5 * logvar0).exp()
+    z = mu0 + std0 * eps
+    out = model.loss(x, noise={"eps": eps})
+    torch.testing.assert_close(out.kl, Normal(mu0, std0).log_prob(z).sum(1) - Normal(0.0, 1.0).log_prob(z).sum(1))
+    torch.testing.assert_close(out.extra["log_det"], torch.zeros(5))
+    torch.testing.assert_close(model.encode(x), (mu0, logvar0))
+    flow = model.importance_samples(x, 3, generator=torch.Generator().manual_seed(0))
+    gaussian = ConvVAE.importance_samples(model, x, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(flow, gaussian)
+
+
+def _iaf_with_a_working_flow():
+    model = tiny_model("iaf-mnist", latent_dim=3, flow_steps=3).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for made in model.flow:
+            made.out.weight.copy_(0.3 * torch.randn(made.out.weight.shape, generator=g))
+            made.out.bias.copy_(0.3 * torch.randn(made.out.bias.shape, generator=g))
+    return model
+
+
+def test_iaf_log_det_is_the_log_determinant_of_the_flows_jacobian():
+    model = _iaf_with_a_working_flow()
+    x = torch.rand(1, 1, 28, 28)
+    mu0, logvar0, h = model.base(x)
+    eps = torch.randn(1, 1, 3)
+    z, log_q, log_det = model.posterior(mu0, logvar0, h, eps)
+    jac = torch.autograd.functional.jacobian(lambda e: model.posterior(mu0, logvar0, h, e.view(1, 1, 3))[0].view(3), eps.view(3))
+    sign, logabsdet = torch.linalg.slogdet(jac)
+    assert abs(logabsdet.item() - (0.5 * logvar0.sum() + log_det[0, 0]).item()) < 1e-4
+    assert abs(log_det.item()) > 0.05  # the flow is not the identity here
+    # log q(z_T|x) = log N(eps) - log|det dz_T/d eps| (change of variables)
+    torch.testing.assert_close(log_q[0, 0], Normal(0.0, 1.0).log_prob(eps).sum() - logabsdet, rtol=1e-5, atol=1e-4)
+    # one step is autoregressive: its Jacobian is triangular
+    step = torch.autograd.functional.jacobian(lambda v: model.flow[0](v[None], h)[0][0], z[0, 0])
+    assert torch.equal(step.triu(), torch.zeros(3, 3))
+
+
+def test_iaf_iwae_bound_reads_the_flows_log_q():
+    model = _iaf_with_a_working_flow()
+    x = torch.rand(4, 1, 28, 28)
+    log_w = importance_weights(model, x, 1, generator=torch.Generator().manual_seed(7))
+    eps = torch.randn((4, 1, 3), generator=torch.Generator().manual_seed(7))[:, 0]
+    out = model.loss(x, noise={"eps": eps})  # recon + kl = -log w on the same z (kl uses the flow's log q)
+    torch.testing.assert_close(-log_w[:, 0].float(), out.recon + out.kl, rtol=1e-5, atol=1e-3)
+
+
+# ------------------------------------------------------------------- Ladder VAE
+
+
+def test_precision_weighted_merge_is_the_normalised_product_of_the_two_gaussians():
+    g = torch.Generator().manual_seed(0)
+    mu_a, mu_b, lv_a, lv_b = (torch.randn(6, 3, generator=g) for _ in range(4))
+    mu, logvar = precision_weighted(mu_a, lv_a, mu_b, lv_b)
+    va, vb = lv_a.exp(), lv_b.exp()
+    torch.testing.assert_close(logvar.exp(), va * vb / (va + vb))
+    torch.testing.assert_close(mu, (mu_a * vb + mu_b * va) / (va + vb))
+    # N(z; a) N(z; b) / N(z; merged) does not depend on z
+    z = torch.randn(5, 6, 3, generator=g)
+    ratio = Normal(mu_a, va.sqrt()).log_prob(z) + Normal(mu_b, vb.sqrt()).log_prob(z) - Normal(mu, (0.5 * logvar).exp()).log_prob(z)
+    torch.testing.assert_close(ratio - ratio[0], torch.zeros_like(ratio), atol=1e-4, rtol=0)
+
+
+def test_ladder_elbo_is_recon_plus_the_kl_of_each_level():
+    model = tiny_model("ladder-mnist", top_dim=2).eval()
+    x = torch.rand(5, 1, 28, 28)
+    noise = model.draw_noise(5, torch.Generator().manual_seed(2), torch.device("cpu"))
+    out = model.loss(x, noise=noise)
+    mu1, logvar1, mu2, logvar2 = model.bottom_up(x)
+    q2 = Normal(mu2, (0.5 * logvar2).exp())
+    z2 = mu2 + q2.scale * noise["eps_top"]
+    mu_p, logvar_p = model.prior_z1(z2)
+    v1, vp = logvar1.exp(), logvar_p.exp()
+    q1 = Normal((mu1 * vp + mu_p * v1) / (v1 + vp), (v1 * vp / (v1 + vp)).sqrt())
+    p1 = Normal(mu_p, vp.sqrt())
+    z1 = q1.loc + q1.scale * noise["eps"]
+    kl1 = torch.distributions.kl_divergence(q1, p1).sum(1)
+    kl2 = torch.distributions.kl_divergence(q2, Normal(0.0, 1.0)).sum(1)
+    recon, _ = model.recon_terms(x, model.decode_logits(z1))
+    torch.testing.assert_close(out.extra["kl1"], kl1)
+    torch.testing.assert_close(out.extra["kl2"], kl2)
+    torch.testing.assert_close(out.elbo, -(recon + kl1 + kl2))
+    # the IWAE bound samples both levels: one sample's -log w is recon + log q(z1, z2 | x) - log p(z1, z2)
+    log_w = importance_weights(model, x, 1, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    e2, e1 = torch.randn((5, 1, 2), generator=g)[:, 0], torch.randn((5, 1, 4), generator=g)[:, 0]
+    z2 = q2.loc + q2.scale * e2
+    mu_p, logvar_p = model.prior_z1(z2)
+    vp = logvar_p.exp()
+    q1 = Normal((mu1 * vp + mu_p * v1) / (v1 + vp), (v1 * vp / (v1 + vp)).sqrt())
+    z1 = q1.loc + q1.scale * e1
+    recon, _ = model.recon_terms(x, model.decode_logits(z1))
+    log_ratio = (Normal(0.0, 1.0).log_prob(z2).sum(1) + Normal(mu_p, vp.sqrt()).log_prob(z1).sum(1)
+                 - q2.log_prob(z2).sum(1) - q1.log_prob(z1).sum(1))
+    torch.testing.assert_close(log_w[:, 0].float(), -recon + log_ratio, rtol=1e-5, atol=1e-3)
+    draws = model.sample_prior(3, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (3, 4) and torch.isfinite(draws).all()

@@ -4,8 +4,9 @@ Presets fix the input shape where the architecture is tied to it (``cifar-seed``
 ``mnist-small``, ``resnet-cifar``); ``conv`` takes its input shape from the dataset. ``cvae-mnist``,
 ``cvae-cifar`` and ``cvae-conv`` are their conditional twins. ``resnet-cifar`` is the stronger CIFAR-10
 VAE (residual blocks, ``vaelab.models.resnet_vae``); ``cifar-seed`` stays the seeds' network. The zoo
-(``ZOO``: IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior; docs/model-zoo.md) has ``<type>-mnist`` and
-``<type>-conv`` presets on the networks of ``mnist-small`` and ``conv``: only the objective or the prior differs.
+(``ZOO``: IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior, IAF posterior, Ladder VAE; docs/model-zoo.md) has
+``<type>-mnist`` and ``<type>-conv`` presets on the networks of ``mnist-small`` and ``conv``: only the objective,
+the prior or the posterior differs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from vaelab.models.btcvae import BTCVAE, BTCVAEConfig
 from vaelab.models.infovae import InfoVAE, InfoVAEConfig
 from vaelab.models.rae import RAE, RAEConfig
 from vaelab.models.vamp import VampConfig, VampVAE
+from vaelab.models.iaf import IAFConfig, IAFVAE
+from vaelab.models.ladder import LadderConfig, LadderVAE
 
 # model_type (stored in config.json) -> (config class, model class)
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -44,6 +47,8 @@ MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "infovae": (InfoVAEConfig, InfoVAE),
     "rae": (RAEConfig, RAE),
     "vamp": (VampConfig, VampVAE),
+    "iaf": (IAFConfig, IAFVAE),
+    "ladder": (LadderConfig, LadderVAE),
 }
 
 # preset name -> (model_type, fixed fields); fields not fixed here come from the dataset/config.
@@ -74,7 +79,7 @@ PRESETS["cvae-cifar"] = ("cvae", PRESETS["cifar-seed"][1])
 PRESETS["cvae-conv"] = ("cvae", PRESETS["conv"][1])
 # the zoo (docs/model-zoo.md): VAE objectives and priors over the same networks, layer for layer; <name>-mnist on
 # mnist-small's networks (28x28 gray), <name>-conv on conv's (input shape from the dataset)
-ZOO = ("iwae", "btcvae", "infovae", "rae", "vamp")  # model types, also the presets' name prefixes
+ZOO = ("iwae", "btcvae", "infovae", "rae", "vamp", "iaf", "ladder")  # model types, also the presets' name prefixes
 for _type in ZOO:
     PRESETS[f"{_type}-mnist"] = (_type, PRESETS["mnist-small"][1])
     PRESETS[f"{_type}-conv"] = (_type, PRESETS["conv"][1])
