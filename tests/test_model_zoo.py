@@ -1,4 +1,4 @@
-"""The model zoo (IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior, IAF posterior, Ladder VAE): every preset through the real training entry
+"""The model zoo (IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior, IAF posterior, Ladder VAE, VQ-VAE): every preset through the real training entry
 point, then one analytic property per model."""
 
 import json
@@ -19,12 +19,14 @@ from vaelab.models.btcvae import mws_terms
 from vaelab.models.conv_vae import ConvVAE
 from vaelab.models.infovae import mmd
 from vaelab.models.ladder import precision_weighted
+from vaelab.models.pixelcnn import PixelCNN, PixelCNNConfig, train_pixelcnn
+from vaelab.models.vqvae import ema_update
 from vaelab.run import Run, run_data
 
 TINY = dict(channels=[8, 16], fc_hidden=32)  # mnist-small's layout, narrower (and latent_dim 4)
 # the zoo's own small settings: fewer pseudo-inputs and importance samples than the presets' defaults
 OWN = {"iwae": {"k": 3}, "vamp": {"num_pseudo": 8}, "rae": {"decoder_reg": "gp"},
-       "iaf": {"made_hidden": 16}, "ladder": {"top_dim": 2, "ladder_hidden": 16}}
+       "iaf": {"made_hidden": 16}, "ladder": {"top_dim": 2, "ladder_hidden": 16}, "vqvae": {"num_codes": 32}}
 
 
 def tiny_config(tmp_path, model: str, data_root) -> str:
@@ -91,9 +93,15 @@ def test_every_model_is_listed_by_train_help_and_the_unknown_model_error(capsys)
 def test_zoo_models_share_the_vae_networks():
     vae_model = tiny_model("mnist-small")
     shapes = {k: v.shape for k, v in vae_model.state_dict().items()}
+    convs = {k for k in shapes if k.startswith("decoder.") or k in {f"encoder.{i}.{p}" for i in range(6)
+                                                                      for p in ("weight", "bias")}}
     for t in ZOO:
-        own = {k: v.shape for k, v in tiny_model(f"{t}-mnist").state_dict().items()}
-        assert {k: own[k] for k in shapes} == shapes, t  # every VAE weight, same shape (VampPrior adds pseudo-inputs)
+        model = tiny_model(f"{t}-mnist")
+        own = {k: v.shape for k, v in model.state_dict().items()}
+        if hasattr(model, "code_indices"):  # a code grid: the conv stacks alone (no fully connected layers)
+            assert {k: own[k] for k in convs} == {k: shapes[k] for k in convs}, t
+        else:  # every VAE weight, same shape (VampPrior adds pseudo-inputs, IAF its flow, Ladder its top level)
+            assert {k: own[k] for k in shapes} == shapes, t
 
 
 # ------------------------------------------------------------------- IWAE
@@ -395,3 +403,78 @@ def test_ladder_elbo_is_recon_plus_the_kl_of_each_level():
     torch.testing.assert_close(log_w[:, 0].float(), -recon + log_ratio, rtol=1e-5, atol=1e-3)
     draws = model.sample_prior(3, generator=torch.Generator().manual_seed(0))
     assert draws.shape == (3, 4) and torch.isfinite(draws).all()
+
+
+# ------------------------------------------------------------------- VQ-VAE
+
+
+def test_vqvae_uses_more_than_one_code_on_mnist_and_its_gradient_reaches_the_encoder(shared_datasets):
+    data = run_data(TrainConfig(dataset="mnist", data_root=str(shared_datasets), train_subset=256).resolved())
+    x = data.train.images[:64].float() / 255
+    model = tiny_model("vqvae-mnist", num_codes=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(3):
+        out = model.loss(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    assert model.code_indices(x).unique().numel() > 1
+    # straight-through: with the commitment term off (beta 0), only the decoder's gradient can reach the encoder
+    model.zero_grad()
+    out = model.loss(x, beta=0.0)
+    torch.testing.assert_close(out.objective, out.recon)
+    out.loss.backward()
+    for p in [*model.encoder.parameters(), *model.pre_quant.parameters()]:
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    # the decoder reads codebook vectors: encode gives them, and decoding a code snaps it to them
+    z, _ = model.encode(x[:4])
+    vectors = z.view(4, 4, 7, 7).permute(0, 2, 3, 1).reshape(-1, 4)
+    assert (torch.cdist(vectors, model.codebook).min(1).values < 1e-5).all()
+    torch.testing.assert_close(model.decode(z + 1e-3), model.decode(z))
+    assert model.DEFAULT_SAMPLER == "pixelcnn" and not model.HAS_ELBO and "nll" in model.NOT_APPLICABLE
+    with pytest.raises(ConfigError, match="discrete code grid"):
+        vae.sampler(tiny_model("mnist-small"), None, sampler="pixelcnn")
+
+
+def test_vqvae_ema_codebook_update_is_the_closed_form_on_a_hand_made_batch():
+    # two 1-D codes at 0 and 10, counts 1; the batch 1, 2 (-> code 0) and 9 (-> code 1); gamma 0.5
+    count, total, codes = torch.ones(2), torch.tensor([[0.0], [10.0]]), torch.tensor([[0.0], [10.0]])
+    ema_update(count, total, codes, torch.tensor([0, 0, 1]), torch.tensor([[1.0], [2.0], [9.0]]), 0.5)
+    torch.testing.assert_close(count, torch.tensor([1.5, 1.0]))  # 0.5 * 1 + 0.5 * n_k
+    torch.testing.assert_close(total, torch.tensor([[1.5], [9.5]]))  # 0.5 * m_k + 0.5 * (sum of its vectors)
+    torch.testing.assert_close(codes, torch.tensor([[1.0], [9.5]]), rtol=0, atol=1e-4)  # m_k / N_k (smoothed)
+    # an unused code keeps its place: its sum and count decay together
+    count, total, codes = torch.ones(2), torch.tensor([[0.0], [10.0]]), torch.tensor([[0.0], [10.0]])
+    ema_update(count, total, codes, torch.tensor([0, 0]), torch.tensor([[1.0], [2.0]]), 0.5)
+    torch.testing.assert_close(codes[1], torch.tensor([10.0]), rtol=1e-4, atol=0)
+    # the model updates its codebook in training mode only
+    model = tiny_model("vqvae-mnist", num_codes=8)
+    x = torch.rand(4, 1, 28, 28)
+    model.eval().loss(x)
+    assert not model.initialised
+    model.train().loss(x)
+    before = model.codebook.clone()
+    model.eval().loss(x)
+    assert model.initialised and torch.equal(model.codebook, before)
+
+
+def test_pixelcnn_is_causal_and_learns_a_grid_that_repeats_its_first_code():
+    net = PixelCNN(PixelCNNConfig(num_codes=8, height=4, width=4, hidden=16, layers=3)).eval()
+    idx = torch.randint(8, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    changed[:, 2, 1] = (changed[:, 2, 1] + 1) % 8
+    before, after = net(idx).flatten(2), net(changed).flatten(2)  # (B, K, 16), raster order
+    torch.testing.assert_close(before[:, :, : 2 * 4 + 1 + 1], after[:, :, : 2 * 4 + 1 + 1])  # cells up to (2, 1)
+    assert not torch.allclose(before[:, :, 2 * 4 + 2 :], after[:, :, 2 * 4 + 2 :])  # later cells see it
+    # grids whose 16 cells all hold one random code: after fitting, sampled grids repeat their first cell
+    grids = torch.randint(8, (256, 1, 1), generator=torch.Generator().manual_seed(1)).expand(256, 4, 4).contiguous()
+    prior, report = train_pixelcnn(grids, torch.randn(8, 2), seed=0,
+                                   options={"epochs": 40, "hidden": 16, "layers": 3, "batch_size": 64, "lr": 3e-3})
+    assert report["final"]["val_nll"] < 0.25 * report["uniform_nll"]
+    drawn = prior.net.sample(32, generator=torch.Generator().manual_seed(2))
+    assert (drawn == drawn[:, :1, :1]).float().mean() > 0.8  # independent cells: 1/8
+    assert len(drawn[:, 0, 0].unique()) > 1  # and the first cell is not always the same code
+    codes = prior.sample(3, generator=torch.Generator().manual_seed(2))
+    assert codes.shape == (3, 2 * 16)

@@ -370,6 +370,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
                        latent_space=f"z in R^{cfg.latent_dim}, prior {model.PRIOR}; encoder gives q(z|x) ({decoder})",
                        draw=draw)
     name, options = latent_priors.parse_spec(spec)  # every option checked before any fitting
+    latent_priors.check_fits(name, model)
     if run is None:
         raise ConfigError(f"--sampler {name} is fitted on a run's training split: it needs the run folder")
     spec = latent_priors.canonical_spec(name, options)
@@ -387,11 +388,14 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
         return model.decode(z, y=y)
 
     per_class = " per class" if model.conditional else ""
-    what = (f"Gaussian mixture (up to {options['components']} full-covariance components{per_class})" if name == "gmm"
-            else f"second-stage VAE{' conditioned on y' if model.conditional else ''}")
-    # passes per image: the decoder, plus the second stage's small MLP decoder
-    return Sampler(name=name, options={"sampler": spec, **options}, label=spec,
-                   network_evaluations=2 if name == "two-stage" else 1,
+    # passes per image: the decoder, plus the second stage's small MLP decoder or the PixelCNN's one per grid cell
+    if name == "gmm":
+        what, passes = f"Gaussian mixture (up to {options['components']} full-covariance components{per_class})", 1
+    elif name == "two-stage":
+        what, passes = f"second-stage VAE{' conditioned on y' if model.conditional else ''}", 2
+    else:
+        what, passes = "PixelCNN over the code grid", 1 + math.prod(model.grid)
+    return Sampler(name=name, options={"sampler": spec, **options}, label=spec, network_evaluations=passes,
                    latent_space=f"z in R^{cfg.latent_dim} drawn from a {what} fitted on the train split's codes "
                                 f"(RUN_DIR/samplers/{latent_priors.cache_name(spec)}.json); {decoder}",
                    draw=draw_fitted)
@@ -399,8 +403,11 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
 
 def comparison_samplers(model, run=None, *, ddim_steps: int = 50) -> list[Sampler]:
     """The entries of a comparison: the prior sampler and, given the run, the two aggregated-posterior
-    samplers (``gmm``, ``two-stage``) with their default options."""
+    samplers (``gmm``, ``two-stage``) and the model's default sampler where it is another, with their default
+    options."""
     names = ["prior"] if run is None else ["prior", "gmm", "two-stage"]
+    if run is not None and model.DEFAULT_SAMPLER not in names:
+        names.append(model.DEFAULT_SAMPLER)
     return [sampler(model, run, sampler=name) for name in names]
 
 
