@@ -190,6 +190,12 @@ class ConvVAE(nn.Module):
         plane = self.decoder_log_sigma().to(logits.dtype).expand(logits.shape)
         return torch.cat([logits, plane], dim=1)
 
+    @property
+    def code_size(self) -> int:
+        """Numbers per code (the width of ``encode``'s ``mu`` and of what ``decode`` takes): ``latent_dim`` here;
+        a model whose code is a grid of vectors (the VQ-VAE) gives the flattened grid's size."""
+        return self.config.latent_dim
+
     def decoder_in(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The decoder's input vector for codes ``z`` (``y`` ignored; the conditional VAE appends the label)."""
         return z

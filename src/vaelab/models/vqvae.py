@@ -130,6 +130,11 @@ class VQVAE(ConvVAE):
         return (f"uniform over the {self.config.num_codes} codebook vectors at each of the {self.grid[0]}x{self.grid[1]} "
                 "grid cells (what training assumes, not a sampler to judge; the default sampler is the fitted PixelCNN)")
 
+    @property
+    def code_size(self) -> int:
+        """Numbers per flattened code: ``latent_dim * h * w``."""
+        return self.config.latent_dim * self.grid[0] * self.grid[1]
+
     # ------------------------------------------------------------------ the code grid
 
     def encode_grid(self, x: torch.Tensor) -> torch.Tensor:
