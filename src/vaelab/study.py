@@ -20,8 +20,8 @@ A study file (YAML, see ``studies/``) names the stages and the claims::
     budgets:                     # --budget NAME: overrides by stage kind (full = none)
       quick: {train: {epochs: 1}, synth: {per_class: 100}}
 
-Stage kinds: ``train`` (``vaelab train``; ``config`` relative to the study file, ``set`` overrides),
-``synth``, ``cas``, ``evaluate`` (``eval.json`` and its pictures are copied into the stage folder),
+Stage kinds: ``train`` (``vaelab train``; ``config`` relative to the study file, ``set`` overrides,
+``first_stage``: an earlier train stage whose run folder a latent diffusion model uses), ``synth``, ``cas``, ``evaluate`` (``eval.json`` and its pictures are copied into the stage folder),
 ``compare``, ``sweep``. A stage is finished when its output file exists (``summary.json``,
 ``manifest.json``, ``cas.json``, ``eval.json``, ``comparison.json``, ``sweep.json``); a re-run skips
 finished stages, resumes an interrupted training from its checkpoint and repeats any other
@@ -57,8 +57,10 @@ from vaelab.io import (DamagedFileError, load_written_yaml, read_checked, read_j
 
 KINDS: dict[str, dict[str, Any]] = {
     # kind -> {"done": marker file, "keys": allowed stage keys (besides name/kind), "refs": keys naming stages}
-    "train": {"done": "summary.json", "keys": {"config", "set"}, "refs": set()},
-    "synth": {"done": "manifest.json", "keys": {"run", "per_class", "method", "noise_scale", "seed"}, "refs": {"run"}},
+    # first_stage (optional): the train stage whose run a latent diffusion model diffuses the latents of
+    "train": {"done": "summary.json", "keys": {"config", "set", "first_stage"}, "refs": {"first_stage"}},
+    "synth": {"done": "manifest.json", "keys": {"run", "per_class", "method", "noise_scale", "sampler", "seed"},
+              "refs": {"run"}},
     "cas": {"done": "cas.json", "keys": {"synthetic", "dataset", "rows", "epochs", "steps", "budget", "augment", "seed",
                                          "train_subset", "test_subset", "precision"}, "refs": {"synthetic"}},
     "evaluate": {"done": "eval.json", "keys": {"run", "metrics", "num_samples", "sampler", "steps", "fid_features",
@@ -70,6 +72,7 @@ KINDS: dict[str, dict[str, Any]] = {
     "sweep": {"done": "sweep.json", "keys": {"config", "set", "axes", "num_samples", "fid_features", "sampler", "steps"},
               "refs": set()},
 }
+OPTIONAL_REFS = {"first_stage"}
 RULES = ("within", "at_least", "order", "report")
 FULL = "full"
 PLAN_FILE = "study_plan.yaml"
@@ -158,16 +161,23 @@ def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict)
         spec.update(budgeted)
     for ref_key in KINDS[kind]["refs"]:
         refs = spec.get(ref_key)
+        if refs is None and ref_key in OPTIONAL_REFS:
+            continue
         for ref in refs if isinstance(refs, list) else [refs]:
             if ref not in seen:
                 raise ConfigError(f"{where}: '{ref_key}: {ref}' names no earlier stage; earlier: {', '.join(sorted(seen)) or 'none'}")
     return {"name": name, "kind": kind, **spec}
 
 
-def _train_config(path: Path, spec: dict, where: str) -> TrainConfig:
+def _train_config(path: Path, spec: dict, where: str, out: Path | None = None) -> TrainConfig:
+    """The stage's config; ``first_stage`` becomes that stage's folder under ``out`` (without ``out``, when
+    only validating the file, a stand-in path that holds no run)."""
     base = load_config(path.parent / spec["config"]) if spec.get("config") else TrainConfig()
+    values = dict(spec.get("set") or {})
+    if spec.get("first_stage"):
+        values["first_stage"] = str(out / spec["first_stage"]) if out is not None else f"<stage {spec['first_stage']}>"
     try:
-        return with_overrides(base, spec.get("set") or {})
+        return with_overrides(base, values)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
@@ -218,7 +228,7 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
         folder = out / stage["name"]
         with _naming_the_stage(study, out, stage["name"]):
             if stage["kind"] == "train" and (folder / "config.yaml").is_file():
-                _check_same_run(folder, _train_config(study.path, stage, stage["name"]))
+                _check_same_run(folder, _train_config(study.path, stage, stage["name"], out))
             done = folder / KINDS[stage["kind"]]["done"]
             if done.is_file():
                 read_json(done, remedy=_stage_remedy(study, out, stage["name"]))  # a damaged output stops here
@@ -315,7 +325,7 @@ def _train(study: Study, stage: dict, out: Path, device: str | None) -> None:
     from vaelab.training import resume, train
 
     folder = out / stage["name"]
-    config = _train_config(study.path, stage, stage["name"])
+    config = _train_config(study.path, stage, stage["name"], out)
     if checkpoint_dirs(folder):
         _check_same_run(folder, config)
         resume(folder, device=device)
@@ -344,7 +354,7 @@ def _check_same_run(folder: Path, config: TrainConfig) -> None:
 def _synth(study: Study, stage: dict, out: Path, device: str | None) -> None:
     from vaelab.synthesis import synthesize
 
-    args = {k: stage[k] for k in ("per_class", "method", "noise_scale", "seed") if k in stage}
+    args = {k: stage[k] for k in ("per_class", "method", "noise_scale", "sampler", "seed") if k in stage}
     synthesize(out / stage["run"], out / stage["name"], device=device or "auto", **args)
 
 

@@ -6,7 +6,9 @@ Presets fix the input shape where the architecture is tied to it (``cifar-seed``
 VAE (residual blocks, ``vaelab.models.resnet_vae``); ``cifar-seed`` stays the seeds' network. The zoo
 (``ZOO``: IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior, IAF posterior, Ladder VAE, VQ-VAE; docs/model-zoo.md) has
 ``<type>-mnist`` and ``<type>-conv`` presets on the networks of ``mnist-small`` and ``conv``: only the objective,
-the prior or the posterior differs.
+the prior or the posterior differs. ``kl-f4`` is a VAE with a spatial latent map (``vaelab.models.kl_vae``), the first stage of latent
+diffusion; ``ldm-mlp`` and ``ldm-unet`` are latent diffusion models over a first-stage run folder
+(``vaelab.models.ldm``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 from vaelab.models.ddpm import DDPM, DDPMConfig
 from vaelab.models.cvae import CVAE, CVAEConfig
+from vaelab.models.kl_vae import KLVAE, KLVAEConfig
+from vaelab.models.ldm import LDM, LDMConfig
 from vaelab.models.resnet_vae import ResNetVAE, ResNetVAEConfig
 from vaelab.models.iwae import IWAE, IWAEConfig
 from vaelab.models.btcvae import BTCVAE, BTCVAEConfig
@@ -51,6 +55,8 @@ MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "iaf": (IAFConfig, IAFVAE),
     "ladder": (LadderConfig, LadderVAE),
     "vqvae": (VQVAEConfig, VQVAE),
+    "kl_vae": (KLVAEConfig, KLVAE),
+    "ldm": (LDMConfig, LDM),
 }
 
 # preset name -> (model_type, fixed fields); fields not fixed here come from the dataset/config.
@@ -74,6 +80,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm-28": ("ddpm", dict(in_channels=1, image_size=28, widths=(32, 64, 128))),
     "ddpm-32": ("ddpm", dict(in_channels=3, image_size=32, widths=(64, 128, 256))),
     "ddpm": ("ddpm", dict(widths=(32, 64, 128))),  # input shape from the dataset (side divisible by 4)
+    # first stage of latent diffusion: a VAE with a 4-channel latent map at 1/4 of the image side
+    # (28x28 -> 4x7x7, 32x32 -> 4x8x8; Rombach et al. 2022, "KL-f4"); input shape from the dataset
+    "kl-f4": ("kl_vae", dict(channels=(64, 128), latent_channels=4)),
+    # latent diffusion on a first stage's latents (--first-stage RUN_DIR): a residual MLP for vector latents
+    # (any VAE run; a spatial latent is flattened), diffusers' UNet2DModel for spatial ones (kl-f4)
+    "ldm-mlp": ("ldm", dict(denoiser="mlp")),
+    "ldm-unet": ("ldm", dict(denoiser="unet")),
 }
 # conditional VAEs mirror the unconditional presets layer for layer (num_classes comes from the dataset)
 PRESETS["cvae-mnist"] = ("cvae", PRESETS["mnist-small"][1])

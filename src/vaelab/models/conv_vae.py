@@ -191,10 +191,12 @@ class ConvVAE(nn.Module):
         return torch.cat([logits, plane], dim=1)
 
     @property
-    def code_size(self) -> int:
-        """Numbers per code (the width of ``encode``'s ``mu`` and of what ``decode`` takes): ``latent_dim`` here;
-        a model whose code is a grid of vectors (the VQ-VAE) gives the flattened grid's size."""
-        return self.config.latent_dim
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one code: ``(latent_dim,)`` (a spatial first stage such as ``KLVAE`` gives ``(C, h, w)``;
+        its ``z`` is still passed around flattened to ``latent_dim = C * h * w``). Codes travel flattened to
+        ``prod(latent_shape)`` numbers (``encode``'s ``mu``, what ``decode`` takes): ``latent_dim`` for every model
+        but the VQ-VAE, whose ``latent_dim`` is the size of one codebook vector of its ``(latent_dim, h, w)`` grid."""
+        return (self.config.latent_dim,)
 
     def decoder_in(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The decoder's input vector for codes ``z`` (``y`` ignored; the conditional VAE appends the label)."""

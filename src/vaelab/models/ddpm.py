@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from vaelab.data.pixels import PIXEL_RANGES, from_symmetric, to_symmetric
 from vaelab.errors import ConfigError
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 DEFAULT_DDIM_STEPS = 50
 DEFAULT_DPM_STEPS = 20
 
@@ -178,10 +178,10 @@ class DDPM(nn.Module):
         return sum(p.numel() for p in self.unet.parameters())
 
     def make_scheduler(self, sampler: str, steps: int | None = None):
-        """A fresh diffusers scheduler for ``sampler`` (``"ddpm"``, ``"ddim"`` or ``"dpm-solver"``) set to
+        """A fresh diffusers scheduler for ``sampler`` (``"ddpm"``, ``"ddim"`` or ``"dpmsolver++"``) set to
         ``steps`` denoising steps.
 
-        ``steps`` defaults to ``T`` for ``ddpm``, 50 for ``ddim`` and 20 for ``dpm-solver``.
+        ``steps`` defaults to ``T`` for ``ddpm``, 50 for ``ddim`` and 20 for ``dpmsolver++``.
 
         Raises:
             ConfigError: unknown sampler, or ``steps`` not in ``[1, T]``.
@@ -195,7 +195,7 @@ class DDPM(nn.Module):
         elif sampler == "ddim":
             scheduler = DDIMScheduler(**schedule, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
             steps = DEFAULT_DDIM_STEPS if steps is None else steps
-        elif sampler == "dpm-solver":
+        elif sampler == "dpmsolver++":
             # DPM-Solver++(2M); "trailing" so a short chain starts from pure noise at t = T - 1 like the others
             with warnings.catch_warnings():  # diffusers' np.array(tensor) call warns under numpy 2
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -298,7 +298,7 @@ class DDPM(nn.Module):
             y: ``(n,)`` int64 labels for a conditional model (``None``: ``arange(n) % num_classes``).
             generator: for the initial noise and the DDPM sampler's noise.
             sampler: ``"ddpm"`` (ancestral, ``steps`` default ``T``), ``"ddim"`` (eta 0, default 50) or
-                ``"dpm-solver"`` (DPM-Solver++ 2M, default 20).
+                ``"dpmsolver++"`` (DPM-Solver++ 2M, default 20).
             steps: network evaluations, in ``[1, T]``.
             ema: use the EMA weights (default) or the trained ones.
             snapshots: keep about this many intermediate states, evenly spaced over the steps.

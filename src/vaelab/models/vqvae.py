@@ -131,9 +131,9 @@ class VQVAE(ConvVAE):
                 "grid cells (what training assumes, not a sampler to judge; the default sampler is the fitted PixelCNN)")
 
     @property
-    def code_size(self) -> int:
-        """Numbers per flattened code: ``latent_dim * h * w``."""
-        return self.config.latent_dim * self.grid[0] * self.grid[1]
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The code grid ``(latent_dim, h, w)``; codes travel flattened to ``latent_dim * h * w`` numbers."""
+        return (self.config.latent_dim, *self.grid)
 
     # ------------------------------------------------------------------ the code grid
 
