@@ -82,8 +82,9 @@ def ema_update(count: torch.Tensor, total: torch.Tensor, codes: torch.Tensor, as
         assign: ``(M,)`` int64 code of each vector; vectors: ``(M, D)`` the encoder outputs ``z_e``.
         decay: ``gamma`` in [0, 1).
     """
-    onehot = F.one_hot(assign, len(codes)).to(vectors.dtype)  # (M, K)
-    n, sums = onehot.sum(0), onehot.T @ vectors
+    onehot = F.one_hot(assign, len(codes)).float()  # (M, K)
+    with torch.autocast(vectors.device.type, enabled=False):  # the sums in float32 also under mixed precision
+        n, sums = onehot.sum(0), onehot.T @ vectors.float()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(n)
         torch.distributed.all_reduce(sums)
@@ -124,6 +125,7 @@ class VQVAE(ConvVAE):
         self.register_buffer("ema_count", torch.ones(config.num_codes))
         self.register_buffer("ema_sum", self.codebook.clone())
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self._checked_init = False  # whether `initialised` was read once in training (one host sync, not per step)
 
     @property
     def PRIOR(self) -> str:  # noqa: N802 - the contract's name
@@ -145,7 +147,8 @@ class VQVAE(ConvVAE):
         """``(B, D, h, w)`` -> ``(B, h, w)`` int64: the index of each vector's nearest codebook vector (squared
         Euclidean distance)."""
         flat = grid.float().permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.T + self.codebook.pow(2).sum(1)[None]
+        with torch.autocast(flat.device.type, enabled=False):  # distances in float32 also under mixed precision
+            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.T + self.codebook.pow(2).sum(1)[None]
         return dist.argmin(1).view(grid.shape[0], *grid.shape[2:])
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
@@ -230,8 +233,10 @@ class VQVAE(ConvVAE):
         cfg = self.config
         z_e = self.encode_grid(x).float()
         vectors = z_e.detach().permute(0, 2, 3, 1).reshape(-1, cfg.latent_dim)
-        if self.training and not bool(self.initialised):
-            self._init_codebook(vectors)
+        if self.training and not self._checked_init:
+            if not bool(self.initialised):
+                self._init_codebook(vectors)
+            self._checked_init = True
         idx = self.nearest(z_e)
         if self.training:
             with torch.no_grad():
