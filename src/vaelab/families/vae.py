@@ -407,7 +407,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
     elif name == "two-stage":
         what, passes = f"second-stage VAE{' conditioned on y' if model.conditional else ''}", 2
     else:
-        what, passes = "PixelCNN over the code grid", 1 + math.prod(model.grid)
+        what, passes = "PixelCNN over the code grid", 1 + math.prod(model.latent_shape[1:])
     return Sampler(name=name, options={"sampler": spec, **options}, label=spec, network_evaluations=passes,
                    latent_space=f"z in R^{math.prod(model.latent_shape)} drawn from a {what} fitted on the train split's codes "
                                 f"(RUN_DIR/samplers/{latent_priors.cache_name(spec)}.json); {decoder}",
