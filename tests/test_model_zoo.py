@@ -21,6 +21,8 @@ from vaelab.models.infovae import mmd
 from vaelab.models.ladder import precision_weighted
 from vaelab.models.pixelcnn import PixelCNN, PixelCNNConfig, train_pixelcnn
 from vaelab.models.vqvae import ema_update
+from vaelab.families import Sampler
+from vaelab.metrics.speed import time_generation
 from vaelab.run import Run, run_data
 
 TINY = dict(channels=[8, 16], fc_hidden=32)  # mnist-small's layout, narrower (and latent_dim 4)
@@ -478,3 +480,13 @@ def test_pixelcnn_is_causal_and_learns_a_grid_that_repeats_its_first_code():
     assert len(drawn[:, 0, 0].unique()) > 1  # and the first cell is not always the same code
     codes = prior.sample(3, generator=torch.Generator().manual_seed(2))
     assert codes.shape == (3, 2 * 16)
+
+
+def test_generation_speed_times_a_pixelcnn_sampler_whole():
+    # its 1 + h*w passes per image are no diffusion chain: the VAE family takes no step count to shorten it
+    model = tiny_model("vqvae-mnist", num_codes=8).eval()
+    calls = []
+    draw = Sampler(name="pixelcnn", options={}, label="pixelcnn", network_evaluations=50, latent_space="",
+                   draw=lambda n, g, y: calls.append(n) or model.sample(n, generator=g))
+    out = time_generation(model, draw, 2, repeats=1, max_steps=2)
+    assert calls == [2, 2] and not out["method"].startswith("extrapolated")
