@@ -20,7 +20,7 @@ def test_preset_shapes(name):
     x = torch.rand(3, *shape)
     y = torch.tensor([0, 1, 2])  # class labels: used by conditional models, ignored by the others
     mu, logvar = model.encode(x, y=y)
-    d = model.config.latent_dim
+    d = math.prod(model.latent_shape)  # latent_dim; a VQ-VAE's grid of latent_dim-vectors, flattened
     assert mu.shape == logvar.shape == (3, d)
     assert model.decode(mu, y=y).shape == (3, *shape)
     out = model.loss(x, beta=1.0, y=y)

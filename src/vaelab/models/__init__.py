@@ -4,9 +4,9 @@ Presets fix the input shape where the architecture is tied to it (``cifar-seed``
 ``mnist-small``, ``resnet-cifar``); ``conv`` takes its input shape from the dataset. ``cvae-mnist``,
 ``cvae-cifar`` and ``cvae-conv`` are their conditional twins. ``resnet-cifar`` is the stronger CIFAR-10
 VAE (residual blocks, ``vaelab.models.resnet_vae``); ``cifar-seed`` stays the seeds' network. The zoo
-(``ZOO``: IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior; docs/model-zoo.md) has ``<type>-mnist`` and
-``<type>-conv`` presets on the networks of ``mnist-small`` and ``conv``: only the objective or the prior differs.
-``kl-f4`` is a VAE with a spatial latent map (``vaelab.models.kl_vae``), the first stage of latent
+(``ZOO``: IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior, IAF posterior, Ladder VAE, VQ-VAE; docs/model-zoo.md) has
+``<type>-mnist`` and ``<type>-conv`` presets on the networks of ``mnist-small`` and ``conv``: only the objective,
+the prior or the posterior differs. ``kl-f4`` is a VAE with a spatial latent map (``vaelab.models.kl_vae``), the first stage of latent
 diffusion; ``ldm-mlp`` and ``ldm-unet`` are latent diffusion models over a first-stage run folder
 (``vaelab.models.ldm``).
 """
@@ -36,6 +36,9 @@ from vaelab.models.btcvae import BTCVAE, BTCVAEConfig
 from vaelab.models.infovae import InfoVAE, InfoVAEConfig
 from vaelab.models.rae import RAE, RAEConfig
 from vaelab.models.vamp import VampConfig, VampVAE
+from vaelab.models.iaf import IAFConfig, IAFVAE
+from vaelab.models.ladder import LadderConfig, LadderVAE
+from vaelab.models.vqvae import VQVAE, VQVAEConfig
 
 # model_type (stored in config.json) -> (config class, model class)
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -49,6 +52,9 @@ MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "infovae": (InfoVAEConfig, InfoVAE),
     "rae": (RAEConfig, RAE),
     "vamp": (VampConfig, VampVAE),
+    "iaf": (IAFConfig, IAFVAE),
+    "ladder": (LadderConfig, LadderVAE),
+    "vqvae": (VQVAEConfig, VQVAE),
     "kl_vae": (KLVAEConfig, KLVAE),
     "ldm": (LDMConfig, LDM),
 }
@@ -88,9 +94,11 @@ PRESETS["cvae-cifar"] = ("cvae", PRESETS["cifar-seed"][1])
 PRESETS["cvae-conv"] = ("cvae", PRESETS["conv"][1])
 # the zoo (docs/model-zoo.md): VAE objectives and priors over the same networks, layer for layer; <name>-mnist on
 # mnist-small's networks (28x28 gray), <name>-conv on conv's (input shape from the dataset)
-ZOO = ("iwae", "btcvae", "infovae", "rae", "vamp")  # model types, also the presets' name prefixes
+ZOO = ("iwae", "btcvae", "infovae", "rae", "vamp", "iaf", "ladder", "vqvae")  # model types, also the presets' prefixes
+# where a zoo model's code is not mnist-small's vector: the VQ-VAE quantises the 7x7 feature map of two convs
+ZOO_MNIST_FIELDS = {"vqvae": dict(channels=(32, 64), latent_dim=16)}
 for _type in ZOO:
-    PRESETS[f"{_type}-mnist"] = (_type, PRESETS["mnist-small"][1])
+    PRESETS[f"{_type}-mnist"] = (_type, {**PRESETS["mnist-small"][1], **ZOO_MNIST_FIELDS.get(_type, {})})
     PRESETS[f"{_type}-conv"] = (_type, PRESETS["conv"][1])
 # fields a preset pins to its input shape: a dataset of another shape is an error, not a resize
 SHAPE_FIELDS = ("in_channels", "image_size")
