@@ -10,7 +10,8 @@ Usage::
 
     python benchmarks/profile_step.py [--models cifar-seed,ddpm-28] [--steps 20] [--top 10] [--out FILE.md]
 
-Prints one markdown table of images/s per (model, precision, layout), then for each model and
+Prints one markdown table of images/s per (model, precision, layout, step as before/now: unfused Adam
+and SDPA attention vs fused Adam and the CPU attention processor), then for each model and
 precision the top operators by self CPU time (contiguous layout); ``--out`` also writes them to a file.
 """
 
@@ -35,13 +36,22 @@ MODELS = {
 }
 
 
-def run(name: str, precision: str, channels_last: bool, steps: int, batch_size: int | None, top: int):
+def run(name: str, precision: str, channels_last: bool, steps: int, batch_size: int | None, top: int,
+        before: bool = False):
+    """``(images/s of wall time, images/s of this process's CPU time, profile table or None)``; ``before``:
+    the step as it was before fused Adam and the CPU attention processor (unfused Adam, SDPA attention)."""
     spec = MODELS[name]
     torch.manual_seed(0)
     model = build_model(build_config(name, data_shape=spec["shape"], **spec["fields"]))
+    if before:
+        from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.set_processor(AttnProcessor2_0())
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, lr=1e-4)
+    opt = make_optimizer(model, lr=1e-4, fused=not before)
     n = batch_size or spec["batch_size"]
     x = torch.rand(n, *spec["shape"])
     if channels_last:
@@ -60,17 +70,18 @@ def run(name: str, precision: str, channels_last: bool, steps: int, batch_size: 
 
     for _ in range(3):
         step()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     images_per_s = steps * n / (time.perf_counter() - start)
+    images_per_cpu_s = steps * n / (time.process_time() - cpu)
     table = None
     if top:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(max(3, steps // 4)):
                 step()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40)
-    return images_per_s, table
+    return images_per_s, images_per_cpu_s, table
 
 
 def main() -> None:
@@ -82,16 +93,20 @@ def main() -> None:
     ap.add_argument("--out", help="also write the tables to this markdown file")
     args = ap.parse_args()
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} timed steps per row", "",
-             "| model | batch | precision | layout | images/s |", "|---|---:|---|---|---:|"]
+             "| model | batch | precision | layout | step | images/s | images per CPU-second |",
+             "|---|---:|---|---|---|---:|---:|"]
     profiles = []
     for name in args.models.split(","):
+        batch = args.batch_size or MODELS[name]["batch_size"]
         for precision in ("fp32", "bf16"):
             for channels_last in (False, True):
-                ips, table = run(name, precision, channels_last, args.steps, args.batch_size,
-                                 args.top if not channels_last else 0)
-                layout = "channels_last" if channels_last else "contiguous"
-                lines.append(f"| {name} | {args.batch_size or MODELS[name]['batch_size']} | {precision} | {layout} | {ips:.0f} |")
-                print(lines[-1], flush=True)
+                for before in (True, False):
+                    ips, cps, table = run(name, precision, channels_last, args.steps, args.batch_size,
+                                          args.top if not (channels_last or before) else 0, before=before)
+                    layout = "channels_last" if channels_last else "contiguous"
+                    how = "before (Adam foreach, SDPA attention)" if before else "now (fused Adam, CPU attention)"
+                    lines.append(f"| {name} | {batch} | {precision} | {layout} | {how} | {ips:.0f} | {cps:.0f} |")
+                    print(lines[-1], flush=True)
                 if table:
                     profiles += ["", f"### {name}, {precision}, contiguous: top {args.top} operators by self CPU time",
                                  "", "```", table.rstrip(), "```"]

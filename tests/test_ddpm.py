@@ -132,7 +132,7 @@ def test_a_few_training_steps_on_real_mnist_lower_the_loss(mnist_slice):
     assert not torch.equal(p_ema, p) and not torch.equal(p_ema, p0)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddim", 1), ("ddim", 7), ("ddim", 50), ("dpm-solver", 7), ("dpm-solver", 20)])
+@pytest.mark.parametrize("sampler, steps", [("ddim", 1), ("ddim", 7), ("ddim", 50), ("dpmsolver++", 7), ("dpmsolver++", 20)])
 def test_short_samplers_call_the_unet_exactly_s_times(sampler, steps):
     model = tiny().eval()
     calls = count_calls(model.ema_unet)
@@ -150,7 +150,7 @@ def test_ddpm_sampler_runs_all_t_steps_and_chunks_batches():
     assert [t for t, _, _ in states][0] == 19 and states[-1][0] == 0 and len(states) == 11
 
 
-@pytest.mark.parametrize("sampler, stochastic", [("ddpm", True), ("ddim", False), ("dpm-solver", False)])
+@pytest.mark.parametrize("sampler, stochastic", [("ddpm", True), ("ddim", False), ("dpmsolver++", False)])
 def test_only_the_ddpm_step_draws_fresh_noise(sampler, stochastic):
     """The same state x_t and noise estimate stepped with two different generators: the ancestral DDPM step
     adds fresh noise (sigma_t > 0, Ho et al. 2020 alg. 2), DDIM with eta = 0 is deterministic (Song et al. 2021)."""
@@ -165,7 +165,7 @@ def test_only_the_ddpm_step_draws_fresh_noise(sampler, stochastic):
     assert torch.equal(outs[0], outs[1]) != stochastic
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddim", 10), ("dpm-solver", 10), ("dpm-solver", 20)])
+@pytest.mark.parametrize("sampler, steps", [("ddim", 10), ("dpmsolver++", 10), ("dpmsolver++", 20)])
 def test_deterministic_samplers_recover_a_point_mass_with_the_exact_noise_predictor(sampler, steps):
     """Data = one image c: the exact noise predictor is eps(x_t, t) = (x_t - sqrt(abar_t) c) / sqrt(1 - abar_t),
     and a deterministic sampler following it from pure noise must land on c (a solver error shows here)."""
@@ -187,7 +187,7 @@ def test_deterministic_samplers_recover_a_point_mass_with_the_exact_noise_predic
 
 def test_sampling_is_reproducible_from_the_seed():
     model = tiny(num_train_timesteps=20).eval()
-    for sampler in ("ddpm", "ddim", "dpm-solver"):
+    for sampler in ("ddpm", "ddim", "dpmsolver++"):
         a, b, c = (model.sample(2, sampler=sampler, steps=10, generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4))
         torch.testing.assert_close(a, b)
         assert not torch.equal(a, c)
@@ -199,7 +199,7 @@ def test_sampling_is_reproducible_from_the_seed():
         (dict(sampler="ddim", steps=0), r"ddim steps must be an integer in \[1, 1000\]"),
         (dict(sampler="ddim", steps=1001), r"in \[1, 1000\]"),
         (dict(sampler="ddpm", steps=-3), r"ddpm steps"),
-        (dict(sampler="euler"), r"unknown sampler 'euler'; valid: ddpm, ddim, dpm-solver"),
+        (dict(sampler="euler"), r"unknown sampler 'euler'; valid: ddpm, ddim, dpmsolver\+\+"),
     ],
 )
 def test_bad_sampling_input_is_a_clear_error(kwargs, match):
@@ -322,3 +322,22 @@ def test_sampler_options_on_a_vae_run_are_rejected(tmp_path):
     assert not (tmp_path / "s.png").exists()
     assert sample_run(run, 4, tmp_path / "s.png", device="cpu").is_file()
     assert main(["evaluate", "--run", str(run), "--sampler", "ddim", "--metrics", "confidence"]) == 2
+
+
+def test_cpu_attention_is_the_same_arithmetic_as_sdpa():
+    """The UNet's attention runs diffusers' classic processor on a CPU (faster there under bf16) and
+    scaled_dot_product_attention elsewhere: the same outputs."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from vaelab.models.ddpm import DeviceAttnProcessor
+
+    model = tiny().eval()
+    layers = [m for m in model.unet.modules() if isinstance(m, Attention)]
+    assert layers and all(isinstance(m.processor, DeviceAttnProcessor) for m in layers)
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        ours = model.unet(x, t).sample
+        for m in layers:
+            m.set_processor(AttnProcessor2_0())
+        sdpa = model.unet(x, t).sample
+    torch.testing.assert_close(ours, sdpa, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,8 @@ from vaelab.errors import ConfigError, VaelabError
 from vaelab.models import PRESETS, build_config, build_model, load_model, preset_family, save_model
 
 SHAPES = {"mnist-small": (1, 28, 28), "cifar-seed": (3, 32, 32), "conv": (3, 16, 16),
-          "cvae-mnist": (1, 28, 28), "cvae-cifar": (3, 32, 32), "cvae-conv": (3, 16, 16), "resnet-cifar": (3, 32, 32)}
+          "cvae-mnist": (1, 28, 28), "cvae-cifar": (3, 32, 32), "cvae-conv": (3, 16, 16), "resnet-cifar": (3, 32, 32),
+          "kl-f4": (3, 32, 32)}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in PRESETS if preset_family(n) == "vae"))  # DDPMs: test_ddpm.py
@@ -19,7 +20,7 @@ def test_preset_shapes(name):
     x = torch.rand(3, *shape)
     y = torch.tensor([0, 1, 2])  # class labels: used by conditional models, ignored by the others
     mu, logvar = model.encode(x, y=y)
-    d = model.config.latent_dim
+    d = math.prod(model.latent_shape)  # latent_dim; a VQ-VAE's grid of latent_dim-vectors, flattened
     assert mu.shape == logvar.shape == (3, d)
     assert model.decode(mu, y=y).shape == (3, *shape)
     out = model.loss(x, beta=1.0, y=y)

@@ -31,6 +31,8 @@ def _train_options(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     from vaelab.models import PRESETS
 
     p.add_argument("--model", help="model preset: " + " | ".join(PRESETS))
+    p.add_argument("--first-stage", "--first_stage", dest="first_stage", metavar="RUN_DIR",
+                   help="latent diffusion (ldm-mlp, ldm-unet): the trained VAE run whose latents are diffused (frozen)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int)
@@ -56,8 +58,10 @@ def _sampler_options(p: argparse.ArgumentParser) -> None:
                                      "(Gaussian mixture on the train codes; gmm:components=K, default 10) | two-stage "
                                      "(second-stage VAE on the train codes; two-stage:epochs=E,hidden=H); both fitted "
                                      "once and cached in RUN_DIR/samplers/. DDPM ddpm (T-step ancestral, default) | ddim | "
-                                     "dpm-solver (DPM-Solver++ 2M)")
-    p.add_argument("--steps", type=int, help="diffusion samplers: denoising steps (ddpm: T, ddim: 50, dpm-solver: 20 by default)")
+                                     "dpmsolver++ (DPM-Solver++ 2M). LDM dpmsolver++ (default) | ddim | ddpm, "
+                                     "class-conditional with classifier-free guidance NAME:guidance=W (default 1)")
+    p.add_argument("--steps", type=int, help="diffusion samplers: denoising steps (ddpm: T, ddim: 50, dpmsolver++: 20 "
+                                             "by default)")
 
 
 FID_FEATURES_HELP = ("feature spaces of FID/KID/precision-recall, comma-separated, headline first: inception | classifier "

@@ -79,7 +79,8 @@ class TrainConfig:
     Model: ``model`` preset (default: mnist-small for 28x28 digits, cifar-seed for CIFAR-10, conv
     otherwise), ``latent_dim``, ``recon_likelihood`` (default: the model family's, see
     ``vaelab.families.vae.resolve_config``), ``recon_sigma`` (Gaussian std in pixel units),
-    ``model_args`` (any other model field).
+    ``model_args`` (any other model field), ``first_stage`` (latent diffusion presets ``ldm-*``: the run
+    folder of the frozen VAE whose latents are diffused; stored as an absolute path).
 
     Data-derived defaults (``DATA_DERIVED`` datasets: image folders, tensor files): fields left unset
     are chosen from the training split (``DataStats``) when ``prepare`` has loaded it
@@ -119,6 +120,7 @@ class TrainConfig:
     recon_likelihood: str | None = None
     recon_sigma: float | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
+    first_stage: str | None = None
     data_defaults: dict[str, str] = field(default_factory=dict)
 
     epochs: int | None = None
@@ -248,6 +250,7 @@ class TrainConfig:
             "recon_likelihood": self.recon_likelihood,
             "recon_sigma": self.recon_sigma,
             "pixel_range": self.pixel_range,
+            "first_stage": self.first_stage,
         }
         return {k: v for k, v in values.items() if v is not None}
 

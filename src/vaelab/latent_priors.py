@@ -12,6 +12,8 @@ is to fit a density to the codes of the training images after training and sampl
 - ``two-stage``: a second, small VAE (MLPs) trained on codes ``z ~ q(z | x)`` of the training images,
   with a learned decoder standard deviation; sampling draws ``u ~ N(0, I)`` and ``z ~ p(z | u)``
   (Dai & Wipf 2019, "Diagnosing and Enhancing VAE Models", sec. 4; Fashion-MNIST FID 43.6 -> 29.3).
+- ``pixelcnn``: for a model with a discrete code grid (a VQ-VAE: ``model.code_indices``), a small PixelCNN
+  trained on the code grids of the training images (van den Oord et al. 2017, sec. 3.2; ``vaelab.models.pixelcnn``).
 
 Conditional VAEs model ``q(z | y)`` instead: one mixture per class, or a second stage that takes the
 one-hot label in its encoder and decoder (the label-free ``p(z | y) = N(0, I)`` of the CVAE is what
@@ -45,24 +47,29 @@ from vaelab.data import ImageSplit, batches, binarize_split
 from vaelab.errors import ConfigError, DataError
 from vaelab.io import git_sha, read_cache
 from vaelab.losses import gaussian_nll, kl_normal, soft_clip_log_sigma
+from vaelab.models.pixelcnn import PixelCNNConfig, PixelCNNPrior, train_pixelcnn
 from vaelab.runtime import derive_seed
 
 # sampler name -> its options and their defaults (every option is a positive number)
 OPTIONS: dict[str, dict[str, int | float]] = {
     "gmm": {"components": 10, "max_iter": 200},
     "two-stage": {"epochs": 50, "hidden": 256, "depth": 3, "batch_size": 256, "lr": 1e-3},
+    "pixelcnn": {"epochs": 10, "hidden": 64, "layers": 5, "batch_size": 128, "lr": 1e-3},
 }
 DESCRIPTIONS = {
     "gmm": "z from a full-covariance Gaussian mixture fitted on the train split's posterior means (one per class "
            "for a conditional VAE; Ghosh et al. 2020, Chadebec & Allassonniere 2022)",
     "two-stage": "z from a second-stage VAE trained on the train split's latent codes (conditioned on the class for a "
                  "conditional VAE; Dai & Wipf 2019)",
+    "pixelcnn": "the code grid from a PixelCNN fitted on the train split's code grids (models with a discrete code "
+                "grid, the VQ-VAE; van den Oord et al. 2017)",
 }
 OPTION_HELP = {
     "components": "mixture components (per class for a conditional VAE; at most the number of codes)",
     "max_iter": "EM iterations at most",
     "epochs": "passes over the codes",
-    "hidden": "width of the MLP layers",
+    "hidden": "width of the MLP layers (two-stage), channels of the masked convolutions (pixelcnn)",
+    "layers": "masked convolution layers of the PixelCNN",
     "depth": "hidden layers of the encoder and of the decoder",
     "batch_size": "codes per step",
     "lr": "Adam learning rate (cosine-decayed to 0)",
@@ -155,13 +162,39 @@ def encode_split(model, split: ImageSplit, *, batch_size: int = 500, desc: str =
     return LatentCodes(torch.cat(mus), torch.cat(logvars), split.labels.cpu())
 
 
-def train_codes(model, run) -> tuple[LatentCodes, str]:
-    """The codes of the run's training split as trained (binarised once with the run's seed for a binarised
-    run), and a description of that split."""
+def train_split(run) -> tuple[ImageSplit, str]:
+    """The run's training split as trained (binarised once with the run's seed for a binarised run) and a
+    description of it."""
     train = run.data().train
     if run.config.binarize:
         train = binarize_split(train, run.config.seed)
-    return encode_split(model, train), f"{train.source} train split ({len(train):,} images, validation hold-out excluded)"
+    return train, f"{train.source} train split ({len(train):,} images, validation hold-out excluded)"
+
+
+def train_codes(model, run) -> tuple[LatentCodes, str]:
+    """The codes of the run's training split as trained (``train_split``), and a description of that split."""
+    train, described = train_split(run)
+    return encode_split(model, train), described
+
+
+@torch.no_grad()
+def code_grids(model, split: ImageSplit, *, batch_size: int = 500) -> torch.Tensor:
+    """``model.code_indices`` of every image of ``split``: ``(N, h, w)`` int64 (CPU), in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    grids = [model.code_indices(x, y=y).cpu() for x, y in batches(split.images.to(device), split.labels.to(device),
+                                                                  batch_size, pixel_range=model.config.pixel_range)]
+    model.train(was_training)
+    return torch.cat(grids)
+
+
+def check_fits(name: str, model) -> None:
+    """Raise ``ConfigError`` when sampler ``name`` cannot be fitted for ``model`` (``pixelcnn`` needs a discrete
+    code grid, ``model.code_indices``)."""
+    if name == "pixelcnn" and not hasattr(model, "code_indices"):
+        raise ConfigError("--sampler pixelcnn models a discrete code grid: it needs a model with one (a VQ-VAE, "
+                          "vqvae-*); use gmm or two-stage for a Gaussian code")
 
 
 # ---------------------------------------------------------------------------- Gaussian mixtures
@@ -469,6 +502,7 @@ def load_or_fit(name: str, options: dict, model, run, *, num_classes: int | None
     """
     if name not in OPTIONS:
         raise ConfigError(f"unknown latent sampler {name!r}; valid: {', '.join(OPTIONS)}")
+    check_fits(name, model)
     spec = canonical_spec(name, options)
     stem = cache_name(spec)
     device = next(model.parameters()).device
@@ -486,8 +520,23 @@ def load_or_fit(name: str, options: dict, model, run, *, num_classes: int | None
             return FittedSampler(name, options, body.to(device), report, cached=True)
 
     t0 = time.perf_counter()
-    codes, described = train_codes(model, run)
     seed = derive_seed(run.config.seed, "latent-sampler", spec)
+    if name == "pixelcnn":
+        train, described = train_split(run)
+        grids = code_grids(model, train)
+        print(f"fitting the {spec} prior on {len(grids):,} code grids of the {described} "
+              f"(cached in {run.path / 'samplers' / stem}.safetensors)")
+        body, details = train_pixelcnn(grids, model.codebook, options=options, seed=seed, device=device)
+        info = {**key, "architecture": asdict(body.net.config)}
+        report = {"sampler": name, "spec": spec, "options": options, "description": DESCRIPTIONS[name],
+                  "fitted_on": described, "codes": len(grids), "grid": list(grids.shape[1:]), "per_class": False,
+                  "weights_sha256": fingerprint, "checkpoint": run.last_checkpoint().name,
+                  "fit_time_s": time.perf_counter() - t0, **details, "seed": seed,
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "vaelab_version": vaelab.__version__, "git_sha": git_sha()}
+        run.write_sampler(stem, body.state_dict(), info, report)
+        return FittedSampler(name, options, body, report, cached=False)
+    codes, described = train_codes(model, run)
     print(f"fitting the {spec} latent sampler on {len(codes.mu):,} codes of the {described} "
           f"(cached in {run.path / 'samplers' / stem}.safetensors)")
     groups = list(range(num_classes)) if num_classes else [None]
@@ -521,6 +570,10 @@ def load_or_fit(name: str, options: dict, model, run, *, num_classes: int | None
 def _rebuild(name: str, tensors: dict[str, torch.Tensor], info: dict):
     if name == "gmm":
         return LatentMixture(tensors["weights"], tensors["means"], tensors["covariances"])
+    if name == "pixelcnn":
+        prior = PixelCNNPrior(PixelCNNConfig(**info["architecture"]), tensors["codebook"])
+        prior.load_state_dict(tensors)
+        return prior.eval()
     model = SecondStageVAE(SecondStageConfig(**info["architecture"]))
     model.load_state_dict(tensors)
     return model.eval()

@@ -171,12 +171,17 @@ class Run:
     def checkpoint_fingerprint(self, checkpoint: Path | None = None) -> str:
         """SHA-256 (hex, first 16 digits) of the newest (or ``checkpoint``'s) ``model.safetensors``: what a
         cached sampler was fitted on."""
+        return self.weights_sha256(checkpoint)[:16]
+
+    def weights_sha256(self, checkpoint: Path | None = None) -> str:
+        """SHA-256 (64 hex digits) of the newest (or ``checkpoint``'s) ``model.safetensors``: what a latent
+        diffusion model trained on this run records of it."""
         path = (checkpoint or self.last_checkpoint()) / "model.safetensors"
         digest = hashlib.sha256()
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-        return digest.hexdigest()[:16]
+        return digest.hexdigest()
 
     def read_sampler(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """``samplers/<name>.safetensors``: its tensors (CPU) and its metadata ``info`` (a dict, parsed from

@@ -22,10 +22,11 @@ A study file (YAML, see ``studies/``) names the stages and the claims::
 
 Stage kinds: ``data`` (``vaelab data GENERATOR``: a generated dataset with known factors, e.g.
 ``{name: shapes, kind: data, generator: shapes, image_size: 64}``), ``train`` (``vaelab train``;
-``config`` relative to the study file, ``set`` overrides, ``data: STAGE`` trains on the dataset a
-``data`` stage wrote, as ``--dataset tensors --data-root``), ``synth``, ``cas``, ``evaluate``
-(``eval.json`` and its pictures are copied into the stage folder), ``compare``, ``sweep``. A stage is
-finished when its output file exists (``manifest.json``, ``summary.json``,
+``config`` relative to the study file, ``set`` overrides, ``first_stage``: an earlier train stage whose
+run folder a latent diffusion model uses, ``data``: a data stage whose dataset it trains on, as
+``--dataset tensors --data-root``), ``synth``, ``cas``, ``evaluate`` (``eval.json`` and its pictures are
+copied into the stage folder), ``compare``, ``sweep``. A stage is finished when its output file exists
+(``manifest.json``, ``summary.json``,
 ``manifest.json``, ``cas.json``, ``eval.json``, ``comparison.json``, ``sweep.json``); a re-run skips
 finished stages, resumes an interrupted training from its checkpoint and repeats any other
 interrupted stage (those write their folders atomically). A study folder belongs to one plan: the
@@ -59,12 +60,14 @@ from vaelab.io import (DamagedFileError, load_written_yaml, read_checked, read_j
                        write_text, write_yaml)
 
 KINDS: dict[str, dict[str, Any]] = {
-    # kind -> {"done": marker file, "keys": allowed stage keys (besides name/kind), "refs": keys naming stages,
-    # "optional": refs that may be left out}
+    # kind -> {"done": marker file, "keys": allowed stage keys (besides name/kind), "refs": keys naming stages}
     "data": {"done": "manifest.json", "keys": {"generator", "image_size", "scales", "orientations", "positions",
                                                "test_fraction", "seed"}, "refs": set()},
-    "train": {"done": "summary.json", "keys": {"config", "set", "data"}, "refs": {"data"}, "optional": {"data"}},
-    "synth": {"done": "manifest.json", "keys": {"run", "per_class", "method", "noise_scale", "seed"}, "refs": {"run"}},
+    # first_stage (optional): the train stage whose run a latent diffusion model diffuses the latents of;
+    # data (optional): the data stage whose generated dataset it trains on
+    "train": {"done": "summary.json", "keys": {"config", "set", "first_stage", "data"}, "refs": {"first_stage", "data"}},
+    "synth": {"done": "manifest.json", "keys": {"run", "per_class", "method", "noise_scale", "sampler", "seed"},
+              "refs": {"run"}},
     "cas": {"done": "cas.json", "keys": {"synthetic", "dataset", "rows", "epochs", "steps", "budget", "augment", "seed",
                                          "train_subset", "test_subset", "precision"}, "refs": {"synthetic"}},
     "evaluate": {"done": "eval.json", "keys": {"run", "metrics", "num_samples", "sampler", "steps", "fid_features",
@@ -76,6 +79,7 @@ KINDS: dict[str, dict[str, Any]] = {
     "sweep": {"done": "sweep.json", "keys": {"config", "set", "axes", "num_samples", "fid_features", "sampler", "steps"},
               "refs": set()},
 }
+OPTIONAL_REFS = {"first_stage", "data"}
 RULES = ("within", "at_least", "order", "report")
 GENERATORS = ("shapes",)  # data stages: vaelab.data.shapes
 FULL = "full"
@@ -167,7 +171,7 @@ def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict)
         _check_data_stage(spec, where)
     for ref_key in KINDS[kind]["refs"]:
         refs = spec.get(ref_key)
-        if refs is None and ref_key in KINDS[kind].get("optional", ()):
+        if refs is None and ref_key in OPTIONAL_REFS:
             continue
         for ref in refs if isinstance(refs, list) else [refs]:
             if ref not in seen:
@@ -187,18 +191,18 @@ def _check_data_stage(spec: dict, where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def _stage_config(study: Study, stage: dict, out: Path) -> TrainConfig:
-    """A train stage's config; with ``data: STAGE``, on the tensors dataset that data stage wrote."""
-    config = _train_config(study.path, stage, stage["name"])
-    if stage.get("data"):
-        config = with_overrides(config, {"dataset": "tensors", "data_root": str(out / stage["data"])})
-    return config
-
-
-def _train_config(path: Path, spec: dict, where: str) -> TrainConfig:
+def _train_config(path: Path, spec: dict, where: str, out: Path | None = None) -> TrainConfig:
+    """The stage's config; ``first_stage`` becomes that stage's folder under ``out``, and ``data`` trains on the
+    tensors dataset that data stage wrote there (without ``out``, when only validating the file, stand-in
+    paths that hold nothing)."""
     base = load_config(path.parent / spec["config"]) if spec.get("config") else TrainConfig()
+    values = dict(spec.get("set") or {})
+    if spec.get("first_stage"):
+        values["first_stage"] = str(out / spec["first_stage"]) if out is not None else f"<stage {spec['first_stage']}>"
+    if spec.get("data"):
+        values.update(dataset="tensors", data_root=str(out / spec["data"]) if out is not None else f"<stage {spec['data']}>")
     try:
-        return with_overrides(base, spec.get("set") or {})
+        return with_overrides(base, values)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
@@ -249,7 +253,7 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
         folder = out / stage["name"]
         with _naming_the_stage(study, out, stage["name"]):
             if stage["kind"] == "train" and (folder / "config.yaml").is_file():
-                _check_same_run(folder, _stage_config(study, stage, out))
+                _check_same_run(folder, _train_config(study.path, stage, stage["name"], out))
             done = folder / KINDS[stage["kind"]]["done"]
             if done.is_file():
                 read_json(done, remedy=_stage_remedy(study, out, stage["name"]))  # a damaged output stops here
@@ -346,7 +350,7 @@ def _train(study: Study, stage: dict, out: Path, device: str | None) -> None:
     from vaelab.training import resume, train
 
     folder = out / stage["name"]
-    config = _stage_config(study, stage, out)
+    config = _train_config(study.path, stage, stage["name"], out)
     if checkpoint_dirs(folder):
         _check_same_run(folder, config)
         resume(folder, device=device)
@@ -387,7 +391,7 @@ def _data(study: Study, stage: dict, out: Path, device: str | None) -> None:
 def _synth(study: Study, stage: dict, out: Path, device: str | None) -> None:
     from vaelab.synthesis import synthesize
 
-    args = {k: stage[k] for k in ("per_class", "method", "noise_scale", "seed") if k in stage}
+    args = {k: stage[k] for k in ("per_class", "method", "noise_scale", "sampler", "seed") if k in stage}
     synthesize(out / stage["run"], out / stage["name"], device=device or "auto", **args)
 
 

@@ -311,7 +311,7 @@ def _decode_all(model, stats, num_classes: int, per_class: int, *, method: str, 
                 x = model.decode(z.to(device), y=y)
             else:
                 z = sample_latents(stats, c, n, method=method, noise_scale=noise_scale,
-                                   latent_dim=model.config.latent_dim, generator=gen).to(device)
+                                   latent_dim=stats.mean.shape[1], generator=gen).to(device)
                 x = model.decode(z, y=y)
             out.append(to_uint8(x, model.config.pixel_range).cpu())
             bar.update(n)

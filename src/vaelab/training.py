@@ -146,6 +146,10 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
     seed_everything(config.seed)
     model = build_model(model_config).to(device)
     family = family_of(model)
+    if resume_from is None:
+        note = family.prepare_model(model, data.train, config)  # data-dependent set-up, kept in the checkpoints
+        if note:
+            say(dist, note)
     if dist.active and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all ranks
     if config.channels_last:

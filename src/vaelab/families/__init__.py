@@ -19,6 +19,9 @@ The contract (module-level names of a family module)::
     resolve_config(config)                     fill family defaults into a TrainConfig, reject fields that do not apply
     data_defaults(config, stats) -> dict       fill unset fields from the training images (image folders; stats: a
                                                config.DataStats) before resolve_config; {field: "value: why"}
+    prepare_model(model, train, config) -> str | None   once before the first step of a new run (not on resume:
+                                               what it sets lives in the checkpoint), e.g. the LDM's latent scale
+                                               factor; returns a line for people or None
     after_step(model)                          called after every optimiser step (e.g. an EMA update)
     evaluate(model, split, *, beta, seed, keep_latents, dist) -> dict
                                                mean loss terms over a split; "loss" drives the LR schedule
@@ -44,10 +47,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from vaelab.errors import ConfigError
-from vaelab.families import ddpm, vae
+from vaelab.families import ddpm, ldm, vae
 from vaelab.families.base import Sampler
 
-FAMILIES: dict[str, ModuleType] = {vae.NAME: vae, ddpm.NAME: ddpm}
+FAMILIES: dict[str, ModuleType] = {vae.NAME: vae, ddpm.NAME: ddpm, ldm.NAME: ldm}
 
 
 def get(name: str) -> ModuleType:

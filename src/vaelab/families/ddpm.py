@@ -16,7 +16,7 @@ from vaelab import plots
 from vaelab.data import ImageSplit
 from vaelab.errors import ConfigError
 from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks
-from vaelab.models.ddpm import DEFAULT_DDIM_STEPS, DEFAULT_DPM_STEPS, SAMPLERS
+from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLERS, default_steps
 from vaelab.runtime import Distributed
 
 NAME = "ddpm"
@@ -47,17 +47,25 @@ def resolve_config(config) -> None:
     """Reject VAE-only fields: a diffusion model has no latent code, likelihood choice or KL weight.
 
     Raises:
-        ConfigError: naming the first such field that is set.
+        ConfigError: naming the first such field that is set (or ``first_stage``: latent diffusion only).
     """
     for name, unset in VAE_ONLY.items():
         if getattr(config, name) not in unset:
             raise ConfigError(f"{name}={getattr(config, name)!r} applies to VAEs only; model {config.model!r} is a "
                               "diffusion model (remove it from the config or command line)")
+    if config.first_stage is not None:
+        raise ConfigError(f"first_stage applies to latent diffusion models (ldm-mlp, ldm-unet); model {config.model!r} "
+                          "is a pixel-space diffusion model (remove it from the config or command line)")
 
 
 def data_defaults(config, stats) -> dict[str, str]:
     """No family defaults depend on the images (the ``ddpm`` preset already takes its shape from them)."""
     return {}
+
+
+def prepare_model(model, train: ImageSplit, config) -> str | None:
+    """Nothing to set up from the data."""
+    return None
 
 
 def after_step(model) -> None:
@@ -68,8 +76,9 @@ def after_step(model) -> None:
 @torch.no_grad()
 def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, keep_latents: bool = False,
              dist: Distributed | None = None) -> dict:
-    """``{"loss": mean epsilon-MSE per pixel}`` over ``split``, one seeded ``t`` and noise draw per image
-    (trained weights, not the EMA; the same with any number of data-parallel ranks, see ``eval_blocks``)."""
+    """``{"loss": mean epsilon-MSE per diffused entry (pixel, or latent entry for latent diffusion)}`` over
+    ``split``, one seeded ``t`` and noise draw per image, true labels (trained weights, not the EMA; the
+    same with any number of data-parallel ranks, see ``eval_blocks``)."""
     dist = dist or Distributed()
     was_training = model.training
     model.eval()
@@ -134,7 +143,7 @@ def sweep_metrics(summary: dict) -> dict:
 
 
 def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = None) -> Sampler:
-    """``ddpm`` (ancestral, ``T`` steps by default), ``ddim`` (eta 0, 50 steps by default) or ``dpm-solver``
+    """``ddpm`` (ancestral, ``T`` steps by default), ``ddim`` (eta 0, 50 steps by default) or ``dpmsolver++``
     (DPM-Solver++ 2M, 20 steps by default), EMA weights.
 
     Raises:
@@ -144,25 +153,25 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
     if name not in SAMPLERS:
         raise ConfigError(f"unknown diffusion sampler {name!r}; valid: {', '.join(SAMPLERS)}")
     T = model.config.num_train_timesteps
-    steps = steps if steps is not None else {"ddpm": T, "ddim": DEFAULT_DDIM_STEPS, "dpm-solver": DEFAULT_DPM_STEPS}[name]
+    steps = steps if steps is not None else default_steps(name, T)
     model.make_scheduler(name, steps)  # raises for steps outside [1, T]
     c, s = model.config.in_channels, model.config.image_size
     noise = f"no compact latent: x_T is {c}x{s}x{s} Gaussian noise, the size of the image"
     how = {"ddpm": "fresh noise at every step (stochastic)", "ddim": "DDIM (eta 0) maps x_T to x_0 deterministically",
-           "dpm-solver": "DPM-Solver++ (2nd-order multistep ODE solver) maps x_T to x_0 deterministically"}[name]
+           "dpmsolver++": "DPM-Solver++ (2nd-order multistep ODE solver) maps x_T to x_0 deterministically"}[name]
 
     def draw(n: int, generator: torch.Generator | None, y: torch.Tensor | None) -> torch.Tensor:
         return model.sample(n, y=y, generator=generator, sampler=name, steps=steps, batch_size=n)
 
-    label = {"ddpm": "DDPM", "ddim": "DDIM", "dpm-solver": "DPM-Solver++"}[name]
+    label = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}[name]
     return Sampler(name=name, options={"sampler": name, "steps": steps}, label=f"{label}, {steps} steps",
                    network_evaluations=steps, latent_space=f"{noise}; {how}", draw=draw)
 
 
-def comparison_samplers(model, run=None, *, ddim_steps: int = DEFAULT_DDIM_STEPS) -> list[Sampler]:
+def comparison_samplers(model, run=None, *, ddim_steps: int = DEFAULT_STEPS["ddim"]) -> list[Sampler]:
     """The full ``T``-step DDPM chain, DDIM with ``ddim_steps`` steps and DPM-Solver++ with 20 (in this order)."""
     return [sampler(model, run, sampler="ddpm"), sampler(model, run, sampler="ddim", steps=ddim_steps),
-            sampler(model, run, sampler="dpm-solver")]
+            sampler(model, run, sampler="dpmsolver++")]
 
 
 def sample_labels(model, n: int) -> torch.Tensor | None:

@@ -15,9 +15,13 @@ the defaults), so that this module and everything outside it never ask which mod
   ``val_<name>`` per epoch and ``test_<name>`` in ``summary.json``);
 - ``log_prior(z, y=)`` and ``sample_prior(n, y=, generator=)``: its prior, used by the prior sampler, the
   pictures and the IWAE likelihood bound; ``PRIOR`` names it in words;
+- ``importance_samples(x, k, y=, generator=)``: ``k`` posterior draws per image and ``log p - log q`` of every
+  latent variable, read by the IWAE likelihood bound (a model whose posterior is not the diagonal Gaussian of
+  ``encode``, a flow or a hierarchy, gives its own);
 - ``DEFAULT_SAMPLER``: the sampler drawn when none is asked for (e.g. ``gmm`` for a model without a prior);
 - ``HAS_ELBO = False``: a deterministic encoder; KL and -ELBO are reported as ``null``;
-- ``NOT_APPLICABLE``: ``vaelab evaluate`` metrics it cannot support, with the reason.
+- ``NOT_APPLICABLE``: ``vaelab evaluate`` metrics it cannot support, with the reason;
+- ``latent_shape``: the shape of one code; codes travel flattened to ``prod(latent_shape)`` numbers.
 """
 
 from __future__ import annotations
@@ -89,7 +93,14 @@ WIDTHS = (32, 64, 128, 256)
 
 def resolve_config(config) -> None:
     """Default likelihood (Bernoulli for digit-like data, else ``CONTINUOUS_LIKELIHOOD``) and Gaussian sigma
-    (sqrt 0.5: fixed, or the starting value of a fitted one)."""
+    (sqrt 0.5: fixed, or the starting value of a fitted one).
+
+    Raises:
+        ConfigError: ``first_stage`` is set (latent diffusion models only).
+    """
+    if config.first_stage is not None:
+        raise ConfigError(f"first_stage applies to latent diffusion models (ldm-mlp, ldm-unet); model {config.model!r} "
+                          "is a VAE (remove it from the config or command line)")
     if config.recon_likelihood is None:
         config.recon_likelihood = "bernoulli" if config.dataset in DIGIT_LIKE else CONTINUOUS_LIKELIHOOD
     if config.recon_sigma is None:
@@ -135,6 +146,11 @@ def data_defaults(config, stats) -> dict[str, str]:
     return derived
 
 
+def prepare_model(model, train: ImageSplit, config) -> str | None:
+    """Nothing to set up from the data."""
+    return None
+
+
 def after_step(model) -> None:
     """Nothing to do after an optimiser step."""
 
@@ -168,7 +184,7 @@ def evaluate(model, split: ImageSplit, *, beta: float = 1.0, seed: int = 0, keep
         idxs.append(idx)
     model.train(was_training)
     loss, recon, kl, mse, *extra_sums, n = dist.all_reduce(sums).tolist()
-    d = model.config.latent_dim
+    d = math.prod(model.latent_shape)
     mu, logvar = gather_rows(dist, torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.int64),
                              torch.cat(mus) if mus else torch.zeros(0, d), torch.cat(logvars) if logvars else torch.zeros(0, d))
     elbo = model.HAS_ELBO
@@ -196,7 +212,7 @@ def epoch_line(row: dict, model) -> str:
     return (f"train loss {row['train_loss']:.2f} recon {row['train_recon']:.2f}{kl('train_kl')} | "
             f"val loss {row['val_loss']:.2f} recon {row['val_recon']:.2f}{kl('val_kl')}{extra} | "
             f"mu mean {row['val_mu_mean']:+.3f} logvar mean {row['val_logvar_mean']:+.3f} | active units "
-            f"{row['val_active_units']}/{model.config.latent_dim} | beta {row['beta']:.3g}")
+            f"{row['val_active_units']}/{math.prod(model.latent_shape)} | beta {row['beta']:.3g}")
 
 
 def epoch_warning(rows: list[dict]) -> str | None:
@@ -364,9 +380,10 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
             return model.sample(n, y=y, generator=generator)
 
         return Sampler(name=name, options={"sampler": name}, label="prior", network_evaluations=1,
-                       latent_space=f"z in R^{cfg.latent_dim}, prior {model.PRIOR}; encoder gives q(z|x) ({decoder})",
+                       latent_space=f"z in R^{math.prod(model.latent_shape)}, prior {model.PRIOR}; encoder gives q(z|x) ({decoder})",
                        draw=draw)
     name, options = latent_priors.parse_spec(spec)  # every option checked before any fitting
+    latent_priors.check_fits(name, model)
     if run is None:
         raise ConfigError(f"--sampler {name} is fitted on a run's training split: it needs the run folder")
     spec = latent_priors.canonical_spec(name, options)
@@ -384,20 +401,26 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
         return model.decode(z, y=y)
 
     per_class = " per class" if model.conditional else ""
-    what = (f"Gaussian mixture (up to {options['components']} full-covariance components{per_class})" if name == "gmm"
-            else f"second-stage VAE{' conditioned on y' if model.conditional else ''}")
-    # passes per image: the decoder, plus the second stage's small MLP decoder
-    return Sampler(name=name, options={"sampler": spec, **options}, label=spec,
-                   network_evaluations=2 if name == "two-stage" else 1,
-                   latent_space=f"z in R^{cfg.latent_dim} drawn from a {what} fitted on the train split's codes "
+    # passes per image: the decoder, plus the second stage's small MLP decoder or the PixelCNN's one per grid cell
+    if name == "gmm":
+        what, passes = f"Gaussian mixture (up to {options['components']} full-covariance components{per_class})", 1
+    elif name == "two-stage":
+        what, passes = f"second-stage VAE{' conditioned on y' if model.conditional else ''}", 2
+    else:
+        what, passes = "PixelCNN over the code grid", 1 + math.prod(model.latent_shape[1:])
+    return Sampler(name=name, options={"sampler": spec, **options}, label=spec, network_evaluations=passes,
+                   latent_space=f"z in R^{math.prod(model.latent_shape)} drawn from a {what} fitted on the train split's codes "
                                 f"(RUN_DIR/samplers/{latent_priors.cache_name(spec)}.json); {decoder}",
                    draw=draw_fitted)
 
 
 def comparison_samplers(model, run=None, *, ddim_steps: int = 50) -> list[Sampler]:
     """The entries of a comparison: the prior sampler and, given the run, the two aggregated-posterior
-    samplers (``gmm``, ``two-stage``) with their default options."""
+    samplers (``gmm``, ``two-stage``) and the model's default sampler where it is another, with their default
+    options."""
     names = ["prior"] if run is None else ["prior", "gmm", "two-stage"]
+    if run is not None and model.DEFAULT_SAMPLER not in names:
+        names.append(model.DEFAULT_SAMPLER)
     return [sampler(model, run, sampler=name) for name in names]
 
 

@@ -17,11 +17,13 @@ def importance_weights(model, x: torch.Tensor, k: int, *, y: torch.Tensor | None
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Log importance weights ``log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x)``, ``z_i ~ q(z|x)``.
 
-    Burda et al. (2015), eq. 8; ``log p(z)`` is the model's own prior (``model.log_prior``). The ``k`` samples are drawn in chunks of ``chunk`` so at most
-    ``B * chunk`` images are decoded at once.
+    Burda et al. (2015), eq. 8. The model draws the ``z_i`` and gives ``log p(z_i) - log q(z_i|x)`` itself
+    (``model.importance_samples``: its own prior, and its own posterior where that is not a diagonal Gaussian,
+    e.g. a flow or a hierarchy of latent variables). The ``k`` samples are drawn in chunks of ``chunk`` (the
+    images are encoded once per chunk) so at most ``B * chunk`` images are decoded at once.
 
     Args:
-        model: a VAE with ``encode``, ``decode_logits``, ``log_prior`` and ``config.recon_likelihood``.
+        model: a VAE with ``importance_samples``, ``decode_logits`` and ``config.recon_likelihood``.
         x: ``(B, C, H, W)`` images in the model's pixel range.
         k: samples per image; positive.
 
@@ -33,20 +35,15 @@ def importance_weights(model, x: torch.Tensor, k: int, *, y: torch.Tensor | None
     cfg = model.config
     b = len(x)
     chunk = chunk or max(1, min(k, 2000 // max(1, b)))
-    mu, logvar = model.encode(x, y=y)
-    std = (0.5 * logvar).exp()
     out = []
     for start in range(0, k, chunk):
         kc = min(chunk, k - start)
-        eps = torch.randn((b, kc, mu.shape[1]), device=x.device, dtype=mu.dtype, generator=generator)
-        z = mu[:, None] + std[:, None] * eps  # (B, kc, D)
-        log_q = (-0.5 * eps.pow(2) - 0.5 * logvar[:, None] - 0.5 * math.log(2 * math.pi)).sum(2)
+        z, log_ratio = model.importance_samples(x, kc, y=y, generator=generator)  # (B, kc, D), (B, kc)
         yk = y.repeat_interleave(kc) if y is not None else None
-        log_p_z = model.log_prior(z.reshape(b * kc, -1), y=yk).reshape(b, kc)  # the model's prior, N(0, I) by default
         logits = model.decode_logits(z.reshape(b * kc, -1), y=yk)
         xk = x.repeat_interleave(kc, dim=0)
         nll, _ = recon_nll(logits, xk, cfg.recon_likelihood, sigma=cfg.recon_sigma, pixel_range=cfg.pixel_range)
-        out.append((-nll.reshape(b, kc) + log_p_z - log_q).double())
+        out.append((-nll.reshape(b, kc) + log_ratio).double())
     return torch.cat(out, 1)
 
 

@@ -4,8 +4,11 @@ Presets fix the input shape where the architecture is tied to it (``cifar-seed``
 ``mnist-small``, ``resnet-cifar``); ``conv`` takes its input shape from the dataset. ``cvae-mnist``,
 ``cvae-cifar`` and ``cvae-conv`` are their conditional twins. ``resnet-cifar`` is the stronger CIFAR-10
 VAE (residual blocks, ``vaelab.models.resnet_vae``); ``cifar-seed`` stays the seeds' network. The zoo
-(``ZOO``: IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior; docs/model-zoo.md) has ``<type>-mnist`` and
-``<type>-conv`` presets on the networks of ``mnist-small`` and ``conv``: only the objective or the prior differs.
+(``ZOO``: IWAE, beta-TC-VAE, InfoVAE, RAE, VampPrior, IAF posterior, Ladder VAE, VQ-VAE; docs/model-zoo.md) has
+``<type>-mnist`` and ``<type>-conv`` presets on the networks of ``mnist-small`` and ``conv``: only the objective,
+the prior or the posterior differs. ``kl-f4`` is a VAE with a spatial latent map (``vaelab.models.kl_vae``), the first stage of latent
+diffusion; ``ldm-mlp`` and ``ldm-unet`` are latent diffusion models over a first-stage run folder
+(``vaelab.models.ldm``).
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ from vaelab.models.classifier import ClassifierConfig, ResNetClassifier
 from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 from vaelab.models.ddpm import DDPM, DDPMConfig
 from vaelab.models.cvae import CVAE, CVAEConfig
+from vaelab.models.kl_vae import KLVAE, KLVAEConfig
+from vaelab.models.ldm import LDM, LDMConfig
 from vaelab.models.resnet_vae import ResNetVAE, ResNetVAEConfig
 from vaelab.models.iwae import IWAE, IWAEConfig
 from vaelab.models.btcvae import BTCVAE, BTCVAEConfig
 from vaelab.models.infovae import InfoVAE, InfoVAEConfig
 from vaelab.models.rae import RAE, RAEConfig
 from vaelab.models.vamp import VampConfig, VampVAE
+from vaelab.models.iaf import IAFConfig, IAFVAE
+from vaelab.models.ladder import LadderConfig, LadderVAE
+from vaelab.models.vqvae import VQVAE, VQVAEConfig
 
 # model_type (stored in config.json) -> (config class, model class)
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -44,6 +52,11 @@ MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "infovae": (InfoVAEConfig, InfoVAE),
     "rae": (RAEConfig, RAE),
     "vamp": (VampConfig, VampVAE),
+    "iaf": (IAFConfig, IAFVAE),
+    "ladder": (LadderConfig, LadderVAE),
+    "vqvae": (VQVAEConfig, VQVAE),
+    "kl_vae": (KLVAEConfig, KLVAE),
+    "ldm": (LDMConfig, LDM),
 }
 
 # preset name -> (model_type, fixed fields); fields not fixed here come from the dataset/config.
@@ -67,6 +80,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm-28": ("ddpm", dict(in_channels=1, image_size=28, widths=(32, 64, 128))),
     "ddpm-32": ("ddpm", dict(in_channels=3, image_size=32, widths=(64, 128, 256))),
     "ddpm": ("ddpm", dict(widths=(32, 64, 128))),  # input shape from the dataset (side divisible by 4)
+    # first stage of latent diffusion: a VAE with a 4-channel latent map at 1/4 of the image side
+    # (28x28 -> 4x7x7, 32x32 -> 4x8x8; Rombach et al. 2022, "KL-f4"); input shape from the dataset
+    "kl-f4": ("kl_vae", dict(channels=(64, 128), latent_channels=4)),
+    # latent diffusion on a first stage's latents (--first-stage RUN_DIR): a residual MLP for vector latents
+    # (any VAE run; a spatial latent is flattened), diffusers' UNet2DModel for spatial ones (kl-f4)
+    "ldm-mlp": ("ldm", dict(denoiser="mlp")),
+    "ldm-unet": ("ldm", dict(denoiser="unet")),
 }
 # conditional VAEs mirror the unconditional presets layer for layer (num_classes comes from the dataset)
 PRESETS["cvae-mnist"] = ("cvae", PRESETS["mnist-small"][1])
@@ -74,9 +94,11 @@ PRESETS["cvae-cifar"] = ("cvae", PRESETS["cifar-seed"][1])
 PRESETS["cvae-conv"] = ("cvae", PRESETS["conv"][1])
 # the zoo (docs/model-zoo.md): VAE objectives and priors over the same networks, layer for layer; <name>-mnist on
 # mnist-small's networks (28x28 gray), <name>-conv on conv's (input shape from the dataset)
-ZOO = ("iwae", "btcvae", "infovae", "rae", "vamp")  # model types, also the presets' name prefixes
+ZOO = ("iwae", "btcvae", "infovae", "rae", "vamp", "iaf", "ladder", "vqvae")  # model types, also the presets' prefixes
+# where a zoo model's code is not mnist-small's vector: the VQ-VAE quantises the 7x7 feature map of two convs
+ZOO_MNIST_FIELDS = {"vqvae": dict(channels=(32, 64), latent_dim=16)}
 for _type in ZOO:
-    PRESETS[f"{_type}-mnist"] = (_type, PRESETS["mnist-small"][1])
+    PRESETS[f"{_type}-mnist"] = (_type, {**PRESETS["mnist-small"][1], **ZOO_MNIST_FIELDS.get(_type, {})})
     PRESETS[f"{_type}-conv"] = (_type, PRESETS["conv"][1])
 # fields a preset pins to its input shape: a dataset of another shape is an error, not a resize
 SHAPE_FIELDS = ("in_channels", "image_size")

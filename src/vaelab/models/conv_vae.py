@@ -190,6 +190,14 @@ class ConvVAE(nn.Module):
         plane = self.decoder_log_sigma().to(logits.dtype).expand(logits.shape)
         return torch.cat([logits, plane], dim=1)
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one code: ``(latent_dim,)`` (a spatial first stage such as ``KLVAE`` gives ``(C, h, w)``;
+        its ``z`` is still passed around flattened to ``latent_dim = C * h * w``). Codes travel flattened to
+        ``prod(latent_shape)`` numbers (``encode``'s ``mu``, what ``decode`` takes): ``latent_dim`` for every model
+        but the VQ-VAE, whose ``latent_dim`` is the size of one codebook vector of its ``(latent_dim, h, w)`` grid."""
+        return (self.config.latent_dim,)
+
     def decoder_in(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The decoder's input vector for codes ``z`` (``y`` ignored; the conditional VAE appends the label)."""
         return z
@@ -241,6 +249,26 @@ class ConvVAE(nn.Module):
         device = next(self.parameters()).device
         return torch.randn(n, self.config.latent_dim, device=generator.device if generator is not None else device,
                            generator=generator).to(device)
+
+    def importance_samples(self, x: torch.Tensor, k: int, *, y: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k`` draws from the posterior per image, for importance sampling (the IWAE bound of ``vaelab evaluate``).
+
+        Returns ``(z, log_ratio)``: ``z`` ``(B, k, latent_dim)``, the decoder's input, and ``log_ratio`` ``(B, k)``
+        float32, ``log p(z) - log q(z | x)`` in nats over every latent variable of the model (so that
+        ``log p(x | z) + log_ratio`` is the log importance weight, Burda et al. 2016, eq. 8). Here ``q`` is the
+        diagonal Gaussian of ``encode`` and ``p`` the model's ``log_prior``; models with another posterior (a
+        flow) or more latent variables (a hierarchy) override it. The noise is one ``(B, k, latent_dim)`` draw
+        of standard normals from ``generator``.
+        """
+        mu, logvar = self.encode(x, y=y)
+        b, d = mu.shape
+        eps = torch.randn((b, k, d), device=x.device, dtype=mu.dtype, generator=generator)
+        z = mu[:, None] + (0.5 * logvar).exp()[:, None] * eps  # (B, k, D)
+        log_q = (-0.5 * eps.pow(2) - 0.5 * logvar[:, None] - 0.5 * math.log(2 * math.pi)).float().sum(2)
+        yk = y.repeat_interleave(k) if y is not None else None
+        log_p = self.log_prior(z.reshape(b * k, d), y=yk).reshape(b, k)
+        return z, log_p - log_q
 
     def loss(
         self,

@@ -17,21 +17,18 @@ The UNet works on pixels in ``[-1, 1]``; images go in and come out in ``config.p
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
 from vaelab.data.pixels import PIXEL_RANGES, from_symmetric, to_symmetric
 from vaelab.errors import ConfigError
-
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
-DEFAULT_DDIM_STEPS = 50
-DEFAULT_DPM_STEPS = 20
+from vaelab.models.diffusion import SAMPLERS, check_count, check_labels, make_scheduler  # noqa: F401 (SAMPLERS: re-exported)
 
 
 @dataclass
@@ -127,14 +124,31 @@ class DenoisingLoss:
     t: torch.Tensor
 
 
-def _check_count(n) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"n must be a positive integer, got {n!r}")
+class DeviceAttnProcessor:
+    """diffusers' attention, by device: the classic ``AttnProcessor`` (baddbmm + softmax) on a CPU,
+    ``AttnProcessor2_0`` (``scaled_dot_product_attention``) elsewhere. Same arithmetic; on this project's
+    CPU the fused SDPA kernel under bf16 autocast took 11 % of a ``ddpm-28`` training step and the classic
+    one made the step ~14 % faster (``benchmarks/profile_step.py``, docs/architecture.md "Speed")."""
+
+    def __init__(self):
+        self.cpu, self.accelerator = AttnProcessor(), AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        proc = self.cpu if hidden_states.device.type == "cpu" else self.accelerator
+        return proc(attn, hidden_states, *args, **kwargs)
+
+
+def use_device_attention(unet: nn.Module) -> nn.Module:
+    """Give every diffusers ``Attention`` layer of ``unet`` a ``DeviceAttnProcessor``; returns ``unet``."""
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(DeviceAttnProcessor())
+    return unet
 
 
 def _unet(config: DDPMConfig) -> UNet2DModel:
     levels = len(config.widths)
-    return UNet2DModel(
+    return use_device_attention(UNet2DModel(
         sample_size=config.image_size,
         in_channels=config.in_channels,
         out_channels=config.in_channels,
@@ -146,7 +160,7 @@ def _unet(config: DDPMConfig) -> UNet2DModel:
         attention_head_dim=config.attention_head_dim,
         dropout=config.dropout,
         num_class_embeds=config.num_classes if config.class_conditional else None,
-    )
+    ))
 
 
 class DDPM(nn.Module):
@@ -178,50 +192,15 @@ class DDPM(nn.Module):
         return sum(p.numel() for p in self.unet.parameters())
 
     def make_scheduler(self, sampler: str, steps: int | None = None):
-        """A fresh diffusers scheduler for ``sampler`` (``"ddpm"``, ``"ddim"`` or ``"dpm-solver"``) set to
-        ``steps`` denoising steps.
-
-        ``steps`` defaults to ``T`` for ``ddpm``, 50 for ``ddim`` and 20 for ``dpm-solver``.
-
-        Raises:
-            ConfigError: unknown sampler, or ``steps`` not in ``[1, T]``.
-        """
+        """A fresh scheduler for ``sampler`` (``vaelab.models.diffusion.SAMPLERS``) set to ``steps`` steps,
+        predicted ``x_0`` clipped to [-1, 1]. Raises ``ConfigError`` for an unknown sampler or ``steps``
+        outside ``[1, T]``."""
         cfg = self.config
-        T = cfg.num_train_timesteps
-        schedule = dict(num_train_timesteps=T, beta_start=cfg.beta_start, beta_end=cfg.beta_end, beta_schedule="linear")
-        if sampler == "ddpm":
-            scheduler = DDPMScheduler(**schedule, variance_type="fixed_small", clip_sample=True, timestep_spacing="trailing")
-            steps = T if steps is None else steps
-        elif sampler == "ddim":
-            scheduler = DDIMScheduler(**schedule, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
-            steps = DEFAULT_DDIM_STEPS if steps is None else steps
-        elif sampler == "dpm-solver":
-            # DPM-Solver++(2M); "trailing" so a short chain starts from pure noise at t = T - 1 like the others
-            with warnings.catch_warnings():  # diffusers' np.array(tensor) call warns under numpy 2
-                warnings.simplefilter("ignore", DeprecationWarning)
-                scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2,
-                                                        timestep_spacing="trailing")
-            steps = DEFAULT_DPM_STEPS if steps is None else steps
-        else:
-            raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-            raise ConfigError(f"{sampler} steps must be an integer in [1, {T}] (the model was trained with T={T}), got {steps!r}")
-        scheduler.set_timesteps(steps)
-        return scheduler
+        return make_scheduler(sampler, steps, num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                              beta_end=cfg.beta_end, clip_sample=True)
 
     def _labels(self, y: torch.Tensor | None, n: int, device: torch.device, *, sampling: bool) -> torch.Tensor | None:
-        if not self.conditional:
-            return None  # an unconditional model ignores labels (one signature for every model)
-        if y is None:
-            if not sampling:
-                raise ConfigError("this DDPM is class-conditional: loss() needs labels y")
-            return torch.arange(n, device=device) % self.config.num_classes
-        if y.shape != (n,) or y.dtype != torch.int64:
-            raise ConfigError(f"y must be int64 of shape ({n},), got {tuple(y.shape)} {y.dtype}")
-        k = self.config.num_classes
-        if n and (int(y.min()) < 0 or int(y.max()) >= k):
-            raise ConfigError(f"class labels must lie in 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
-        return y.to(device)
+        return check_labels(self, y, n, device, sampling=sampling)
 
     # ------------------------------------------------------------------ model contract
 
@@ -298,7 +277,7 @@ class DDPM(nn.Module):
             y: ``(n,)`` int64 labels for a conditional model (``None``: ``arange(n) % num_classes``).
             generator: for the initial noise and the DDPM sampler's noise.
             sampler: ``"ddpm"`` (ancestral, ``steps`` default ``T``), ``"ddim"`` (eta 0, default 50) or
-                ``"dpm-solver"`` (DPM-Solver++ 2M, default 20).
+                ``"dpmsolver++"`` (DPM-Solver++ 2M, default 20).
             steps: network evaluations, in ``[1, T]``.
             ema: use the EMA weights (default) or the trained ones.
             snapshots: keep about this many intermediate states, evenly spaced over the steps.
@@ -311,7 +290,7 @@ class DDPM(nn.Module):
         Raises:
             ConfigError: bad sampler, steps, ``n`` or labels.
         """
-        _check_count(n)
+        check_count(n)
         scheduler = self.make_scheduler(sampler, steps)
         net = self.ema_unet if ema else self.unet
         device = self.ema_updates.device
@@ -350,7 +329,7 @@ class DDPM(nn.Module):
         evaluations per batch) on ``batch_size`` images at a time, which bounds memory.
         Raises ``ConfigError`` for a bad sampler, steps, ``n`` or labels, before any work.
         """
-        _check_count(n)
+        check_count(n)
         self.make_scheduler(sampler, steps)  # validate before any work
         device = self.ema_updates.device
         y = self._labels(y, n, device, sampling=True)

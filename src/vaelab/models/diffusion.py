@@ -1,0 +1,84 @@
+"""What the pixel DDPM and latent diffusion share: diffusers' noise schedulers for sampling, and
+checks of sample counts and class labels.
+
+Samplers (all on "trailing" timesteps, Lin et al. 2024 table 2, so a chain shorter than ``T`` starts
+at ``t = T - 1`` from pure noise):
+
+- ``ddpm``: ``DDPMScheduler``, ancestral sampling (Ho et al. 2020, algorithm 2; sigma_t^2 = beta~_t), ``T`` steps;
+- ``ddim``: ``DDIMScheduler`` with eta = 0 (Song et al. 2021), deterministic, 50 steps by default;
+- ``dpmsolver++``: ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``
+  (DPM-Solver++(2M), Lu et al. 2022), deterministic, 20 steps by default.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from vaelab.errors import ConfigError
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20}  # ddpm: T
+
+
+def default_steps(sampler: str, num_train_timesteps: int) -> int:
+    """Steps of ``sampler`` when none are given: ``T`` for ``ddpm``, ``DEFAULT_STEPS`` otherwise."""
+    return num_train_timesteps if sampler == "ddpm" else DEFAULT_STEPS[sampler]
+
+
+def make_scheduler(sampler: str, steps: int | None, *, num_train_timesteps: int, beta_start: float, beta_end: float,
+                   beta_schedule: str = "linear", clip_sample: bool):
+    """A fresh diffusers scheduler for ``sampler`` set to ``steps`` denoising steps (default ``default_steps``).
+
+    ``clip_sample`` clips the predicted ``x_0`` to [-1, 1] (pixels); latents are not bounded.
+
+    Raises:
+        ConfigError: unknown sampler, or ``steps`` not an integer in ``[1, T]``.
+    """
+    T = num_train_timesteps
+    schedule = dict(num_train_timesteps=T, beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule,
+                    timestep_spacing="trailing")
+    if sampler == "ddpm":
+        scheduler = DDPMScheduler(**schedule, variance_type="fixed_small", clip_sample=clip_sample)
+    elif sampler == "ddim":
+        scheduler = DDIMScheduler(**schedule, clip_sample=clip_sample, set_alpha_to_one=True)
+    elif sampler == "dpmsolver++":
+        with warnings.catch_warnings():  # diffusers' np.array(tensor) call warns under numpy 2
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
+    else:
+        raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    steps = default_steps(sampler, T) if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ConfigError(f"{sampler} steps must be an integer in [1, {T}] (the model was trained with T={T}), got {steps!r}")
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def check_count(n) -> None:
+    """Raises ``ConfigError`` unless ``n`` is a positive integer."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be a positive integer, got {n!r}")
+
+
+def check_labels(model, y: torch.Tensor | None, n: int, device: torch.device, *, sampling: bool) -> torch.Tensor | None:
+    """The labels a diffusion model conditions on: ``None`` for an unconditional model (labels ignored),
+    ``arange(n) % num_classes`` when sampling without labels, else ``y`` checked and on ``device``.
+
+    Raises:
+        ConfigError: labels missing in training, or not int64 ``(n,)`` in ``0..num_classes-1``.
+    """
+    if not model.conditional:
+        return None  # an unconditional model ignores labels (one signature for every model)
+    if y is None:
+        if not sampling:
+            raise ConfigError(f"this {type(model).__name__} is class-conditional: loss() needs labels y")
+        return torch.arange(n, device=device) % model.config.num_classes
+    if y.shape != (n,) or y.dtype != torch.int64:
+        raise ConfigError(f"y must be int64 of shape ({n},), got {tuple(y.shape)} {y.dtype}")
+    k = model.config.num_classes
+    if n and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise ConfigError(f"class labels must lie in 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
+    return y.to(device)
