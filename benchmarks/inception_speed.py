@@ -18,7 +18,7 @@ evaluate``), with the relative deviation of bf16 from fp32.
 Usage::
 
     python benchmarks/inception_speed.py [--batches 4] [--fid-n 10000] [--datasets mnist,fashion-mnist,cifar10]
-                                         [--data-root PATH] [--no-fid]
+                                         [--data-root PATH] [--no-fid | --no-speed]
 """
 
 from __future__ import annotations
@@ -102,10 +102,11 @@ def main() -> None:
     ap.add_argument("--datasets", default="mnist,fashion-mnist,cifar10")
     ap.add_argument("--data-root")
     ap.add_argument("--no-fid", action="store_true", help="the speed table only")
+    ap.add_argument("--no-speed", action="store_true", help="the FID table only")
     args = ap.parse_args()
     images = load_split("cifar10" if "cifar10" in args.datasets else "mnist", "test", args.data_root).images[:50]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {len(images)}")
-    lines = speed_table(images, args.batches)
+    lines = [] if args.no_speed else speed_table(images, args.batches)
     if not args.no_fid:
         lines += [""] + fid_table(args.datasets.split(","), args.fid_n, args.data_root)
     print("\n" + "\n".join(lines))

@@ -63,7 +63,7 @@ def load_image(path):
     from PIL import Image
 
     with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 8, channels: int = 3, seed: int = 0) -> dict:

@@ -45,15 +45,15 @@ def make_scheduler(sampler: str, steps: int | None, *, num_train_timesteps: int,
     elif sampler == "ddim":
         scheduler = DDIMScheduler(**schedule, clip_sample=clip_sample, set_alpha_to_one=True)
     elif sampler == "dpmsolver++":
-        with warnings.catch_warnings():  # diffusers' np.array(tensor) call warns under numpy 2
-            warnings.simplefilter("ignore", DeprecationWarning)
-            scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
+        scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
     else:
         raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     steps = default_steps(sampler, T) if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ConfigError(f"{sampler} steps must be an integer in [1, {T}] (the model was trained with T={T}), got {steps!r}")
-    scheduler.set_timesteps(steps)
+    with warnings.catch_warnings():  # DPM-Solver's np.array(tensor) call in diffusers warns under numpy 2
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scheduler.set_timesteps(steps)
     return scheduler
 
 
