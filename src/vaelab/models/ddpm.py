@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from vaelab.data.pixels import PIXEL_RANGES, from_symmetric, to_symmetric
 from vaelab.errors import ConfigError
-from vaelab.models.diffusion import SAMPLERS, check_count, check_labels, make_scheduler  # noqa: F401 (SAMPLERS: re-exported)
+from vaelab.models.diffusion import ema_update, SAMPLERS, check_count, check_labels, make_scheduler  # noqa: F401 (SAMPLERS: re-exported)
 
 
 @dataclass
@@ -246,17 +246,9 @@ class DDPM(nn.Module):
         """``loss(x, **kwargs)``: the call ``DistributedDataParallel`` wraps."""
         return self.loss(x, **kwargs)
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """One EMA update of ``ema_unet`` towards ``unet``; call after every optimiser step."""
-        if self._ema is None:
-            # EMAModel keeps its own copies; point them at ema_unet's parameters so the EMA lives in
-            # state_dict (saved with the model), and restore its step count (one host sync per load).
-            self._ema = EMAModel(self.ema_unet.parameters(), decay=self.config.ema_decay, foreach=True)
-            self._ema.optimization_step = int(self.ema_updates)
-        self._ema.shadow_params = list(self.ema_unet.parameters())
-        self._ema.step(self.unet.parameters())
-        self.ema_updates += 1
+        ema_update(self, self.unet, self.ema_unet)
 
     @torch.no_grad()
     def denoise(

@@ -16,6 +16,8 @@ import warnings
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.training_utils import EMAModel
+from torch import nn
 
 from vaelab.errors import ConfigError
 
@@ -82,3 +84,20 @@ def check_labels(model, y: torch.Tensor | None, n: int, device: torch.device, *,
     if n and (int(y.min()) < 0 or int(y.max()) >= k):
         raise ConfigError(f"class labels must lie in 0..{k - 1}, got {int(y.min())}..{int(y.max())}")
     return y.to(device)
+
+
+@torch.no_grad()
+def ema_update(model: nn.Module, trained: nn.Module, ema: nn.Module) -> None:
+    """One step of diffusers' ``EMAModel`` (decay ``model.config.ema_decay``) moving ``ema``'s weights
+    towards ``trained``'s, counted in the buffer ``model.ema_updates``.
+
+    ``EMAModel`` keeps its own copies; they are pointed at ``ema``'s parameters so the average lives in
+    the model's state dict (saved with it), and its step count is restored from ``ema_updates`` after a
+    load (one host sync per load). ``model._ema`` holds the ``EMAModel`` (``None`` until the first step).
+    """
+    if model._ema is None:
+        model._ema = EMAModel(ema.parameters(), decay=model.config.ema_decay, foreach=True)
+        model._ema.optimization_step = int(model.ema_updates)
+    model._ema.shadow_params = list(ema.parameters())
+    model._ema.step(trained.parameters())
+    model.ema_updates += 1

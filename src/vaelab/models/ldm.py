@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.models.ddpm import DenoisingLoss
-from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLERS, check_count, check_labels, make_scheduler  # noqa: F401
+from vaelab.models.diffusion import ema_update, DEFAULT_STEPS, SAMPLERS, check_count, check_labels, make_scheduler  # noqa: F401
 
 DENOISERS = ("mlp", "unet")
 BETA_SCHEDULES = ("linear", "scaled_linear")
@@ -398,15 +398,9 @@ class LDM(nn.Module):
         """``loss(x, **kwargs)``: the call ``DistributedDataParallel`` wraps."""
         return self.loss(x, **kwargs)
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """One EMA update of ``ema_denoiser`` towards ``denoiser``; call after every optimiser step."""
-        if self._ema is None:
-            self._ema = EMAModel(self.ema_denoiser.parameters(), decay=self.config.ema_decay, foreach=True)
-            self._ema.optimization_step = int(self.ema_updates)
-        self._ema.shadow_params = list(self.ema_denoiser.parameters())
-        self._ema.step(self.denoiser.parameters())
-        self.ema_updates += 1
+        ema_update(self, self.denoiser, self.ema_denoiser)
 
     def _guided_eps(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
                     guidance: float) -> torch.Tensor:
