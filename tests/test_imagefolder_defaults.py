@@ -85,7 +85,7 @@ def test_a_diffusion_model_on_a_folder_gets_the_generic_defaults_only():
 
 @pytest.fixture(scope="module")
 def digits16(tmp_path_factory, shared_datasets):
-    """The issue's case: 1,370 MNIST train (1,302 after the validation hold-out) and 300 test digits resized
+    """A small digit folder: 1,370 MNIST train (1,302 after the validation hold-out) and 300 test digits resized
     to 16x16 (bilinear), as an image folder of PNGs."""
     root = tmp_path_factory.mktemp("digits16")
     for split, n in (("train", 1370), ("test", 300)):

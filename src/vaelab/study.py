@@ -455,16 +455,17 @@ STAGES = {"data": _data, "train": _train, "synth": _synth, "cas": _cas, "evaluat
 # ---------------------------------------------------------------------------- claims
 
 
-def _walk(out: Path, study: Study, ref: dict) -> tuple[Any, Any]:
-    """``(value, the dict holding it)`` of ``ref``'s dotted key in its stage's output JSON (``None``s when absent)."""
+def _walk(out: Path, study: Study, ref: dict) -> tuple[Any, list]:
+    """``(value, the containers on its path)`` of ``ref``'s dotted key in its stage's output JSON
+    (``(None, [])`` when absent)."""
     stage = study.stage(ref["stage"])
     path = out / stage["name"] / KINDS[stage["kind"]]["done"]
     if not path.is_file():
-        return None, None
+        return None, []
     node: Any = read_json(path, remedy=_stage_remedy(study, out, stage["name"]))
-    parent = None
+    parents = []
     for part in str(ref["key"]).split("."):
-        parent = node
+        parents.append(node)
         if isinstance(node, list) and part.lstrip("-").isdigit():
             index = int(part)
             node = node[index] if -len(node) <= index < len(node) else None
@@ -473,8 +474,8 @@ def _walk(out: Path, study: Study, ref: dict) -> tuple[Any, Any]:
         else:
             node = None
         if node is None:
-            return None, None
-    return node, parent
+            return None, []
+    return node, parents
 
 
 def lookup(out: Path, study: Study, ref: dict) -> float | None:
@@ -487,10 +488,11 @@ def lookup(out: Path, study: Study, ref: dict) -> float | None:
 
 
 def reduced_precision(out: Path, study: Study, ref: dict) -> bool:
-    """Whether the number ``ref`` names was measured with reduced-precision features (its entry says
-    ``feature_precision`` other than ``fp32``): such numbers never get a seed or paper verdict."""
-    _, parent = _walk(out, study, ref)
-    return isinstance(parent, dict) and parent.get("feature_precision", "fp32") != "fp32"
+    """Whether the number ``ref`` names was measured with reduced-precision features (an entry on its
+    path, e.g. ``fid`` for ``fid.floor.value``, says ``feature_precision`` other than ``fp32``): such
+    numbers never get a seed or paper verdict."""
+    _, parents = _walk(out, study, ref)
+    return any(isinstance(p, dict) and p.get("feature_precision", "fp32") != "fp32" for p in parents)
 
 
 def budget_changes(study: Study, name: str) -> bool:

@@ -233,14 +233,14 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
 
 def make_optimizer(model: torch.nn.Module, *, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
                    fused: bool | None = None) -> torch.optim.Adam:
-    """vaelab's optimiser: Adam (Kingma & Ba 2015) over the trainable parameters.
+    """vaelab's optimiser: Adam (Kingma & Ba 2015) over the model's parameters.
 
     ``fused`` (default: on where torch has a fused kernel for the parameters' device, CPU and CUDA):
     one kernel for all parameter updates instead of a loop of small ones; the same update rule, equal
     up to float rounding. Its state dict is the same as the unfused optimiser's (checkpoints resume either way).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if fused is None:
+    params = list(model.parameters())  # frozen ones (a DDPM's EMA copy) get no gradient and no update; kept so
+    if fused is None:                  # optimizer state dicts match the checkpoints of every earlier run
         fused = bool(params) and params[0].device.type in ("cpu", "cuda") and params[0].is_floating_point()
     return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 

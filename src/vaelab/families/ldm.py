@@ -35,6 +35,7 @@ NOT_APPLICABLE = {
              "(evaluate the first-stage run)",
     "nll": "no likelihood bound is computed for latent diffusion",
     "latent": "the latent code is the first stage's (evaluate the first-stage run)",
+    "disentanglement": "the latent code is the first stage's (evaluate the first-stage run)",
 }
 DEFAULT_SAMPLER = "dpmsolver++"
 OPTIONS = {"guidance": "classifier-free guidance scale w >= 0 (1: conditional only; class-conditional models)"}
@@ -199,7 +200,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
                    draw=draw)
 
 
-def comparison_samplers(model, run=None, *, ddim_steps: int = 50) -> list[Sampler]:
+def comparison_samplers(model, run=None, *, ddim_steps: int = DEFAULT_STEPS["ddim"]) -> list[Sampler]:
     """DPM-Solver++ with 20 steps, then DDIM with ``ddim_steps`` steps (no guidance)."""
     return [sampler(model, run, sampler="dpmsolver++"), sampler(model, run, sampler="ddim", steps=ddim_steps)]
 

@@ -37,7 +37,7 @@ from vaelab.errors import ConfigError
 from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks, gather_rows
 from vaelab.losses import likelihood_note
 from vaelab.metrics.latent import COLLAPSE_KL_NATS, active_units
-from vaelab.models import PRESETS
+from vaelab.models import MODEL_TYPES, PRESETS
 from vaelab.runtime import Distributed
 from vaelab.tblog import add_grid
 
@@ -128,7 +128,9 @@ def data_defaults(config, stats) -> dict[str, str]:
             "near-binary images, where the Bernoulli likelihood is the usual choice (as for MNIST)" if binary else
             f"{CONTINUOUS_LIKELIHOOD}: continuous pixel values (only {stats.near_binary:.0%} within 10% of black or "
             f"white, < {NEAR_BINARY:.0%}{'' if config.pixel_range == '[0,1]' else '; Bernoulli needs [0,1] pixels'})")
-    if "image_size" not in PRESETS[config.model][1]:
+    model_type, preset = PRESETS[config.model]
+    # a network sized from the data; a config class may opt out (kl-f4: no fully connected layer)
+    if "image_size" not in preset and getattr(MODEL_TYPES[model_type][0], "sized_from_data", True):
         side = min(stats.height, stats.width)
         n = max(1, min(len(WIDTHS), int(math.log2(max(side // 4, 1)))))
         args = config.model_args

@@ -19,11 +19,11 @@ The network runs on one of two engines (``load_inception(engine=...)``), with th
   nothing is downloaded), run by the OpenVINO CPU runtime with ``INFERENCE_PRECISION_HINT=f32``
   (without it, CPUs with AMX or AVX-512 BF16 silently run bf16). ``tests/test_inception.py`` shows its
   2048-d features equal the torch path's (max relative error <= 1e-4). On the 2-core development CPU it
-  runs 2.3x as many images per second as torch (``benchmarks/inception_speed.py``).
+  runs 1.85x as many images per second as torch (18.5 vs 10.0, ``benchmarks/inception_speed.py``).
 - ``torch``: the TorchScript itself (channels_last); the default on CUDA, or when OpenVINO is missing.
 
 ``precision="bf16"`` is the reduced-precision mode (OpenVINO's bf16 hint on CPU, autocast on CUDA):
-about 2x faster again, features within ~3 % and FIDs within ~0.5 % of fp32 (docs/evaluation.md); it
+about 2x faster again, features within ~4 % (max relative difference) and FIDs close to fp32's (docs/speed.md); it
 has its own cached reference statistics, and every number made with it says so (``feature_precision``).
 
 Preprocessing is pytorch-fid's (``InceptionV3.forward`` with ``resize_input`` and
@@ -165,8 +165,13 @@ def _openvino_ir(net: nn.Module, weights: dict) -> Path:
             warnings.simplefilter("ignore")
             model = ov.convert_model(net, example_input=torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
         ov.save_model(model, tmp / "inception.xml", compress_to_fp16=False)
-        shutil.rmtree(folder, ignore_errors=True)  # a half-written folder of an interrupted conversion
-        os.replace(tmp, folder)
+        if not (folder / "inception.bin").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a half-written folder of an interrupted conversion
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a torchrun rank) finished the same conversion first: use its copy
+            if not (folder / "inception.bin").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return xml
@@ -290,7 +295,7 @@ def load_inception(path: str | Path | None = None, *, device: str | torch.device
         engine: ``auto`` (``openvino`` on a CPU when installed, else ``torch``), ``openvino`` (CPU
             only) or ``torch``.
         precision: ``fp32`` (default, the paper-comparable features) or ``bf16`` (reduced precision:
-            faster, FIDs within ~0.5 %; results made with it are labelled and get no seed verdicts).
+            faster, FIDs close to fp32's (docs/speed.md); results made with it are labelled and get no seed verdicts).
 
     Raises:
         ConfigError: see ``find_inception_weights`` and ``fidelity_net``; an unknown engine or

@@ -128,7 +128,7 @@ class DeviceAttnProcessor:
     """diffusers' attention, by device: the classic ``AttnProcessor`` (baddbmm + softmax) on a CPU,
     ``AttnProcessor2_0`` (``scaled_dot_product_attention``) elsewhere. Same arithmetic; on this project's
     CPU the fused SDPA kernel under bf16 autocast took 11 % of a ``ddpm-28`` training step and the classic
-    one made the step ~14 % faster (``benchmarks/profile_step.py``, docs/architecture.md "Speed")."""
+    one made the step ~14 % faster (``benchmarks/profile_step.py``, docs/speed.md)."""
 
     def __init__(self):
         self.cpu, self.accelerator = AttnProcessor(), AttnProcessor2_0()

@@ -33,6 +33,7 @@ class KLVAEConfig(ConvVAEConfig):
     ``latent_channels`` the latent map's channels; ``latent_dim`` is derived (``latent_channels * h * w``;
     a given value must equal it); there is no fully connected layer (``fc_hidden`` must stay ``None``)."""
 
+    sized_from_data = False  # image-folder defaults leave its widths alone (it has no fc_hidden to size)
     channels: tuple[int, ...] = (64, 128)
     latent_channels: int = 4
     latent_dim: int | None = None

@@ -21,7 +21,6 @@ weighs both. ``z = z1`` is the decoder's code: ``encode`` gives ``q(z1 | x, z2)`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.models.ddpm import DenoisingLoss
-from vaelab.models.diffusion import ema_update, DEFAULT_STEPS, SAMPLERS, check_count, check_labels, make_scheduler  # noqa: F401
+from vaelab.models.diffusion import SAMPLERS, check_count, check_labels, ema_update, make_scheduler  # noqa: F401 (SAMPLERS: re-exported)
 
 DENOISERS = ("mlp", "unet")
 BETA_SCHEDULES = ("linear", "scaled_linear")
