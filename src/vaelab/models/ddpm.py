@@ -26,9 +26,9 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from vaelab.data.pixels import PIXEL_RANGES, from_symmetric, to_symmetric
+from vaelab.data.pixels import from_symmetric, to_symmetric
 from vaelab.errors import ConfigError
-from vaelab.models.diffusion import ema_update, SAMPLERS, check_count, check_labels, make_scheduler  # noqa: F401 (SAMPLERS: re-exported)
+from vaelab.models.diffusion import check_schedule_fields, ema_update, SAMPLERS, check_count, check_labels, make_scheduler  # noqa: F401 (SAMPLERS: re-exported)
 
 
 @dataclass
@@ -96,12 +96,7 @@ class DDPMConfig:
             raise ConfigError(f"class_conditional needs num_classes >= 2 (from the dataset), got {self.num_classes}")
         if self.num_train_timesteps < 1:
             raise ConfigError(f"num_train_timesteps must be positive, got {self.num_train_timesteps}")
-        if not 0.0 < self.beta_start < self.beta_end < 1.0:
-            raise ConfigError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.pixel_range not in PIXEL_RANGES:
-            raise ConfigError(f"pixel_range must be one of {PIXEL_RANGES}, got {self.pixel_range!r}")
+        check_schedule_fields(self)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
@@ -101,3 +102,17 @@ def ema_update(model: nn.Module, trained: nn.Module, ema: nn.Module) -> None:
     model._ema.shadow_params = list(ema.parameters())
     model._ema.step(trained.parameters())
     model.ema_updates += 1
+
+
+def check_schedule_fields(config) -> None:
+    """Checks the fields every diffusion config shares: ``beta_start``, ``beta_end``, ``ema_decay``, ``pixel_range``.
+
+    Raises:
+        ConfigError: not ``0 < beta_start < beta_end < 1``, ``ema_decay`` outside ``[0, 1)``, an unknown pixel range.
+    """
+    if not 0.0 < config.beta_start < config.beta_end < 1.0:
+        raise ConfigError(f"need 0 < beta_start < beta_end < 1, got {config.beta_start} and {config.beta_end}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    if config.pixel_range not in PIXEL_RANGES:
+        raise ConfigError(f"pixel_range must be one of {PIXEL_RANGES}, got {config.pixel_range!r}")

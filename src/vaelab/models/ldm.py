@@ -41,10 +41,9 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.models.ddpm import DenoisingLoss
-from vaelab.models.diffusion import SAMPLERS, check_count, check_labels, ema_update, make_scheduler  # noqa: F401 (SAMPLERS: re-exported)
+from vaelab.models.diffusion import SAMPLERS, check_schedule_fields, check_count, check_labels, ema_update, make_scheduler  # noqa: F401 (SAMPLERS: re-exported)
 
 DENOISERS = ("mlp", "unet")
 BETA_SCHEDULES = ("linear", "scaled_linear")
@@ -119,12 +118,7 @@ class LDMConfig:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
-        if not 0.0 < self.beta_start < self.beta_end < 1.0:
-            raise ConfigError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.pixel_range not in PIXEL_RANGES:
-            raise ConfigError(f"pixel_range must be one of {PIXEL_RANGES}, got {self.pixel_range!r}")
+        check_schedule_fields(self)
 
     def to_dict(self) -> dict:
         d = asdict(self)
