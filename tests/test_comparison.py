@@ -84,6 +84,17 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
     assert entries[1]["evaluation"]["fid"]["value"] != entries[2]["evaluation"]["fid"]["value"]
 
 
+def test_compare_without_sample_metrics_writes_no_sample_picture(two_runs, tmp_path, monkeypatch):
+    """--metrics recon,nll draws no samples: no compare_samples.png, and comparison.md names only what exists."""
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    out = compare_runs(list(two_runs), out=tmp_path / "cmp", metrics=["recon", "nll"], iwae_k=2, nll_subset=5, ddim_steps=5,
+                       timing_repeats=1, timing_max_steps=2, device="cpu")
+    report = json.loads((out / "comparison.json").read_text())
+    assert all("samples" not in e["pictures"] for e in report["entries"])
+    assert "recon" in report["entries"][0]["evaluation"] and "recon" in report["entries"][3]["evaluation"]["not_applicable"]
+    assert not (out / "compare_samples.png").exists() and "compare_samples.png" not in (out / "comparison.md").read_text()
+
+
 def test_time_generation_counts_one_batch_per_call():
     model = build_model(build_config("ddpm", data_shape=(1, 8, 8), widths=(8, 16), layers_per_block=1,
                                      norm_num_groups=4, num_train_timesteps=12)).eval()

@@ -324,9 +324,9 @@ def test_sampler_options_on_a_vae_run_are_rejected(tmp_path):
     assert main(["evaluate", "--run", str(run), "--sampler", "ddim", "--metrics", "confidence"]) == 2
 
 
-def test_cpu_attention_is_the_same_arithmetic_as_sdpa():
+def test_cpu_attention_is_the_same_arithmetic_as_sdpa(caplog):
     """The UNet's attention runs diffusers' classic processor on a CPU (faster there under bf16) and
-    scaled_dot_product_attention elsewhere: the same outputs."""
+    scaled_dot_product_attention elsewhere: the same outputs, and no warning from diffusers per call."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     from vaelab.models.ddpm import DeviceAttnProcessor
@@ -335,8 +335,10 @@ def test_cpu_attention_is_the_same_arithmetic_as_sdpa():
     layers = [m for m in model.unet.modules() if isinstance(m, Attention)]
     assert layers and all(isinstance(m.processor, DeviceAttnProcessor) for m in layers)
     x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level("WARNING"):
         ours = model.unet(x, t).sample
+    assert not [r for r in caplog.records if r.name.startswith("diffusers")], caplog.text
+    with torch.no_grad():
         for m in layers:
             m.set_processor(AttnProcessor2_0())
         sdpa = model.unet(x, t).sample

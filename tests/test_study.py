@@ -119,19 +119,22 @@ def test_mnist_study_end_to_end_then_an_interruption_resumes(tmp_path, monkeypat
         run_study(REPO / "studies" / "mnist-fid.yaml", budget="quick", out=out, device="cpu")
 
 
+SHAPES_STUDY = (
+    "name: s\nstages:\n"
+    "  - {name: shapes, kind: data, generator: shapes, image_size: 16, scales: 2, orientations: 3, positions: 3,"
+    " test_fraction: 0.3}\n"
+    "  - {name: vae, kind: train, data: shapes, set: {model: conv, latent_dim: 3, epochs: 1, batch_size: 16,"
+    " model_args: {channels: [4, 8], fc_hidden: 16}, recon_likelihood: bernoulli, tensorboard: false}}\n"
+    "  - {name: ev, kind: evaluate, run: vae, metrics: [disentanglement]}\n"
+    "claims:\n"
+    "  - {id: mig, claim: MIG, ours: {stage: ev, key: disentanglement.mig.mig}, verdict: {rule: report}}\n"
+    "budgets: {smaller: {data: {image_size: 8, positions: 1}}}\n")
+
+
 def test_a_data_stage_generates_the_dataset_its_train_stages_use(tmp_path):
     """A study on generated shapes: data -> train (on that data) -> evaluate with MIG / DCI, then claims."""
     path = tmp_path / "s.yaml"
-    path.write_text(
-        "name: s\nstages:\n"
-        "  - {name: shapes, kind: data, generator: shapes, image_size: 16, scales: 2, orientations: 3, positions: 3,"
-        " test_fraction: 0.3}\n"
-        "  - {name: vae, kind: train, data: shapes, set: {model: conv, latent_dim: 3, epochs: 1, batch_size: 16,"
-        " model_args: {channels: [4, 8], fc_hidden: 16}, recon_likelihood: bernoulli, tensorboard: false}}\n"
-        "  - {name: ev, kind: evaluate, run: vae, metrics: [disentanglement]}\n"
-        "claims:\n"
-        "  - {id: mig, claim: MIG, ours: {stage: ev, key: disentanglement.mig.mig}, verdict: {rule: report}}\n"
-        "budgets: {smaller: {data: {image_size: 8, positions: 1}}}\n")
+    path.write_text(SHAPES_STUDY)
     out = run_study(path, out=tmp_path / "out", device="cpu")
     assert (out / "shapes" / "manifest.json").is_file()
     from vaelab.run import Run
@@ -152,3 +155,22 @@ def test_a_data_stage_generates_the_dataset_its_train_stages_use(tmp_path):
         path.write_text(f"name: s\nstages: [{stage}]\nclaims: []\n")
         with pytest.raises(ConfigError, match=message):
             load_study(path)
+
+
+def test_chosen_stages_run_alone_and_share_the_folder(tmp_path):
+    """--stages: only the named stages run; one whose input is neither finished nor chosen is refused
+    before any work; the stage times of separate invocations end up in one stages.json."""
+    path = tmp_path / "s.yaml"
+    path.write_text(SHAPES_STUDY)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="stage vae needs stage shapes, which is not finished"):
+        run_study(path, out=out, device="cpu", stages=["vae"])
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="no stage named vea; stages: shapes, vae, ev"):
+        run_study(path, out=out, device="cpu", stages=["vea"])
+    run_study(path, out=out, device="cpu", stages=["shapes"])
+    assert (out / "shapes" / "manifest.json").is_file() and not (out / "vae").exists()
+    assert json.loads((out / "study.json").read_text())["claims"][0]["verdict"] == "not measured"
+    run_study(path, out=out, device="cpu", stages=["vae", "ev"])
+    assert set(json.loads((out / "stages.json").read_text())) == {"shapes", "vae", "ev"}
+    assert json.loads((out / "study.json").read_text())["claims"][0]["verdict"] == "reported"

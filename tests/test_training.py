@@ -94,6 +94,7 @@ def test_active_units_counts_a_planted_dead_dimension():
         ({"model": "cifar-seed"}, ConfigError, "expects 3x32x32 images but the dataset has 1x28x28"),
         ({"data_root": "/nonexistent/data"}, DataError, "not found"),
         ({"recon_likelihood": "poisson"}, ConfigError, "unknown recon_likelihood"),
+        ({"model_args": {"latent_dim": 4}}, ConfigError, r"model_args.latent_dim: .* top-level .* --latent-dim"),
     ],
 )
 def test_bad_input_fails_before_the_run_folder_exists(tmp_path, in_repo, overrides, error, message):

@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="full", help="full (the seed's settings) or a budget the file defines, e.g. quick")
     p.add_argument("--out", help="study folder (default runs/studies/<name>[-<budget>])")
     p.add_argument("--device", help="device for every stage (default: each stage's)")
+    p.add_argument("--stages", help="comma-separated stage names: run only these (their inputs must be finished "
+                                    "or listed); two processes may share a study folder with disjoint --stages")
     p = st.add_parser("report", help="check the claims against the stages finished so far (the others: not measured); "
                                      "writes study.md, study.json, report.html without running anything")
     p.add_argument("file", help="study file (studies/*.yaml)")
@@ -280,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             from vaelab.study import report_study, run_study
 
             if args.action == "run":
-                run_study(args.file, budget=args.budget, out=args.out, device=args.device)
+                run_study(args.file, budget=args.budget, out=args.out, device=args.device,
+                          stages=args.stages.split(",") if args.stages else None)
             else:
                 report_study(args.file, budget=args.budget, out=args.out)
         elif args.command == "report":

@@ -197,8 +197,10 @@ def compare_runs(
         }
         write_json(tmp / "comparison.json", report)
         write_text(tmp / "comparison.md", comparison_markdown(report))
-        plots.compare_samples([tmp / r["pictures"]["samples"] for r in results if "samples" in r["pictures"]],
-                              [r["label"] for r in results if "samples" in r["pictures"]], tmp / "compare_samples.png")
+        with_grids = [r for r in results if "samples" in r["pictures"]]
+        if with_grids:  # none when no metric drew samples (e.g. --metrics recon,nll)
+            plots.compare_samples([tmp / r["pictures"]["samples"] for r in with_grids],
+                                  [r["label"] for r in with_grids], tmp / "compare_samples.png")
         hists = [(r["label"], r["evaluation"]["confidence"]) for r in results if "confidence" in r["evaluation"]]
         if hists:
             plots.confidence_hist(hists, tmp / "confidence_hist.png")
@@ -311,6 +313,11 @@ def comparison_markdown(report: dict) -> str:
     warnings = sorted({w for r in entries for w in r["evaluation"].get("warnings", [])})
     if warnings:
         lines += ["", "## Warnings", *[f"- {w}" for w in warnings]]
-    lines += ["", "Pictures: compare_samples.png (samples side by side), confidence_hist.png (evaluator max-probability, "
-              "all entries and real test images)."]
+    pictures = []
+    if any("samples" in r["pictures"] for r in entries):
+        pictures.append("compare_samples.png (samples side by side)")
+    if any("confidence" in r["evaluation"] for r in entries):
+        pictures.append("confidence_hist.png (evaluator max-probability, all entries and real test images)")
+    if pictures:
+        lines += ["", f"Pictures: {', '.join(pictures)}."]
     return "\n".join(lines) + "\n"

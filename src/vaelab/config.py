@@ -210,6 +210,10 @@ class TrainConfig:
 
         for name in ("epochs", "batch_size", "log_every", "kl_cycles"):
             positive(name)
+        shadowed = sorted(set(self.model_args) & set(TOP_LEVEL_MODEL_FIELDS))
+        if shadowed:  # model_overrides() would let the top-level field win without a word
+            raise ConfigError(f"model_args.{shadowed[0]}: {shadowed[0]} is a top-level config field; set "
+                              f"{shadowed[0]}: ... (or --{shadowed[0].replace('_', '-')}) instead")
         positive("lr", integer=False)
         if self.recon_sigma is not None:  # None for models without a Gaussian decoder
             positive("recon_sigma", integer=False)
@@ -244,14 +248,7 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
 
     def model_overrides(self) -> dict[str, Any]:
-        values = {
-            **self.model_args,
-            "latent_dim": self.latent_dim,
-            "recon_likelihood": self.recon_likelihood,
-            "recon_sigma": self.recon_sigma,
-            "pixel_range": self.pixel_range,
-            "first_stage": self.first_stage,
-        }
+        values = {**self.model_args, **{k: getattr(self, k) for k in TOP_LEVEL_MODEL_FIELDS}}
         return {k: v for k, v in values.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +258,10 @@ class TrainConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+# model fields that are TrainConfig fields of their own (the CLI has a flag for each)
+TOP_LEVEL_MODEL_FIELDS = ("latent_dim", "recon_likelihood", "recon_sigma", "pixel_range", "first_stage")
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:

@@ -230,7 +230,8 @@ def default_out(study: Study) -> Path:
     return Path("runs") / "studies" / (study.name if study.budget == FULL else f"{study.name}-{study.budget}")
 
 
-def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = None, device: str | None = None) -> Path:
+def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = None, device: str | None = None,
+              stages: list[str] | None = None) -> Path:
     """Run every unfinished stage of a study, then write ``study.json``, ``study.md`` and ``report.html``.
 
     Args:
@@ -238,19 +239,25 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
         budget: ``full`` (the seed's settings) or a budget the file defines (e.g. ``quick``).
         out: the study folder (default ``runs/studies/<name>`` or ``runs/studies/<name>-<budget>``).
         device: passed to every stage (``None``: each stage's default).
+        stages: run only these stages (``None``: all). Two processes may work on one study folder with
+            disjoint ``stages`` (e.g. the long DDPM training beside the others): each writes only its
+            own stage folders, and ``stages.json`` is merged on every write.
 
     Returns:
         The study folder.
 
     Raises:
-        ConfigError: an invalid study file (before any work), or a folder holding another plan.
+        ConfigError: an invalid study file (before any work), a folder holding another plan, an unknown
+            name in ``stages``, or a chosen stage that needs a stage which is neither finished nor chosen.
     """
     study = load_study(path, budget=budget)
     out = Path(out) if out else default_out(study)
+    chosen = _chosen_stages(study, out, stages)
     _check_plan(out, study)
-    state = _read_state(out, study)
     for i, stage in enumerate(study.stages, 1):
         folder = out / stage["name"]
+        if stage["name"] not in chosen:
+            continue
         with _naming_the_stage(study, out, stage["name"]):
             if stage["kind"] == "train" and (folder / "config.yaml").is_file():
                 _check_same_run(folder, _train_config(study.path, stage, stage["name"], out))
@@ -262,10 +269,35 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
             print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']})")
             t0 = time.perf_counter()
             STAGES[stage["kind"]](study, stage, out, device)
+        state = _read_state(out, study)  # read again: another process may have finished other stages meanwhile
         state[stage["name"]] = {"kind": stage["kind"], "seconds": time.perf_counter() - t0,
                                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(out / "stages.json", state)
     return _write_reports(study, out)
+
+
+def _stage_refs(stage: dict) -> list[str]:
+    refs = []
+    for key in KINDS[stage["kind"]]["refs"]:
+        value = stage.get(key)
+        refs += [] if value is None else value if isinstance(value, list) else [value]
+    return refs
+
+
+def _chosen_stages(study: Study, out: Path, stages: list[str] | None) -> set[str]:
+    names = [s["name"] for s in study.stages]
+    if stages is None:
+        return set(names)
+    unknown = [n for n in stages if n not in names]
+    if unknown:
+        raise ConfigError(f"{study.path}: no stage named {', '.join(unknown)}; stages: {', '.join(names)}")
+    for name in stages:
+        for ref in _stage_refs(study.stage(name)):
+            done = out / ref / KINDS[study.stage(ref)["kind"]]["done"]
+            if ref not in stages and not done.is_file():
+                raise ConfigError(f"stage {name} needs stage {ref}, which is not finished in {out}; add it to "
+                                  f"--stages or run it first")
+    return set(stages)
 
 
 def report_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = None) -> Path:

@@ -16,7 +16,7 @@ from vaelab import plots
 from vaelab.data import ImageSplit
 from vaelab.errors import ConfigError
 from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks
-from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLERS, default_steps
+from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLER_NAMES, SAMPLERS, default_steps
 from vaelab.runtime import Distributed
 
 NAME = "ddpm"
@@ -163,7 +163,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
     def draw(n: int, generator: torch.Generator | None, y: torch.Tensor | None) -> torch.Tensor:
         return model.sample(n, y=y, generator=generator, sampler=name, steps=steps, batch_size=n)
 
-    label = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}[name]
+    label = SAMPLER_NAMES[name]
     return Sampler(name=name, options={"sampler": name, "steps": steps}, label=f"{label}, {steps} steps",
                    network_evaluations=steps, latent_space=f"{noise}; {how}", draw=draw)
 

@@ -19,7 +19,7 @@ from vaelab.errors import ConfigError
 from vaelab.families import ddpm
 from vaelab.families.base import Sampler, constant_labels, cycle_labels
 from vaelab.families.ddpm import VAE_ONLY
-from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLERS, default_steps
+from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLER_NAMES, SAMPLERS, default_steps
 from vaelab.models.ldm import first_stage_path
 
 NAME = "ldm"
@@ -185,7 +185,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
            "dpmsolver++": "DPM-Solver++ (2nd order multistep): deterministic"}[name]
     guided = model.conditional and guidance != 1.0
     spec = f"{name}:guidance={guidance:g}" if guided else name
-    label = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}[name] + f", {steps} steps"
+    label = SAMPLER_NAMES[name] + f", {steps} steps"
 
     def draw(n: int, generator: torch.Generator | None, y: torch.Tensor | None) -> torch.Tensor:
         return model.sample(n, y=y, generator=generator, sampler=name, steps=steps, guidance=guidance, batch_size=n)

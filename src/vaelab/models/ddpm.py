@@ -128,9 +128,11 @@ class DeviceAttnProcessor:
     def __init__(self):
         self.cpu, self.accelerator = AttnProcessor(), AttnProcessor2_0()
 
-    def __call__(self, attn, hidden_states, *args, **kwargs):
+    # the same named arguments as diffusers' processors: Attention.forward warns, on every call, about any
+    # keyword (the UNet's ``temb``) that the processor's signature does not name
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         proc = self.cpu if hidden_states.device.type == "cpu" else self.accelerator
-        return proc(attn, hidden_states, *args, **kwargs)
+        return proc(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
 def use_device_attention(unet: nn.Module) -> nn.Module:

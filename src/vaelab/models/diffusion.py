@@ -23,6 +23,7 @@ from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}  # as the papers write them
 DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20}  # ddpm: T
 
 
