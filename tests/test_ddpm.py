@@ -16,6 +16,7 @@ from vaelab.errors import ConfigError
 from vaelab.generation import sample_run
 from vaelab.models import MODEL_TYPES, PRESETS, build_config, build_model, load_model, preset_family, save_model
 from vaelab.models.ddpm import DDPM, DDPMConfig
+from vaelab.models.diffusion import make_scheduler
 from vaelab.run import Run
 from vaelab.training import resume, train
 
@@ -163,6 +164,34 @@ def test_only_the_ddpm_step_draws_fresh_noise(sampler, stochastic):
         t = scheduler.timesteps[0]
         outs.append(scheduler.step(eps, t, x_t, generator=torch.Generator().manual_seed(seed)).prev_sample)
     assert torch.equal(outs[0], outs[1]) != stochastic
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_every_pixel_sampler_clips_the_predicted_x0(sampler):
+    """Pixel samplers clip the predicted x_0 to [-1, 1] at every step; latent samplers do not. DDPM's posterior
+    mean and DPM-Solver++'s update (diffusers' thresholding with sample_max_value 1) depend on the noise
+    estimate only through x_0: a step from an estimate whose x_0 lies far outside equals the step from the
+    estimate whose x_0 is the clipped one. DDIM clips x_0 and keeps the model's estimate for its direction
+    term, as diffusers' DDIMPipeline does: its pred_original_sample is the clipped one."""
+    model = tiny(num_train_timesteps=50).eval()
+    g = torch.Generator().manual_seed(0)
+    x_t, eps = torch.randn(2, 1, 8, 8, generator=g), 3 * torch.randn(2, 1, 8, 8, generator=g)
+
+    def step(e, clip):
+        scheduler = make_scheduler(sampler, 10, num_train_timesteps=50, beta_start=1e-4, beta_end=0.02, clip_sample=clip)
+        return scheduler, scheduler.step(e, scheduler.timesteps[0], x_t, generator=torch.Generator().manual_seed(1))
+
+    scheduler, _ = step(eps, True)
+    a = scheduler.alphas_cumprod[scheduler.timesteps[0]]
+    x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    assert x0.abs().max() > 2
+    eps_clipped = (x_t - a.sqrt() * x0.clamp(-1, 1)) / (1 - a).sqrt()
+    for clip in (True, False):
+        if sampler == "ddim":
+            torch.testing.assert_close(step(eps, clip)[1].pred_original_sample, x0.clamp(-1, 1) if clip else x0)
+        else:
+            same = torch.allclose(step(eps, clip)[1].prev_sample, step(eps_clipped, clip)[1].prev_sample, atol=1e-5)
+            assert same == clip
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddim", 10), ("dpmsolver++", 10), ("dpmsolver++", 20)])

@@ -36,7 +36,9 @@ def make_scheduler(sampler: str, steps: int | None, *, num_train_timesteps: int,
                    beta_schedule: str = "linear", clip_sample: bool):
     """A fresh diffusers scheduler for ``sampler`` set to ``steps`` denoising steps (default ``default_steps``).
 
-    ``clip_sample`` clips the predicted ``x_0`` to [-1, 1] (pixels); latents are not bounded.
+    ``clip_sample`` clips the predicted ``x_0`` to [-1, 1] at every step (pixels; latents are not bounded),
+    for DPM-Solver++ through diffusers' dynamic thresholding with ``sample_max_value=1``, which reduces to
+    that clip (Saharia et al. 2022's percentile ``s`` clamped to [1, 1]).
 
     Raises:
         ConfigError: unknown sampler, or ``steps`` not an integer in ``[1, T]``.
@@ -49,7 +51,8 @@ def make_scheduler(sampler: str, steps: int | None, *, num_train_timesteps: int,
     elif sampler == "ddim":
         scheduler = DDIMScheduler(**schedule, clip_sample=clip_sample, set_alpha_to_one=True)
     elif sampler == "dpmsolver++":
-        scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
+        scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2,
+                                                thresholding=clip_sample, sample_max_value=1.0)
     else:
         raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     steps = default_steps(sampler, T) if steps is None else steps
