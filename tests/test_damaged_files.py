@@ -226,6 +226,21 @@ def test_damaged_evaluator_cache_is_trained_again_with_a_warning(tmp_path, monke
         assert ev.build_evaluator("mnist", data_root=tmp_path)[1]["cached"]
 
 
+def test_damaged_openvino_network_is_converted_again_with_a_warning(tmp_path, monkeypatch, capsys):
+    from vaelab.metrics import inception
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    before = inception.load_inception(engine="openvino")(x)
+    (folder,) = inception.cache_dir_of_ir().iterdir()
+    for name in ("inception.bin", "inception.xml"):
+        cut(folder / name)
+        capsys.readouterr()
+        torch.testing.assert_close(inception.load_inception(engine="openvino")(x), before, rtol=0, atol=0)
+        warnings = stderr_lines(capsys)
+        assert len(warnings) == 1 and str(folder) in warnings[0] and "converting the network again" in warnings[0]
+
+
 def test_damaged_dataset_cache_is_decoded_again_with_a_warning(tmp_path, capsys):
     from vaelab.data import cache_dir, load_split
 

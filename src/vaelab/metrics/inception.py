@@ -182,8 +182,15 @@ def openvino_net(net: nn.Module, weights: dict, precision: str = "fp32") -> Open
     many threads as torch uses (``torch.get_num_threads()``, i.e. ``OMP_NUM_THREADS`` where set)."""
     import openvino as ov
 
+    from vaelab.io import read_cache
+
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(_openvino_ir(net, weights)), "CPU", {
+    xml = _openvino_ir(net, weights)
+    model = read_cache(xml.parent, lambda p: core.read_model(p / "inception.xml"), redo="converting the network again")
+    if model is None:  # a damaged cached IR (cut .xml or .bin): convert again
+        shutil.rmtree(xml.parent)
+        model = core.read_model(_openvino_ir(net, weights))
+    compiled = core.compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
         "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"})
     return OpenVINONet(compiled)
