@@ -126,6 +126,14 @@ def test_conditional_unet_ldm_guidance_synth_and_cas(first_stages, tmp_path):
     sampler = family_of(model).sampler(model, run, sampler="dpmsolver++:guidance=2.5", steps=3)
     assert sampler.options["guidance"] == 2.5 and sampler.network_evaluations == 2 * 3
     assert sampler.draw(3, torch.Generator().manual_seed(0), y).shape == (3, 1, 28, 28)
+    # a speed measurement on a shortened chain keeps the guidance: two denoiser rows per image and step
+    from vaelab.metrics.speed import time_generation
+
+    rows = []
+    hook = model.ema_denoiser.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    t = time_generation(model, sampler, 3, repeats=1, max_steps=2)
+    hook.remove()
+    assert sum(rows) == 2 * (3 * 2 * 2) and t["method"].startswith("extrapolated") and "4 of the 6" in t["method"]
     with pytest.raises(ConfigError, match="unknown option"):
         family_of(model).sampler(model, run, sampler="ddim:scale=2")
     model.config.label_dropout = 0.0  # as if trained without label dropout: no unconditional estimate to guide with

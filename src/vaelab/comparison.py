@@ -166,6 +166,8 @@ def compare_runs(
                                               seed=seed) for n in TIMING_SIZES}
             n_eval = ddpm_num_samples if sampler.name == "ddpm" and ddpm_num_samples else num_samples
             print(f"comparing {label}: evaluate_run with {n_eval:,} samples")
+            shown = {"samples": "eval_samples.png", "confidence": "confidence_hist.png"}
+            before = {key: _mtime(run.path / src) for key, src in shown.items()}
             evaluation = evaluate_run(run.path, metrics=metrics, fid_features=fid_features, num_samples=n_eval,
                                       iwae_k=iwae_k, nll_subset=nll_subset, device=str(dev), seed=seed,
                                       sampler=sampler.options.get("sampler"), steps=sampler.options.get("steps"),
@@ -173,9 +175,10 @@ def compare_runs(
                                       inception_engine=inception_engine)
             slug = _slug(label)
             pictures = {}
-            # evaluate_run writes its pictures into the run folder; keep this entry's copies
-            for key, src in (("samples", "eval_samples.png"), ("confidence", "confidence_hist.png")):
-                if (run.path / src).is_file():
+            # evaluate_run writes its pictures into the run folder; keep this entry's copies (not older ones
+            # that an evaluation without samples left there)
+            for key, src in shown.items():
+                if _mtime(run.path / src) not in (None, before[key]):
                     pictures[key] = f"{key}_{slug}.png"
                     shutil.copyfile(run.path / src, tmp / pictures[key])
             results.append({
@@ -210,6 +213,10 @@ def compare_runs(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
 
 
 def _fmt(value, spec: str = ".4g") -> str:

@@ -24,6 +24,8 @@ class Sampler:
         latent_space: what is sampled to make an image, in words.
         draw: ``draw(n, generator, y)`` -> ``(n, C, H, W)`` float images in the model's pixel range;
             ``y`` int64 ``(n,)`` labels for a conditional model (``None`` otherwise). One call is one batch.
+        steps: the length of its chain of denoising steps where the family takes ``steps`` (diffusion),
+            ``None`` where it takes none (a VAE's samplers, also the PixelCNN prior's cell-by-cell pass).
     """
 
     name: str
@@ -32,6 +34,7 @@ class Sampler:
     network_evaluations: int
     latent_space: str
     draw: Callable[[int, torch.Generator | None, torch.Tensor | None], torch.Tensor] = field(repr=False)
+    steps: int | None = None
 
 
 def cycle_labels(model, n: int) -> torch.Tensor | None:

@@ -165,7 +165,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
 
     label = SAMPLER_NAMES[name]
     return Sampler(name=name, options={"sampler": name, "steps": steps}, label=f"{label}, {steps} steps",
-                   network_evaluations=steps, latent_space=f"{noise}; {how}", draw=draw)
+                   network_evaluations=steps, latent_space=f"{noise}; {how}", draw=draw, steps=steps)
 
 
 def comparison_samplers(model, run=None, *, ddim_steps: int = DEFAULT_STEPS["ddim"]) -> list[Sampler]:

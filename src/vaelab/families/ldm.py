@@ -197,7 +197,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
                    network_evaluations=steps * (2 if guided else 1),
                    latent_space=f"z_T ~ N(0, I) in R^{shape} (the first stage's posterior-mean space scaled by "
                                 f"{float(model.scale_factor):.4g}); {how}; decoded by the first stage",
-                   draw=draw)
+                   draw=draw, steps=steps)
 
 
 def comparison_samplers(model, run=None, *, ddim_steps: int = DEFAULT_STEPS["ddim"]) -> list[Sampler]:

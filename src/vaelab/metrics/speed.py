@@ -7,7 +7,6 @@ import time
 
 import torch
 
-from vaelab.errors import ConfigError
 from vaelab.families import Sampler, family_of
 from vaelab.runtime import synchronize
 
@@ -19,10 +18,10 @@ def time_generation(model, sampler: Sampler, n: int, *, repeats: int = 3, max_st
                     seed: int = 0) -> dict:
     """Seconds to draw ``n`` images in one batch: one warm-up call, then the median of ``repeats`` calls.
 
-    A sampler with more than ``max_steps`` network evaluations per image (a long diffusion chain) is
-    timed on a chain of ``max_steps`` steps from the same family and the median scaled by
-    ``steps / max_steps`` (every step is one network pass plus a scheduler update); the result says so.
-    A sampler whose family takes no step count (a VAE's PixelCNN prior, one pass per code cell) is timed whole.
+    A sampler with a chain of more than ``max_steps`` steps (a long diffusion chain) is timed on a chain
+    of ``max_steps`` steps of the same sampler and options (guidance included) and the median scaled by
+    the ratio of network evaluations (every step is the same passes plus a scheduler update); the result
+    says so. A sampler without ``steps`` (a VAE's, the PixelCNN prior's cell-by-cell pass) is timed whole.
 
     Returns:
         dict with ``seconds`` (for ``n`` images), ``samples_per_s``, ``runs_s`` (the timed calls),
@@ -31,11 +30,8 @@ def time_generation(model, sampler: Sampler, n: int, *, repeats: int = 3, max_st
     device = next(model.parameters()).device
     full = sampler.network_evaluations
     timed = sampler
-    if max_steps is not None and full > max_steps:
-        try:
-            timed = family_of(model).sampler(model, sampler=sampler.name, steps=max_steps)
-        except ConfigError:  # no chain of steps to shorten (a VQ-VAE's PixelCNN prior fills its grid cell by cell)
-            timed = sampler
+    if max_steps is not None and sampler.steps is not None and sampler.steps > max_steps:
+        timed = family_of(model).sampler(model, sampler=sampler.options["sampler"], steps=max_steps)
     y = family_of(model).sample_labels(model, n)
     y = None if y is None else y.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
