@@ -65,15 +65,16 @@ def resolve_config(config) -> None:
         raise ConfigError(f"model {config.model!r} diffuses the latents of a trained VAE: give its run folder with "
                           "--first-stage RUN_DIR (first_stage: in a config file)")
     config.first_stage = first_stage_path(config.first_stage)
-    saved = Path(config.first_stage) / "config.yaml"
-    if saved.is_file():
-        from vaelab.config import load_config
+    if (Path(config.first_stage) / "config.yaml").is_file():  # a folder without one is refused when the model is built
+        from vaelab.run import Run
 
-        first = load_config(saved)
+        first_run = Run(config.first_stage)
+        first = first_run.config
         for name in ("dataset", "pixel_range"):
             if getattr(first, name) != getattr(config, name):
                 raise ConfigError(f"{name} {getattr(config, name)!r} differs from the first stage's ({getattr(first, name)!r} "
-                                  f"in {saved}); a latent diffusion model trains on its first stage's data")
+                                  f"in {first_run.path / 'config.yaml'}); a latent diffusion model trains on its first "
+                                  "stage's data")
 
 
 def data_defaults(config, stats) -> dict[str, str]:
