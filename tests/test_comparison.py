@@ -79,7 +79,8 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
         train_rows = [json.loads(line) for line in (e["run"] and open(f"{e['run']}/metrics.jsonl"))]
         assert e["training"]["epoch_time_s"] == pytest.approx(train_rows[0]["epoch_time_s"])
     assert "recon" in entries[0]["evaluation"] and "recon" in entries[3]["evaluation"]["not_applicable"]
-    assert "n/a (no encoder)" in md and "z in R^3" in md and "| network passes per image | 1 | 1 | 2 | 20 | 5 |" in md
+    assert "- n/a, recon of ddpm (DDPM, DDPM, 20 steps), ddpm (DDPM, DDIM, 5 steps), ddpm (DDPM, DPM-Solver++, 20 steps): " \
+           "the model has no encoder" in md and "z in R^3" in md and "| network passes per image | 1 | 1 | 2 | 20 | 5 |" in md
     # the DDPM entry's numbers differ from the DDIM entry's: two separate evaluations
     assert entries[1]["evaluation"]["fid"]["value"] != entries[2]["evaluation"]["fid"]["value"]
 

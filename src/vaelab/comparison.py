@@ -248,8 +248,7 @@ def comparison_markdown(report: dict) -> str:
         node = r["evaluation"]
         for key in path:
             if not isinstance(node, dict) or key not in node:
-                why = r["evaluation"].get("not_applicable", {}).get(path[0])
-                return "n/a" + (" (no encoder)" if why else "")
+                return "n/a"
             node = node[key]
         return _fmt(node, spec)
 
@@ -316,7 +315,12 @@ def comparison_markdown(report: dict) -> str:
     if "confidence" in first:
         lines.append(f"- Confidence: the evaluator classifier's softmax on the generated samples (threshold "
                      f"{first['confidence']['generated']['confidence_threshold']}).")
-    lines.append("- Recon, -ELBO, IWAE NLL and active units need an encoder: n/a for diffusion models.")
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for r in entries:
+        for metric, why in r["evaluation"].get("not_applicable", {}).items():
+            reasons.setdefault((metric, why), []).append(r["label"])
+    for (metric, why), labels in reasons.items():
+        lines.append(f"- n/a, {metric} of {', '.join(dict.fromkeys(labels))}: {why.rstrip('.')}.")
     warnings = sorted({w for r in entries for w in r["evaluation"].get("warnings", [])})
     if warnings:
         lines += ["", "## Warnings", *[f"- {w}" for w in warnings]]
