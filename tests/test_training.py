@@ -43,6 +43,9 @@ def test_one_epoch_on_real_mnist_writes_every_output(trained_run):
     assert len(rows) == 1 and {"train_loss", "val_loss", "val_active_units", "lr", "beta"} <= set(rows[0])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"] == "MNIST" and summary["num_test_images"] == 1000 and summary["family"] == "vae"
+    # CPU time of the training process: positive, summed from the epochs, at most its threads x the wall time
+    assert summary["train_cpu_time_s"] == pytest.approx(sum(r["epoch_cpu_time_s"] for r in rows))
+    assert 0 < summary["train_cpu_time_s"] <= torch.get_num_threads() * summary["train_time_s"] * 1.1 + 0.5
     assert set(summary["captions"]) == {n for n in RUN_FILES if n.endswith(".png")}
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"] == "mnist-small"
     assert not list(run_dir.rglob("*.tmp*"))  # no temporary leftovers

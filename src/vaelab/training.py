@@ -195,11 +195,11 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
     tb = tblog.open_writer(run.path, enabled=config.tensorboard and dist.main, purge_step=start_epoch)
     try:
         for epoch in range(start_epoch, config.epochs + 1):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             sums, step, beta = _train_epoch(net, model, opt, scaler, data.train, config, dist, step=step, epoch=epoch,
                                             beta_for=beta_for)
             synchronize(device)
-            epoch_time = time.perf_counter() - t0
+            epoch_time, epoch_cpu = time.perf_counter() - t0, time.process_time() - cpu0
             elapsed += epoch_time
             loss, *means, n = dist.all_reduce(sums).tolist()
             val = family.evaluate(model, data.val, beta=config.beta, seed=config.seed, dist=dist)
@@ -209,7 +209,7 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
                 "epoch": epoch, "step": step, **({"beta": beta} if family.USES_BETA else {}), "lr": opt.param_groups[0]["lr"],
                 "train_loss": loss / n, **{f"train_{k}": v / n for k, v in zip(terms, means)},
                 **{f"val_{k}": v for k, v in val.items()},
-                "epoch_time_s": epoch_time, "images_per_s": n / epoch_time,
+                "epoch_time_s": epoch_time, "epoch_cpu_time_s": epoch_cpu, "images_per_s": n / epoch_time,
             }
             rows.append(row)
             if dist.main:
@@ -331,6 +331,8 @@ def finalize(run: Run, model, data: RunData, config: TrainConfig, dist: Distribu
         "steps": rows[-1]["step"] if rows else 0,
         **family.summary(model, data.test, config, test),
         "train_time_s": train_time_s,
+        # CPU seconds of this process (rank 0) over the epochs, all its threads; rows of runs that predate it lack it
+        "train_cpu_time_s": sum(r["epoch_cpu_time_s"] for r in rows) if all("epoch_cpu_time_s" in r for r in rows) else None,
         "train_images_per_s": images_seen / train_time_s if train_time_s else None,
         "precision": config.precision,
         "processes": dist.world_size,
