@@ -233,12 +233,11 @@ def test_damaged_openvino_network_is_converted_again_with_a_warning(tmp_path, mo
     x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     before = inception.load_inception(engine="openvino")(x)
     (folder,) = inception.cache_dir_of_ir().iterdir()
-    for name in ("inception.bin", "inception.xml"):
-        cut(folder / name)
-        capsys.readouterr()
-        torch.testing.assert_close(inception.load_inception(engine="openvino")(x), before, rtol=0, atol=0)
-        warnings = stderr_lines(capsys)
-        assert len(warnings) == 1 and str(folder) in warnings[0] and "converting the network again" in warnings[0]
+    cut(folder / "inception.bin")  # the weights of an interrupted copy (a cut .xml fails the same read)
+    capsys.readouterr()
+    torch.testing.assert_close(inception.load_inception(engine="openvino")(x), before, rtol=0, atol=0)
+    warnings = stderr_lines(capsys)
+    assert len(warnings) == 1 and str(folder) in warnings[0] and "converting the network again" in warnings[0]
 
 
 def test_damaged_dataset_cache_is_decoded_again_with_a_warning(tmp_path, capsys):
