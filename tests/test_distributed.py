@@ -24,7 +24,7 @@ from vaelab.run import Run
 from vaelab.training import train
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = {"epoch_time_s", "images_per_s"}
+TIMING = {"epoch_time_s", "epoch_cpu_time_s", "images_per_s"}
 
 
 def config(out: Path, batch_size: int, epochs: int = 2) -> TrainConfig:
