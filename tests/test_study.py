@@ -174,3 +174,31 @@ def test_chosen_stages_run_alone_and_share_the_folder(tmp_path):
     run_study(path, out=out, device="cpu", stages=["vae", "ev"])
     assert set(json.loads((out / "stages.json").read_text())) == {"shapes", "vae", "ev"}
     assert json.loads((out / "study.json").read_text())["claims"][0]["verdict"] == "reported"
+
+
+def test_claims_name_comparison_entries_by_run_and_sampler(tmp_path):
+    """A claim key picks a comparison entry by RUN:SAMPLER, whatever the order of the entries; a selector
+    naming a run that the compare stage does not compare is refused when the file is read."""
+    stages = ("  - {name: a, kind: train, set: {dataset: mnist, model: mnist-small}}\n"
+              "  - {name: b, kind: train, set: {dataset: mnist, model: ddpm-28}}\n"
+              "  - {name: cmp, kind: compare, runs: [a, b]}\n")
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nstages:\n" + stages + "claims:\n"
+                    "  - {id: dpm, claim: x, ours: {stage: cmp, key: entries.b:dpmsolver++.evaluation.fid.value}, "
+                    "verdict: {rule: report}}\n"
+                    "  - {id: gmm, claim: y, ours: {stage: cmp, key: entries.a:gmm.evaluation.fid.value}, "
+                    "verdict: {rule: report}}\n")
+    out = tmp_path / "out"
+    (out / "cmp").mkdir(parents=True)
+    entries = [{"run": f"/x/{run}", "sampler": {"sampler": name}, "evaluation": {"fid": {"value": fid}}}
+               for run, name, fid in (("b", "dpmsolver++", 3.0), ("a", "prior", 1.0), ("a", "gmm:components=10", 2.0),
+                                      ("b", "ddpm", 4.0))]
+    (out / "cmp" / "comparison.json").write_text(json.dumps({"entries": entries}))
+    run_study(path, out=out, stages=[])  # nothing to run: the plan and the claims
+    ours = {c["id"]: c["ours"] for c in json.loads((out / "study.json").read_text())["claims"]}
+    assert ours == {"dpm": 3.0, "gmm": 2.0}
+    path.write_text("name: s\nstages:\n" + stages + "claims:\n"
+                    "  - {id: c, claim: x, ours: {stage: cmp, key: entries.ddpm:ddim.evaluation.fid.value}, "
+                    "verdict: {rule: report}}\n")
+    with pytest.raises(ConfigError, match="names run 'ddpm', which is not one of stage cmp's runs \\(a, b\\)"):
+        load_study(path)

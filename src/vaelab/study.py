@@ -20,6 +20,9 @@ A study file (YAML, see ``studies/``) names the stages and the claims::
     budgets:                     # --budget NAME: overrides by stage kind (full = none)
       quick: {train: {epochs: 1}, synth: {per_class: 100}}
 
+A claim's ``key`` is a dotted path into its stage's output JSON: list items by index, and a comparison's
+entries by ``RUN:SAMPLER`` (run stage name and sampler name, e.g. ``entries.ddpm:dpmsolver++.evaluation.fid.value``).
+
 Stage kinds: ``data`` (``vaelab data GENERATOR``: a generated dataset with known factors, e.g.
 ``{name: shapes, kind: data, generator: shapes, image_size: 64}``), ``train`` (``vaelab train``;
 ``config`` relative to the study file, ``set`` overrides, ``first_stage``: an earlier train stage whose
@@ -132,7 +135,7 @@ def load_study(path: str | Path, *, budget: str = FULL) -> Study:
     for i, raw in enumerate(doc["stages"]):
         stages.append(_check_stage(path, raw, i, seen, overrides))
         seen.add(stages[-1]["name"])
-    claims = [_check_claim(path, c, seen) for c in doc["claims"]]
+    claims = [_check_claim(path, c, {st["name"]: st for st in stages}) for c in doc["claims"]]
     return Study(path=path, name=str(doc["name"]), title=str(doc.get("title", doc["name"])),
                  question=str(doc.get("question", "")), dataset=str(doc.get("dataset", "")), stages=stages,
                  claims=claims, budget=budget, budgets=budgets, notes=list(doc.get("notes", [])))
@@ -207,7 +210,7 @@ def _train_config(path: Path, spec: dict, where: str, out: Path | None = None) -
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def _check_claim(path: Path, claim: dict, stages: set[str]) -> dict:
+def _check_claim(path: Path, claim: dict, stages: dict[str, dict]) -> dict:
     where = f"{path}: claim {claim.get('id', '?')}"
     for key in ("id", "claim", "verdict"):
         if key not in claim:
@@ -218,6 +221,11 @@ def _check_claim(path: Path, claim: dict, stages: set[str]) -> dict:
     for ref in (claim.get("ours"), claim.get("than")):
         if ref is not None and ref.get("stage") not in stages:
             raise ConfigError(f"{where}: 'stage: {ref.get('stage')}' is not a stage of the study")
+        if ref is not None:
+            for part in str(ref.get("key", "")).split("."):
+                if ":" in part and part.split(":")[0] not in stages[ref["stage"]].get("runs", []):
+                    raise ConfigError(f"{where}: '{part}' names run {part.split(':')[0]!r}, which is not one of "
+                                      f"stage {ref['stage']}'s runs ({', '.join(stages[ref['stage']].get('runs', []))})")
     if rule == "order" and ("than" not in claim or claim["verdict"].get("seed_order") not in ("less", "greater")):
         raise ConfigError(f"{where}: rule 'order' needs 'than' (a second value) and verdict.seed_order less|greater")
     return claim
@@ -501,6 +509,8 @@ def _walk(out: Path, study: Study, ref: dict) -> tuple[Any, list]:
         if isinstance(node, list) and part.lstrip("-").isdigit():
             index = int(part)
             node = node[index] if -len(node) <= index < len(node) else None
+        elif isinstance(node, list) and ":" in part:
+            node = _comparison_entry(node, part)
         elif isinstance(node, dict):
             node = node.get(part)
         else:
@@ -508,6 +518,15 @@ def _walk(out: Path, study: Study, ref: dict) -> tuple[Any, list]:
         if node is None:
             return None, []
     return node, parents
+
+
+def _comparison_entry(entries: list, selector: str) -> dict | None:
+    """The entry of a ``comparison.json`` that ``RUN:SAMPLER`` names: the run folder's name (the stage's)
+    and the sampler's name, e.g. ``ddpm:dpmsolver++`` (robust to the order of the entries)."""
+    run, sampler = selector.split(":", 1)
+    found = [e for e in entries if isinstance(e, dict) and Path(str(e.get("run", ""))).name == run
+             and str((e.get("sampler") or {}).get("sampler", "")).split(":")[0] == sampler]
+    return found[0] if len(found) == 1 else None
 
 
 def lookup(out: Path, study: Study, ref: dict) -> float | None:
