@@ -161,6 +161,27 @@ def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
     assert len(calls) == 2  # evaluated points are not evaluated again
 
 
+def test_latent_metric_draws_every_points_kl_per_dimension(finished_sweep, tmp_path):
+    """With ``metrics=["latent"]`` each point's per-dimension test KL lands in sweep.json and one picture."""
+    import shutil
+
+    out = tmp_path / "latent"
+    shutil.copytree(finished_sweep, out)
+    for stale in out.glob("runs/*/eval.json"):
+        stale.unlink()
+    with pytest.raises(ConfigError, match="sweep metrics.*'likelihood'"):
+        run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=out, metrics=["latent", "likelihood"])
+    assert not list(out.glob("runs/*/eval.json"))  # refused before any evaluation
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=out, metrics=["latent"])
+    sweep = json.loads((out / "sweep.json").read_text())
+    for p, d in zip(sweep["points"], (2, 6)):
+        latent = json.loads((out / p["run_dir"] / "eval.json").read_text())["latent"]
+        assert len(p["kl_per_dim_nats"]) == d and sum(p["kl_per_dim_nats"]) == pytest.approx(latent["kl_nats"])
+        assert min(p["kl_per_dim_nats"]) >= 0
+    assert sweep["kl_per_dim_picture"] == "sweep_kl_per_dim.png" and (out / "sweep_kl_per_dim.png").stat().st_size > 1000
+    assert not (finished_sweep / "sweep_kl_per_dim.png").exists()  # FID-only sweeps draw no KL picture
+
+
 def test_a_ddpm_sweep_finishes_with_its_table_and_report(tmp_path, monkeypatch):
     """A sweep over a diffusion preset: its own columns (eps-MSE), FID of DDIM samples, a report with DDPM captions."""
     from vaelab.reports import write_report

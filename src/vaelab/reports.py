@@ -55,6 +55,11 @@ CAPTIONS: dict[str, str] = {
         "values). Recon MSE, KL and -ELBO on the {source} test split; FID of prior samples against the test "
         "split in the feature space named in the table; training time on the machine that ran the sweep."
     ),
+    "sweep_kl_per_dim.png": (
+        "Per-dimension KL(q(z_i|x) || N(0,1)) of every sweep point on the {source} test split: sorted by size (left) "
+        "and as a histogram over log10 KL (right). Dimensions near 0 nats carry no information about the image "
+        "(collapsed); values in each point's eval.json."
+    ),
     "eval_samples.png": (
         "64 of the generated images used for the FID/KID and confidence numbers in eval.json (prior samples of "
         "the model trained on {source})."
@@ -85,7 +90,7 @@ CAPTION_PATTERNS: list[tuple[str, str]] = [
 ]
 # the sample grid shown beside the headline numbers: the samples behind FID/KID when evaluated, else the run's own
 KEY_GRIDS = ["eval_samples.png", "samples.png"]
-ORDER = ["sweep_curves.png", "training_curves.png", "reconstructions.png", "samples.png", "interpolation.png",
+ORDER = ["sweep_curves.png", "sweep_kl_per_dim.png", "training_curves.png", "reconstructions.png", "samples.png", "interpolation.png",
          "latent_mu_pca.png", "latent_sigma_pca.png", "latent_mu_tsne.png", "eval_samples.png", "confidence_hist.png",
          "class_balance.png", "kl_per_dim.png"]
 

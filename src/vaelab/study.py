@@ -79,7 +79,8 @@ KINDS: dict[str, dict[str, Any]] = {
                                                     "fid_features", "iwae_k", "nll_subset", "timing_repeats",
                                                     "timing_max_steps", "seed", "feature_precision"},
                 "refs": {"runs"}},
-    "sweep": {"done": "sweep.json", "keys": {"config", "set", "axes", "num_samples", "fid_features", "sampler", "steps"},
+    "sweep": {"done": "sweep.json", "keys": {"config", "set", "axes", "num_samples", "fid_features", "sampler", "steps",
+                                               "metrics"},
               "refs": set()},
 }
 OPTIONAL_REFS = {"first_stage", "data"}
@@ -485,7 +486,7 @@ def _sweep(study: Study, stage: dict, out: Path, device: str | None) -> None:
     base = _train_config(study.path, stage, stage["name"])
     if device:
         base = with_overrides(base, {"device": device})
-    args = {k: stage[k] for k in ("num_samples", "fid_features", "sampler", "steps") if k in stage}
+    args = {k: stage[k] for k in ("num_samples", "fid_features", "sampler", "steps", "metrics") if k in stage}
     run_sweep(base, {k: list(v) for k, v in stage["axes"].items()}, out=out / stage["name"], **args)
 
 

@@ -11,6 +11,8 @@ evaluates them (``vaelab.evaluation.evaluate_run``: FID in a named feature space
                                         (VAEs: recon MSE, KL, -ELBO, active units; DDPM: eps-MSE), FID,
                                         training time, parameters
     SWEEP_DIR/sweep_curves.png          each metric against each swept field
+    SWEEP_DIR/sweep_kl_per_dim.png      per-dimension KL of every point, sorted and as a histogram (when the
+                                        points were evaluated with the ``latent`` metric)
     SWEEP_DIR/report.html               (written by the command line, see ``vaelab.reports``)
 
 A point is finished when its run folder has ``summary.json`` (and ``eval.json`` when evaluating);
@@ -28,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -171,6 +173,7 @@ def run_sweep(
     num_samples: int = 10000,
     sampler: str | None = None,
     steps: int | None = None,
+    metrics: Sequence[str] = ("fid",),
 ) -> Path:
     """Train (or resume) every unfinished point, evaluate them and write the sweep's files.
 
@@ -185,16 +188,19 @@ def run_sweep(
             spaces: Inception then classifier when the Inception weights are installed; the real
             images' statistics are cached, so every point only pays for its own samples).
         sampler, steps: the model family's sampler for FID samples and sample strips (default the family's).
+        metrics: ``evaluate_run`` metrics of every point (default ``fid``); with ``latent`` the sweep also
+            draws every point's per-dimension KL (``sweep_kl_per_dim.png``) and keeps it in ``sweep.json``.
 
     Returns:
         The sweep folder.
 
     Raises:
-        ConfigError: bad axes/values or ``jobs`` < 1, before anything is written.
+        ConfigError: bad axes/values, unknown metrics or ``jobs`` < 1, before anything is written.
         VaelabError: ``out`` holds a different sweep, or points failed (their logs named).
     """
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs must be a positive integer, got {jobs!r}")
+    metrics = _check_metrics(metrics)
     out = Path(out)
     points = plan_sweep(base, axes, out)
     _check_plan(out, base, axes)
@@ -208,9 +214,19 @@ def run_sweep(
         _train_in_processes(todo, out, jobs)
     if evaluate:
         _evaluate_points(points, fid_features=fid_features, inception_weights=inception_weights, num_samples=num_samples,
-                         device=base.device, sampler=sampler, steps=steps)
+                         device=base.device, sampler=sampler, steps=steps, metrics=metrics)
     summarize_sweep(out, points, axes, base, sampler=sampler, steps=steps)
     return out
+
+
+def _check_metrics(metrics: Sequence[str] | str) -> list[str]:
+    from vaelab.evaluation import METRICS
+
+    metrics = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ConfigError(f"sweep metrics {unknown or metrics}: expected some of {', '.join(METRICS)}")
+    return metrics
 
 
 def _check_plan(out: Path, base: TrainConfig, axes: dict[str, list[Any]]) -> None:
@@ -271,14 +287,14 @@ def _train_in_processes(todo: list[Point], out: Path, jobs: int) -> None:
 
 
 def _evaluate_points(points: list[Point], *, fid_features: str | None, inception_weights: str | None, num_samples: int,
-                     device: str, sampler: str | None, steps: int | None) -> None:
+                     device: str, sampler: str | None, steps: int | None, metrics: list[str]) -> None:
     from vaelab.evaluation import evaluate_run
 
     for i, point in enumerate(points, 1):
         if (point.run_dir / "eval.json").is_file():
             continue
         print(f"[{i}/{len(points)}] evaluating {point.name}")
-        evaluate_run(point.run_dir, metrics=["fid"], fid_features=fid_features, inception_weights=inception_weights,
+        evaluate_run(point.run_dir, metrics=metrics, fid_features=fid_features, inception_weights=inception_weights,
                      num_samples=num_samples, device=device, sampler=sampler, steps=steps)
 
 
@@ -329,8 +345,12 @@ def summarize_sweep(out: Path, points: list[Point], axes: dict[str, list[Any]], 
         draw = run.family.sampler(model, run, sampler=sampler, steps=steps)
         images, _ = generate(model, draw, STRIP_SAMPLES, seed=base.seed, batch_size=STRIP_SAMPLES)
         plots.save_grid(to_pixels(images), out / "samples" / f"{point.name}.png", nrow=STRIP_SAMPLES)
-        rows.append({"name": point.name, "values": point.values, "run_dir": f"runs/{point.name}",
-                     "samples": f"samples/{point.name}.png", "sampler": draw.options, "metrics": metrics})
+        row = {"name": point.name, "values": point.values, "run_dir": f"runs/{point.name}",
+               "samples": f"samples/{point.name}.png", "sampler": draw.options, "metrics": metrics}
+        latent = (run.read_json("eval.json") or {}).get("latent")
+        if isinstance(latent, dict) and latent.get("kl_per_dim_nats"):
+            row["kl_per_dim_nats"] = latent["kl_per_dim_nats"]
+        rows.append(row)
     first = Run(points[0].run_dir).summary()
     spaces = sorted({str(r["metrics"]["fid_feature_space"]) for r in rows if r["metrics"]["fid"] is not None})
     counts = sorted({r["metrics"].get("fid_num_samples") for r in rows if r["metrics"].get("fid_num_samples")})
@@ -355,6 +375,10 @@ def summarize_sweep(out: Path, points: list[Point], axes: dict[str, list[Any]], 
         "points": rows,
         "base_config": base.to_dict(),
     }
+    spectra = {r["name"]: r["kl_per_dim_nats"] for r in rows if "kl_per_dim_nats" in r}
+    if spectra:
+        sweep["kl_per_dim_picture"] = "sweep_kl_per_dim.png"
+        plots.kl_spectra(spectra, out / "sweep_kl_per_dim.png", source=first["dataset"])
     write_json(out / "sweep.json", sweep)
     write_text(out / "sweep.md", sweep_markdown(sweep))
     sweep_curves(sweep, out / "sweep_curves.png")
