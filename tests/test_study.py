@@ -202,3 +202,24 @@ def test_claims_name_comparison_entries_by_run_and_sampler(tmp_path):
                     "verdict: {rule: report}}\n")
     with pytest.raises(ConfigError, match="names run 'ddpm', which is not one of stage cmp's runs \\(a, b\\)"):
         load_study(path)
+
+
+def test_a_sweep_stage_with_the_latent_metric_draws_the_kl_per_dimension(tmp_path):
+    """The latent-size study's shape: a sweep stage evaluated with ``latent`` (no FID), a claim on a point."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: s\nstages:\n"
+        "  - {name: sweep, kind: sweep, axes: {latent_dim: [2, 3]}, metrics: [latent],\n"
+        "     set: {dataset: mnist, model: mnist-small, epochs: 1, batch_size: 64, train_subset: 200, test_subset: 100,"
+        " tensorboard: false}}\n"
+        "claims:\n"
+        "  - {id: au, claim: AU, ours: {stage: sweep, key: points.1.metrics.active_units}, verdict: {rule: report}}\n")
+    out = run_study(path, out=tmp_path / "out", device="cpu")
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert [len(p["kl_per_dim_nats"]) for p in sweep["points"]] == [2, 3]
+    assert (out / "sweep" / "sweep_kl_per_dim.png").is_file()
+    claim = json.loads((out / "study.json").read_text())["claims"][0]
+    assert claim["verdict"] == "reported" and 0 <= claim["ours"] <= 3
+    path.write_text(path.read_text().replace("metrics: [latent]", "metrics: [latnt]"))
+    with pytest.raises(ConfigError, match="latnt"):
+        load_study(path)

@@ -173,6 +173,8 @@ def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict)
         spec.update(budgeted)
     if kind == "data":
         _check_data_stage(spec, where)
+    if "metrics" in spec and kind in ("evaluate", "compare", "sweep"):
+        _check_metrics(spec["metrics"], where)
     for ref_key in KINDS[kind]["refs"]:
         refs = spec.get(ref_key)
         if refs is None and ref_key in OPTIONAL_REFS:
@@ -181,6 +183,15 @@ def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict)
             if ref not in seen:
                 raise ConfigError(f"{where}: '{ref_key}: {ref}' names no earlier stage; earlier: {', '.join(sorted(seen)) or 'none'}")
     return {"name": name, "kind": kind, **spec}
+
+
+def _check_metrics(metrics, where: str) -> None:
+    from vaelab.evaluation import METRICS
+
+    names = metrics.split(",") if isinstance(metrics, str) else metrics
+    unknown = [m for m in names if m not in METRICS] if isinstance(names, list) else [names]
+    if unknown or not names:
+        raise ConfigError(f"{where}: metrics {unknown or names!r}: expected a list of {', '.join(METRICS)}")
 
 
 def _check_data_stage(spec: dict, where: str) -> None:
