@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="full", help="the budget the study folder was run with")
     p.add_argument("--out", help="study folder (default runs/studies/<name>[-<budget>])")
 
-    p = sub.add_parser("report", help="write FOLDER/report.html for a run, sweep or comparison folder")
-    p.add_argument("path", help="run, sweep or comparison folder")
+    p = sub.add_parser("report", help="write FOLDER/report.html for a run, sweep, comparison or study folder")
+    p.add_argument("path", help="run, sweep, comparison or study folder")
     p.add_argument("--out", help="HTML file to write (default PATH/report.html)")
     p.add_argument("--screenshot", metavar="PNG", help="also open it in headless Chromium, check it, screenshot it")
     return parser

@@ -1,4 +1,4 @@
-"""One self-contained HTML page per run, sweep or comparison folder: ``FOLDER/report.html``.
+"""One self-contained HTML page per run, sweep, comparison or study folder: ``FOLDER/report.html``.
 
 The page opens with what a person looks for first: for a run its key numbers (the model family's
 headline fields of ``summary.json``; FID with its train-vs-test floor, precision/recall and the
@@ -143,8 +143,8 @@ def folder_kind(folder: str | Path) -> str:
     if (folder / "config.yaml").is_file() and ((folder / "summary.json").is_file() or (folder / "metrics.jsonl").is_file()):
         return "run"
     raise ReportError(
-        f"{folder} holds no run, sweep or comparison: expected sweep.json (vaelab sweep), comparison.json "
-        "(a comparison) or config.yaml with summary.json / metrics.jsonl (vaelab train)"
+        f"{folder} holds no study, run, sweep or comparison: expected study.json (vaelab study), sweep.json "
+        "(vaelab sweep), comparison.json (a comparison) or config.yaml with summary.json / metrics.jsonl (vaelab train)"
     )
 
 
@@ -152,7 +152,7 @@ def write_report(folder: str | Path, *, out: str | Path | None = None) -> Path:
     """Write the self-contained HTML report of ``folder`` to ``out`` (default ``folder/report.html``).
 
     Raises:
-        ReportError: the folder is not a run, sweep or comparison folder (see ``folder_kind``).
+        ReportError: the folder is not a run, sweep, comparison or study folder (see ``folder_kind``).
     """
     folder = Path(folder)
     page = build_report(folder)

@@ -71,7 +71,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "conv": ("conv_vae", dict(channels=(32, 64, 128, 256), latent_dim=64, fc_hidden=None)),
     # residual CIFAR-10 VAE: 32 -> 16 -> 8 -> 4 px, two residual blocks per level, latent 128; 2.6 M parameters,
-    # about as fast per image on a CPU as cifar-seed (7.1 M)
+    # faster per image on a CPU than cifar-seed (7.1 M; docs/samplers.md)
     "resnet-cifar": (
         "resnet_vae",
         dict(in_channels=3, image_size=32, channels=(32, 64, 128), blocks=2, latent_dim=128, fc_hidden=None),
