@@ -223,3 +223,20 @@ def test_a_sweep_stage_with_the_latent_metric_draws_the_kl_per_dimension(tmp_pat
     path.write_text(path.read_text().replace("metrics: [latent]", "metrics: [latnt]"))
     with pytest.raises(ConfigError, match="latnt"):
         load_study(path)
+
+
+def test_a_study_can_grow_after_it_ran_but_finished_stages_stay_as_they_ran(tmp_path):
+    """A stage added to the file (or an unfinished one changed) rewrites the plan; a finished stage that
+    changed is refused, naming it, before any work."""
+    path = tmp_path / "s.yaml"
+    path.write_text(SHAPES_STUDY)
+    out = tmp_path / "out"
+    run_study(path, out=out, device="cpu", stages=["shapes"])
+    grown = SHAPES_STUDY.replace("claims:\n", "  - {name: ev2, kind: evaluate, run: vae, metrics: [latent]}\nclaims:\n")
+    path.write_text(grown.replace("epochs: 1, batch_size: 16", "epochs: 1, batch_size: 8"))  # vae unfinished: may change
+    study_module.report_study(path, out=out)
+    assert "ev2" in (out / "study_plan.yaml").read_text()
+    path.write_text(grown.replace("positions: 3,", "positions: 2,"))  # the finished data stage changed
+    with pytest.raises(ConfigError, match=r"finished stage\(s\) shapes are missing from or differ"):
+        run_study(path, out=out, device="cpu")
+    assert not (out / "vae").exists()

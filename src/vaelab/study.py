@@ -376,17 +376,32 @@ def _owning_stage(path: Path, study: Study, out: Path) -> str | None:
 
 
 def _check_plan(out: Path, study: Study) -> None:
-    plan = {"study": str(study.path), "name": study.name, "budget": study.budget, "stages": study.stages}
+    """Write the folder's plan, or check the study file against the plan already there: the same study and
+    budget, and every *finished* stage unchanged. Stages added to the file, and unfinished ones changed,
+    are accepted (the plan is rewritten), so a study can grow after it ran."""
+    plan = yaml.safe_load(yaml.safe_dump(
+        {"study": str(study.path), "name": study.name, "budget": study.budget, "stages": study.stages}))
     path = out / PLAN_FILE
     if path.is_file():
         old = read_checked(path, load_written_yaml,
                            remedy=f"delete it and rerun {_rerun(study, out)}, which writes it again from the study file")
-        if old != yaml.safe_load(yaml.safe_dump(plan)):
-            raise ConfigError(f"{out} holds another study plan (see {path}: other stages or budget); use another "
+        if old == plan:
+            return
+        if not isinstance(old, dict) or (old.get("name"), old.get("budget")) != (plan["name"], plan["budget"]):
+            raise ConfigError(f"{out} holds another study plan (see {path}: another study or budget); use another "
                               "--out or the same study file and --budget (if that file was cut short, delete it and "
                               "rerun: it is written again from the study file)")
-    else:
-        write_yaml(path, plan)
+        new = {s["name"]: s for s in plan["stages"]}
+        changed = [s["name"] for s in old.get("stages") or []
+                   if s.get("kind") in KINDS and (out / s["name"] / KINDS[s["kind"]]["done"]).is_file()
+                   and new.get(s["name"]) != s]
+        if changed:
+            raise ConfigError(f"{out}: finished stage(s) {', '.join(changed)} are missing from or differ in {study.path} "
+                              f"(the plan they ran with is {path}); restore them in the study file, or use another --out")
+        added = [name for name in new if name not in {s.get("name") for s in old.get("stages") or []}]
+        print(f"{path}: the study file changed (unfinished stages only"
+              f"{'; added: ' + ', '.join(added) if added else ''}); plan rewritten")
+    write_yaml(path, plan)
 
 
 def _read_state(out: Path, study: Study) -> dict:
