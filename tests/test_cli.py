@@ -26,6 +26,13 @@ def test_train_from_config_file_then_sample(tmp_path, in_repo):
     from PIL import Image
 
     assert Image.open(png).size[0] > 3 * 28
+    # two runs side by side (the same run twice here): one labelled row each, the same seed
+    rows = tmp_path / "rows.png"
+    assert main(["sample", "--run", str(run), "--run", str(run), "--n", "6", "--out", str(rows)]) == 0
+    width, height = Image.open(rows).size
+    assert width > 6 * 28 and height > 2 * 28
+    assert main(["sample", "--run", str(run), "--run", str(run), "--class", "1", "--out", str(tmp_path / "c.png")]) == 2
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_errors_exit_2_with_a_message(tmp_path, capsys):

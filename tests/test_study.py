@@ -240,3 +240,18 @@ def test_a_study_can_grow_after_it_ran_but_finished_stages_stay_as_they_ran(tmp_
     with pytest.raises(ConfigError, match=r"finished stage\(s\) shapes are missing from or differ"):
         run_study(path, out=out, device="cpu")
     assert not (out / "vae").exists()
+
+
+def test_a_samples_stage_sets_runs_side_by_side(tmp_path):
+    """``kind: samples``: one labelled row per run in one picture, with the sampler and seconds per run."""
+    path = tmp_path / "s.yaml"
+    path.write_text(SHAPES_STUDY.replace(
+        "  - {name: ev,", "  - {name: vae2, kind: train, data: shapes, set: {model: conv, latent_dim: 2, epochs: 1,"
+        " batch_size: 16, model_args: {channels: [4, 8], fc_hidden: 16}, recon_likelihood: bernoulli, tensorboard: false}}\n"
+        "  - {name: grid, kind: samples, runs: [vae, vae2], num_samples: 5}\n  - {name: ev,"))
+    out = run_study(path, out=tmp_path / "out", device="cpu", stages=["shapes", "vae", "vae2", "grid"])
+    samples = json.loads((out / "grid" / "samples.json").read_text())
+    assert [e["run"] for e in samples["entries"]] == [str(out / "vae"), str(out / "vae2")]
+    assert all(e["sampler"]["sampler"] == "prior" and e["seconds"] >= 0 for e in samples["entries"])
+    assert (out / "grid" / "samples.png").stat().st_size > 1000
+    assert "one row per run" in (out / "report.html").read_text()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vaelab.errors import VaelabError
+from vaelab.errors import ConfigError, VaelabError
 
 # the quickstart main job: real MNIST, small beta-VAE-style network, a few CPU-minutes
 QUICKSTART = dict(dataset="mnist", model="mnist-small", latent_dim=16, epochs=5, batch_size=128, lr=1e-3, beta=1.0)
@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="quickstart main job: a short VAE run on real MNIST")
     _train_options(p, full=False)
 
-    p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid (see --sampler)")
-    p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--n", type=int, default=64)
+    p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid (see --sampler); with several "
+                                      "--run, one labelled row per run")
+    p.add_argument("--run", required=True, action="append", help="run folder (repeat for runs side by side)")
+    p.add_argument("--n", type=int, help="samples (default 64; 8 per row with several --run)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -294,10 +295,18 @@ def main(argv: list[str] | None = None) -> int:
 
             print(report_command(args.path, out=args.out, screenshot=args.screenshot))
         elif args.command == "sample":
-            from vaelab.generation import sample_run
+            from vaelab.generation import sample_run, sample_runs
 
-            print(sample_run(args.run, args.n, args.out, seed=args.seed, device=args.device, class_label=args.class_label,
-                             sampler=args.sampler, steps=args.steps))
+            if len(args.run) == 1:
+                print(sample_run(args.run[0], args.n or 64, args.out, seed=args.seed, device=args.device,
+                                 class_label=args.class_label, sampler=args.sampler, steps=args.steps))
+            elif args.class_label is not None:
+                raise ConfigError("--class draws one run's samples; give one --run")
+            else:
+                for e in sample_runs(args.run, args.n or 8, args.out, seed=args.seed, device=args.device,
+                                     sampler=args.sampler, steps=args.steps):
+                    print(f"{e['label']}: {e['seconds']:.2f} s")
+                print(args.out)
         elif args.command == "synth":
             from vaelab.synthesis import synthesize
 

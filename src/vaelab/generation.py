@@ -6,6 +6,7 @@ How a model draws images (sampler, steps, class labels) comes from its family's 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 from vaelab.data import to_uint8
 from vaelab.errors import ConfigError
 from vaelab.families import Sampler, family_of
-from vaelab.plots import save_grid
+from vaelab.plots import sample_rows, save_grid
 from vaelab.run import Run
 from vaelab.runtime import Distributed, derive_seed, select_device
 
@@ -84,6 +85,39 @@ def sample_run(
     images = draw.draw(n, torch.Generator(device=dev).manual_seed(seed), y)
     save_grid(images, out, nrow=nrow or max(1, round(n**0.5)), pixel_range=model.config.pixel_range)
     return Path(out)
+
+
+def sample_runs(run_dirs: list[str | Path], n: int, out: str | Path, *, seed: int = 0, device: str = "auto",
+                sampler: str | None = None, steps: int | None = None) -> list[dict]:
+    """Several trained runs side by side: one labelled row of ``n`` samples per run (each drawn with its
+    family's sampler, default or ``sampler``/``steps``, from the same ``seed``) in one PNG at ``out``.
+
+    Returns:
+        One dict per run: ``run``, ``label`` (folder name and sampler), ``sampler`` (its options) and
+        ``seconds`` (drawing the row, one batch, on ``device``).
+
+    Raises:
+        ConfigError: ``n`` is not positive or no run is given; a sampler or steps one of the runs' families
+            does not have. VaelabError: a folder is not a run with a checkpoint. All raised before sampling.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"--n must be a positive integer, got {n!r}")
+    if not run_dirs:
+        raise ConfigError("sample needs at least one --run")
+    dev = select_device(device)
+    runs = [Run(r) for r in run_dirs]
+    models = [run.load_model(dev) for run in runs]
+    draws = [family_of(model).sampler(model, run, sampler=sampler, steps=steps) for run, model in zip(runs, models)]
+    rows, entries = [], []
+    for run, model, draw in zip(runs, models, draws):
+        start = time.perf_counter()
+        images, _ = generate(model, draw, n, seed=seed, batch_size=n, desc=f"sampling {run.path.name}")
+        label = f"{run.path.name}\n{draw.label}"
+        rows.append((label, images))
+        entries.append({"run": str(run.path), "label": label.replace("\n", ", "), "sampler": draw.options,
+                        "seconds": time.perf_counter() - start})
+    sample_rows(rows, out)
+    return entries
 
 
 def class_index(run: Run, class_label: int | str) -> int:

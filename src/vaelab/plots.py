@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
 
 from vaelab.data import to_unit_interval  # noqa: E402
 from vaelab.io import atomic_path  # noqa: E402
@@ -32,6 +32,24 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 8, pixel_ra
         x = F.interpolate(x, scale_factor=scale, mode="nearest")
     with atomic_path(path) as tmp:
         save_image(x, str(tmp), nrow=nrow, padding=2, pad_value=1.0)
+
+
+def sample_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path) -> None:
+    """One labelled row of images per model, in one PNG: ``rows`` is ``[(label, uint8 (n, C, H, W))]``
+    (images of one size across rows; grayscale shown as gray)."""
+    grids = [make_grid(images.float() / 255.0, nrow=len(images), padding=2, pad_value=1.0) for _, images in rows]
+    height, width = grids[0].shape[1:]
+    row_inches = max(0.9, 12.0 * height / width)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12.0 + 2.4, row_inches * len(rows)), squeeze=False)
+    for ax, (label, _), grid in zip(axes[:, 0], rows, grids):
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.subplots_adjust(left=2.4 / 14.4, right=0.995, top=0.995, bottom=0.005, hspace=0.08)
+    save_figure(fig, path)
 
 
 def save_figure(fig, path: str | Path) -> None:

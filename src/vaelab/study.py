@@ -28,12 +28,14 @@ Stage kinds: ``data`` (``vaelab data GENERATOR``: a generated dataset with known
 ``config`` relative to the study file, ``set`` overrides, ``first_stage``: an earlier train stage whose
 run folder a latent diffusion model uses, ``data``: a data stage whose dataset it trains on, as
 ``--dataset tensors --data-root``), ``synth``, ``cas``, ``evaluate`` (``eval.json`` and its pictures are
-copied into the stage folder), ``compare``, ``sweep``. A stage is finished when its output file exists
-(``manifest.json``, ``summary.json``,
-``manifest.json``, ``cas.json``, ``eval.json``, ``comparison.json``, ``sweep.json``); a re-run skips
-finished stages, resumes an interrupted training from its checkpoint and repeats any other
+copied into the stage folder), ``compare``, ``sweep``, ``samples`` (``vaelab sample --run A --run B``: one
+labelled row of samples per run in ``samples.png``, e.g. ``{name: grid, kind: samples, runs: [vae, ddpm],
+num_samples: 8}``). A stage is finished when its output file exists (``manifest.json``, ``summary.json``,
+``manifest.json``, ``cas.json``, ``eval.json``, ``comparison.json``, ``sweep.json``, ``samples.json``); a
+re-run skips finished stages, resumes an interrupted training from its checkpoint and repeats any other
 interrupted stage (those write their folders atomically). A study folder belongs to one plan: the
-same file with another budget, or an edited file, is refused.
+same file with another budget is refused; stages may be added to the file, but a finished stage that
+changed is refused (``_check_plan``).
 
 Verdict rules of a claim: ``within`` (``|ours - seed| <= tolerance``), ``at_least`` (``ours >=
 seed - tolerance``), ``order`` (two of our numbers, ``ours`` and ``than``, keep the seed's order:
@@ -79,6 +81,7 @@ KINDS: dict[str, dict[str, Any]] = {
                                                     "fid_features", "iwae_k", "nll_subset", "timing_repeats",
                                                     "timing_max_steps", "seed", "feature_precision"},
                 "refs": {"runs"}},
+    "samples": {"done": "samples.json", "keys": {"runs", "num_samples", "seed", "sampler", "steps"}, "refs": {"runs"}},
     "sweep": {"done": "sweep.json", "keys": {"config", "set", "axes", "num_samples", "fid_features", "sampler", "steps",
                                                "metrics"},
               "refs": set()},
@@ -516,7 +519,22 @@ def _sweep(study: Study, stage: dict, out: Path, device: str | None) -> None:
     run_sweep(base, {k: list(v) for k, v in stage["axes"].items()}, out=out / stage["name"], **args)
 
 
-STAGES = {"data": _data, "train": _train, "synth": _synth, "cas": _cas, "evaluate": _evaluate, "compare": _compare, "sweep": _sweep}
+def _samples(study: Study, stage: dict, out: Path, device: str | None) -> None:
+    from vaelab.generation import sample_runs
+
+    folder = out / stage["name"]
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = sample_runs([out / r for r in stage["runs"]], stage.get("num_samples", 8), folder / "samples.png",
+                          seed=stage.get("seed", 0), device=device or "auto", sampler=stage.get("sampler"),
+                          steps=stage.get("steps"))
+    caption = (f"{stage.get('num_samples', 8)} samples of each of {len(entries)} runs, one row per run (its sampler "
+               f"named beside it), all drawn with seed {stage.get('seed', 0)}.")
+    write_json(folder / "samples.json", {"picture": "samples.png", "seed": stage.get("seed", 0), "entries": entries,
+                                         "captions": {"samples.png": caption}})
+
+
+STAGES = {"data": _data, "train": _train, "synth": _synth, "cas": _cas, "evaluate": _evaluate, "compare": _compare,
+          "sweep": _sweep, "samples": _samples}
 
 
 # ---------------------------------------------------------------------------- claims
