@@ -79,6 +79,18 @@ def test_cli_unknown_key_exit_code(tmp_path, capsys):
     assert "unknown sweep key 'latnt_dim'" in capsys.readouterr().err
 
 
+def test_cli_sweep_runs_and_evaluates_with_its_metrics(tmp_path, capsys, shared_datasets):
+    out, config = tmp_path / "s", tmp_path / "base.yaml"
+    config.write_text("dataset: mnist\ntest_subset: 200\nbatch_size: 64\n")
+    base = ["sweep", "--config", str(config), "--data-root", str(REPO.parent / "shared" / "datasets"), "--epochs", "1",
+            "--train-subset", "200", "--device", "cpu", "--no-tensorboard", "--set", "latent_dim=2,3", "--out", str(out)]
+    assert main([*base, "--metrics", "latnt"]) == 2
+    assert "latnt" in capsys.readouterr().err and not (out / "runs").exists()  # refused before training
+    assert main([*base, "--metrics", "latent"]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [len(p["kl_per_dim_nats"]) for p in sweep["points"]] == [2, 3] and (out / "report.html").is_file()
+
+
 # ---------------------------------------------------------------------------- running
 
 

@@ -239,7 +239,7 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None):
 
     config = load_config(args.config) if args.config else config_from_dict(base or {})
     skip = {"command", "config", "resume", "axes", "jobs", "evaluate", "fid_features", "inception_weights", "num_samples",
-            "sampler", "steps"}
+            "sampler", "steps", "metrics"}
     return with_overrides(config, {k: v for k, v in vars(args).items() if k not in skip})
 
 
@@ -298,12 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             from vaelab.generation import sample_run, sample_runs
 
             if len(args.run) == 1:
-                print(sample_run(args.run[0], args.n or 64, args.out, seed=args.seed, device=args.device,
+                print(sample_run(args.run[0], 64 if args.n is None else args.n, args.out, seed=args.seed, device=args.device,
                                  class_label=args.class_label, sampler=args.sampler, steps=args.steps))
             elif args.class_label is not None:
                 raise ConfigError("--class draws one run's samples; give one --run")
             else:
-                for e in sample_runs(args.run, args.n or 8, args.out, seed=args.seed, device=args.device,
+                for e in sample_runs(args.run, 8 if args.n is None else args.n, args.out, seed=args.seed, device=args.device,
                                      sampler=args.sampler, steps=args.steps):
                     print(f"{e['label']}: {e['seconds']:.2f} s")
                 print(args.out)
