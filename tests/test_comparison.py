@@ -46,6 +46,9 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
                        fid_features="classifier")  # Inception's default is tested in test_evaluation.py
     for name in ("comparison.md", "comparison.json", "compare_samples.png", "confidence_hist.png"):
         assert (out / name).stat().st_size > 0, name
+    # the entries were evaluated into the comparison's folder: the runs' own eval.json and pictures are untouched
+    assert not any((r / n).exists() for r in (vae, ddpm) for n in ("eval.json", "eval_samples.png", "confidence_hist.png"))
+    assert not (out / ".evaluation").exists()
     report = json.loads((out / "comparison.json").read_text())
     md = (out / "comparison.md").read_text()
     entries = report["entries"]

@@ -166,21 +166,20 @@ def compare_runs(
                                               seed=seed) for n in TIMING_SIZES}
             n_eval = ddpm_num_samples if sampler.name == "ddpm" and ddpm_num_samples else num_samples
             print(f"comparing {label}: evaluate_run with {n_eval:,} samples")
-            shown = {"samples": "eval_samples.png", "confidence": "confidence_hist.png"}
-            before = {key: _mtime(run.path / src) for key, src in shown.items()}
+            scratch = tmp / ".evaluation"  # this entry's eval.json and pictures (the run folder is left alone)
+            shutil.rmtree(scratch, ignore_errors=True)
             evaluation = evaluate_run(run.path, metrics=metrics, fid_features=fid_features, num_samples=n_eval,
                                       iwae_k=iwae_k, nll_subset=nll_subset, device=str(dev), seed=seed,
                                       sampler=sampler.options.get("sampler"), steps=sampler.options.get("steps"),
                                       inception_weights=inception_weights, feature_precision=feature_precision,
-                                      inception_engine=inception_engine)
+                                      inception_engine=inception_engine, out=scratch)
             slug = _slug(label)
             pictures = {}
-            # evaluate_run writes its pictures into the run folder; keep this entry's copies (not older ones
-            # that an evaluation without samples left there)
-            for key, src in shown.items():
-                if _mtime(run.path / src) not in (None, before[key]):
+            for key, src in {"samples": "eval_samples.png", "confidence": "confidence_hist.png"}.items():
+                if (scratch / src).is_file():
                     pictures[key] = f"{key}_{slug}.png"
-                    shutil.copyfile(run.path / src, tmp / pictures[key])
+                    shutil.copyfile(scratch / src, tmp / pictures[key])
+            shutil.rmtree(scratch)
             results.append({
                 "label": label, "run": str(run.path), "dataset": run.config.dataset, "model": run.config.model,
                 "family": family.NAME, "sampler": sampler.options, "parameters": count_parameters(model),
@@ -215,8 +214,6 @@ def compare_runs(
     return out
 
 
-def _mtime(path: Path) -> int | None:
-    return path.stat().st_mtime_ns if path.is_file() else None
 
 
 def _fmt(value, spec: str = ".4g") -> str:

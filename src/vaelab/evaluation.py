@@ -123,8 +123,10 @@ def evaluate_run(
     use_cache: bool = True,
     feature_precision: str = "fp32",
     inception_engine: str = "auto",
+    out: str | Path | None = None,
 ) -> dict:
-    """Evaluate the newest checkpoint of a run; write ``RUN_DIR/eval.json`` and pictures.
+    """Evaluate the newest checkpoint of a run; write ``eval.json`` and pictures into the run folder
+    (or ``out``).
 
     Args:
         run_dir: a run folder written by ``vaelab train`` (``config.yaml`` + ``checkpoints/``).
@@ -147,6 +149,9 @@ def evaluate_run(
         feature_precision: ``fp32`` (default) or ``bf16``: the Inception network's precision (see
             ``vaelab.metrics.inception``); bf16 numbers carry ``feature_precision: bf16``.
         inception_engine: ``auto`` (OpenVINO on a CPU), ``openvino`` or ``torch``.
+        out: the folder for ``eval.json`` and the pictures (created; default ``run_dir``, whose
+            ``eval.json`` is then the latest evaluation). ``compare`` and study stages pass their own
+            folder, so they never replace a run's ``eval.json``.
 
     Returns:
         The dict written to ``eval.json``. Metrics the model's family cannot support are listed under
@@ -176,6 +181,7 @@ def evaluate_run(
     run = Run(run_dir)
     ckpt = run.last_checkpoint()
     config = run.config
+    dest = Path(out) if out is not None else run.path
     dist, dev = distributed(device)
     inception = (load_inception(inception_weights, device=dev, engine=inception_engine, precision=feature_precision)
                  if "inception" in spaces else None)
@@ -232,6 +238,8 @@ def evaluate_run(
                                world=dist.world_size) if dist.main else {}
     say(describe_estimate(estimate))
     stages = _Stages(estimate, quiet=not dist.main)
+    if dist.main:
+        dest.mkdir(parents=True, exist_ok=True)
 
     # 3. the stages, each with its definition
     fake = fake_y = None
@@ -239,7 +247,7 @@ def evaluate_run(
         with stages("sampling"):
             fake, fake_y = generate(model, draw, num_samples, seed=seed, dist=dist)
             if dist.main:
-                plots.save_grid(to_pixels(fake[: min(64, len(fake))]), run.path / "eval_samples.png", nrow=8)
+                plots.save_grid(to_pixels(fake[: min(64, len(fake))]), dest / "eval_samples.png", nrow=8)
     for i, space in enumerate(spaces):
         entries = _distances_in(space, extractors[space], refs, fake, fake_y, distances, stages, device=dev, seed=seed,
                                 notes=notes, use_cache=use_cache, dist=dist,
@@ -249,7 +257,7 @@ def evaluate_run(
         return None  # the other ranks only shared the sampling and the samples' features
     if "confidence" in todo:
         with stages("confidence"):
-            result["confidence"] = confidence_report(evaluator, fake, fake_y, test, run.path, device=dev)
+            result["confidence"] = confidence_report(evaluator, fake, fake_y, test, dest, device=dev)
     if "recon" in todo:
         with stages("recon"):
             result["recon"] = recon_metrics(model, test, device=dev)
@@ -258,7 +266,7 @@ def evaluate_run(
             result["nll"] = nll_metrics(model, test, k=iwae_k, subset=nll_subset, device=dev, seed=seed)
     if "latent" in todo:
         with stages("latent"):
-            result["latent"] = latent_metrics(model, test, run.path, device=dev)
+            result["latent"] = latent_metrics(model, test, dest, device=dev)
     if "speed" in todo:
         with stages("speed"):
             result["speed"] = speed_metrics(model, draw, seed=seed)
@@ -267,7 +275,7 @@ def evaluate_run(
             result["disentanglement"] = disentanglement.disentanglement_metrics(model, test, device=dev, seed=seed)
     result["timing_s"] = stages.seconds
     result["estimated_s"] = estimate
-    write_json(run.path / "eval.json", result)
+    write_json(dest / "eval.json", result)
     return result
 
 

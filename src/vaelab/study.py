@@ -28,7 +28,7 @@ Stage kinds: ``data`` (``vaelab data GENERATOR``: a generated dataset with known
 ``config`` relative to the study file, ``set`` overrides, ``first_stage``: an earlier train stage whose
 run folder a latent diffusion model uses, ``data``: a data stage whose dataset it trains on, as
 ``--dataset tensors --data-root``), ``synth``, ``cas``, ``evaluate`` (``eval.json`` and its pictures are
-copied into the stage folder), ``compare``, ``sweep``, ``samples`` (``vaelab sample --run A --run B``: one
+written into the stage folder; the run folder's own ``eval.json`` is left alone), ``compare``, ``sweep``, ``samples`` (``vaelab sample --run A --run B``: one
 labelled row of samples per run in ``samples.png``, e.g. ``{name: grid, kind: samples, runs: [vae, ddpm],
 num_samples: 8}``). A stage is finished when its output file exists (``manifest.json``, ``summary.json``,
 ``manifest.json``, ``cas.json``, ``eval.json``, ``comparison.json``, ``sweep.json``, ``samples.json``); a
@@ -486,16 +486,11 @@ def _evaluate(study: Study, stage: dict, out: Path, device: str | None) -> None:
 
     run_dir = out / stage["run"]
     args = {k: stage[k] for k in KINDS["evaluate"]["keys"] - {"run"} if k in stage}
-    result = evaluate_run(run_dir, device=device or "auto", **args)
-    # a snapshot of this evaluation (the run folder keeps only its latest eval.json)
+    # written into a temporary folder, renamed when complete (the run folder's own eval.json is left alone)
     folder = out / stage["name"]
     tmp = out / f".{stage['name']}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for png in run_dir.glob("*.png"):
-        if png.name.startswith(("eval_", "confidence_", "class_", "kl_per_dim")):
-            shutil.copy2(png, tmp / png.name)
-    write_json(tmp / "eval.json", result)
+    evaluate_run(run_dir, device=device or "auto", out=tmp, **args)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
