@@ -160,7 +160,8 @@ def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
         calls.append((run_dir.name, metrics, fid_features, num_samples))
         fid = {"metric": "FID", "value": 10.0 * len(calls), "feature_space": "test features", "num_samples": num_samples,
                "floor": {"value": 1.5}}
-        (run_dir / "eval.json").write_text(json.dumps({"fid": fid, "split": "test"}))
+        settings = {"metrics": metrics, "num_samples": num_samples, "fid_features": ["test"], "sampler": {"sampler": "prior"}}
+        (run_dir / "eval.json").write_text(json.dumps({"fid": fid, "split": "test", "settings": settings}))
 
     monkeypatch.setattr(vaelab.evaluation, "evaluate_run", fake_evaluate_run)
     run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=123)
@@ -171,6 +172,8 @@ def test_evaluation_fills_the_fid_column(finished_sweep, monkeypatch):
     assert "FID [test features] (123 samples vs test)" in (finished_sweep / "sweep.md").read_text()
     run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=123)
     assert len(calls) == 2  # evaluated points are not evaluated again
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=finished_sweep, evaluate=True, num_samples=99)
+    assert len(calls) == 4 and calls[-1][3] == 99  # another N: the earlier eval.json does not answer it
 
 
 def test_latent_metric_draws_every_points_kl_per_dimension(finished_sweep, tmp_path):

@@ -291,11 +291,26 @@ def _evaluate_points(points: list[Point], *, fid_features: str | None, inception
     from vaelab.evaluation import evaluate_run
 
     for i, point in enumerate(points, 1):
-        if (point.run_dir / "eval.json").is_file():
-            continue
+        earlier = Run(point.run_dir).read_json("eval.json")
+        if earlier is not None:
+            if _evaluated_as_asked(earlier.get("settings") or {}, metrics=metrics, num_samples=num_samples,
+                                   fid_features=fid_features, sampler=sampler, steps=steps):
+                continue
+            print(f"[{i}/{len(points)}] {point.name}: its eval.json was made with other settings; evaluating again")
         print(f"[{i}/{len(points)}] evaluating {point.name}")
         evaluate_run(point.run_dir, metrics=metrics, fid_features=fid_features, inception_weights=inception_weights,
                      num_samples=num_samples, device=device, sampler=sampler, steps=steps)
+
+
+def _evaluated_as_asked(settings: dict, *, metrics: list[str], num_samples: int, fid_features, sampler, steps) -> bool:
+    """Whether an earlier ``eval.json``'s ``settings`` cover this sweep's evaluation (same N, sampler and
+    feature spaces where given, and every metric asked for)."""
+    drawn = settings.get("sampler") or {}
+    spaces = [s.strip() for s in fid_features.split(",")] if isinstance(fid_features, str) else fid_features
+    return (set(metrics) <= set(settings.get("metrics") or []) and settings.get("num_samples") == num_samples
+            and (sampler is None or drawn.get("sampler") == sampler.split(":")[0])
+            and (steps is None or drawn.get("steps") == steps)
+            and (spaces is None or list(settings.get("fid_features") or []) == list(spaces)))
 
 
 # ---------------------------------------------------------------------------- summary
