@@ -122,6 +122,10 @@ def test_compare_bad_input_is_refused_before_any_work(tmp_path):
         compare_runs([a, c], out=tmp_path / "cmp", ddim_steps=1001, device="cpu")
     with pytest.raises(ConfigError, match="num_samples must be a positive integer"):
         compare_runs([a, c], out=tmp_path / "cmp", num_samples=0)
+    for bad, message in (({"metrics": ""}, "unknown metric"), ({"fid_features": "incepshun"}, "incepshun"),
+                         ({"feature_precision": "fp8"}, "'fp8'"), ({"inception_engine": "onnx"}, "'onnx'")):
+        with pytest.raises(ConfigError, match=message):
+            compare_runs([a, c], out=tmp_path / "cmp", **bad)
     assert not (tmp_path / "cmp").exists()
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
 

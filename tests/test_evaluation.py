@@ -80,6 +80,11 @@ def test_kid_self_near_zero_and_shifted_positive():
     assert abs(mean) < 0.05 and size == 100
     shifted, _, _ = kid_from_features(a, _features(400, shift=1.0, seed=1), subsets=10, subset_size=100)
     assert shifted > 0.5 and shifted > 10 * abs(mean)
+    # seeded subsets: the same seed gives the same KID, and the caller's random stream is left as it was
+    b = _features(400, shift=0.1, seed=2)
+    state = torch.get_rng_state()
+    assert kid_from_features(a, b, subsets=5, subset_size=50, seed=3) == kid_from_features(a, b, subsets=5, subset_size=50, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_fid_rejects_bad_features():

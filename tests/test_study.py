@@ -39,6 +39,18 @@ def test_bad_study_files_are_refused_before_any_work(tmp_path):
             load_study(path)
     with pytest.raises(ConfigError, match="unknown budget 'huge'"):
         load_study(REPO / "studies" / "mnist-fid.yaml", budget="huge")
+    claims = {  # claims that could only fail when the verdict is computed, after every stage: refused up front
+        "{id: c, claim: x, seed: {text: t}, ours: {stage: a, key: k}, verdict: {rule: within, tolerance: 1}}":
+            "rule 'within' needs the seed's number as seed.value",
+        "{id: c, claim: x, seed: {value: 2}, ours: {stage: a, key: k}, verdict: {rule: within}}":
+            "rule 'within' needs verdict.tolerance, a number >= 0; got None",
+        "{id: c, claim: x, seed: {value: 2}, ours: {stage: a, key: k}, verdict: {rule: at_least, tolerance: -1}}":
+            "got -1",
+    }
+    for claim, message in claims.items():
+        path.write_text(f"name: s\nstages: [{{name: a, kind: train}}]\nclaims: [{claim}]\n")
+        with pytest.raises(ConfigError, match=message):
+            load_study(path)
 
 
 def test_verdict_rules():

@@ -114,7 +114,8 @@ def compare_runs(
             ``out``. VaelabError: a folder is not a run with a checkpoint.
             All raised before any work.
     """
-    from vaelab.evaluation import METRICS, evaluate_run
+    from vaelab.evaluation import DISTANCES, METRICS, evaluate_run, feature_spaces
+    from vaelab.metrics.inception import ENGINES, PRECISIONS
 
     # 1. validate everything before any work
     run_dirs = [Path(r) for r in run_dirs]
@@ -131,8 +132,13 @@ def compare_runs(
     elif isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
-    if unknown:
-        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(METRICS)}")
+    if unknown or not metrics:
+        raise ConfigError(f"unknown metric(s) {', '.join(unknown) or repr(metrics)}; valid: {', '.join(METRICS)}")
+    if set(DISTANCES) & set(metrics):
+        feature_spaces(fid_features, inception_weights)  # raises for unknown spaces or missing weights
+    if feature_precision not in PRECISIONS or inception_engine not in ENGINES:
+        raise ConfigError(f"feature precision {feature_precision!r} / Inception engine {inception_engine!r}: expected "
+                          f"one of {', '.join(PRECISIONS)} / {', '.join(ENGINES)}")
     runs = [Run(r) for r in run_dirs]
     for run in runs:
         run.last_checkpoint()

@@ -82,7 +82,10 @@ def sample_run(
     if class_label is not None:
         index = class_index(run, class_label)
         y = family.class_labels(model, index, n).to(dev)
-    images = draw.draw(n, torch.Generator(device=dev).manual_seed(seed), y)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    with torch.no_grad():  # batches of 500 (one batch, and so the same images as before, up to n = 500)
+        images = torch.cat([draw.draw(min(500, n - i), gen, None if y is None else y[i : i + 500]).float().cpu()
+                            for i in range(0, n, 500)])
     save_grid(images, out, nrow=nrow or max(1, round(n**0.5)), pixel_range=model.config.pixel_range)
     return Path(out)
 

@@ -53,9 +53,12 @@ def sample_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path) -> None:
 
 
 def save_figure(fig, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    """Write a matplotlib figure as a PNG (atomically) and close it, also when writing fails."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def training_curves(rows: list[dict], path: str | Path) -> None:

@@ -191,7 +191,7 @@ def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict)
 def _check_metrics(metrics, where: str) -> None:
     from vaelab.evaluation import METRICS
 
-    names = metrics.split(",") if isinstance(metrics, str) else metrics
+    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else metrics
     unknown = [m for m in names if m not in METRICS] if isinstance(names, list) else [names]
     if unknown or not names:
         raise ConfigError(f"{where}: metrics {unknown or names!r}: expected a list of {', '.join(METRICS)}")
@@ -243,6 +243,12 @@ def _check_claim(path: Path, claim: dict, stages: dict[str, dict]) -> dict:
                                       f"stage {ref['stage']}'s runs ({', '.join(stages[ref['stage']].get('runs', []))})")
     if rule == "order" and ("than" not in claim or claim["verdict"].get("seed_order") not in ("less", "greater")):
         raise ConfigError(f"{where}: rule 'order' needs 'than' (a second value) and verdict.seed_order less|greater")
+    if rule in ("within", "at_least"):
+        if not isinstance((claim.get("seed") or {}).get("value"), (int, float)):
+            raise ConfigError(f"{where}: rule {rule!r} needs the seed's number as seed.value")
+        tolerance = claim["verdict"].get("tolerance", None if rule == "within" else 0.0)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
+            raise ConfigError(f"{where}: rule {rule!r} needs verdict.tolerance, a number >= 0; got {tolerance!r}")
     return claim
 
 
@@ -476,9 +482,10 @@ def _cas(study: Study, stage: dict, out: Path, device: str | None) -> None:
         args["rows"] = tuple(stage["rows"])
     from vaelab.run import Run
 
+    # the real data: the source run's dataset and root, unless the stage names another dataset (then its default root)
     run_config = Run(manifest["source_run"]).config
-    cas(synthetic, stage.get("dataset", manifest["dataset"]), data_root=run_config.data_root, out=out / stage["name"],
-        device=device or "auto", **args)
+    cas(synthetic, stage.get("dataset", manifest["dataset"]), data_root=None if "dataset" in stage else run_config.data_root,
+        out=out / stage["name"], device=device or "auto", **args)
 
 
 def _evaluate(study: Study, stage: dict, out: Path, device: str | None) -> None:

@@ -255,6 +255,19 @@ def _train_in_processes(todo: list[Point], out: Path, jobs: int) -> None:
     """Run ``vaelab train`` for each point, ``jobs`` processes at once; raise naming the failed points."""
     waiting, running, failed = list(todo), [], []
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        _run_processes(waiting, running, failed, out, jobs)
+    finally:  # an error or Ctrl-C here: stop the children, close their logs (a rerun resumes them)
+        for _, proc, handle, _ in running:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            handle.close()
+    if failed:
+        raise VaelabError(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}; fix and re-run the sweep to resume")
+
+
+def _run_processes(waiting: list[Point], running: list, failed: list[str], out: Path, jobs: int) -> None:
     while waiting or running:
         while waiting and len(running) < jobs:
             point = waiting.pop(0)
@@ -282,8 +295,6 @@ def _train_in_processes(todo: list[Point], out: Path, jobs: int) -> None:
                 print(f"{point.name}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}")
                 if proc.returncode != 0:
                     failed.append(f"{point.name} (see {log})")
-    if failed:
-        raise VaelabError(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}; fix and re-run the sweep to resume")
 
 
 def _evaluate_points(points: list[Point], *, fid_features: str | None, inception_weights: str | None, num_samples: int,
@@ -410,7 +421,7 @@ def sweep_markdown(sweep: dict) -> str:
         cells = []
         for c in cols:
             v = flat.get(c["key"])
-            if c["key"] == "active_units":
+            if c["key"] == "active_units" and v is not None and row["metrics"].get("latent_dim"):
                 v = f"{v}/{row['metrics']['latent_dim']}"
             cells.append(_md_value(v))
         lines.append("| " + " | ".join(cells) + " |")

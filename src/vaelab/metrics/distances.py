@@ -106,12 +106,11 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 
         metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)  # torchmetrics draws the subsets with the global generator
-    try:
+    # torchmetrics draws the subsets with the global CPU generator (the features are on the CPU): seed only
+    # that one, inside a fork that restores it, so KID leaves the caller's random streams (CUDA's too) as they were
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
         mean, std = metric.compute()
-    finally:
-        torch.set_rng_state(state)
     return float(mean), float(std), size
 
 

@@ -87,8 +87,14 @@ def cached_features(extractor: nn.Module, images: torch.Tensor, *, device: torch
         use_cache: ``False`` always computes and writes nothing.
 
     Returns:
-        ``(features, cached)``: float64 ``(N, F)`` features on CPU, equal to
-        ``extract_features(extractor, images)``, and whether they were read from the cache.
+        ``(features, cached)``: float64 ``(N, F)`` features on CPU and whether they were read from the
+        cache. Computed ones equal ``extract_features(extractor, images)``; cached ones are those of the
+        extractor that first computed them — the same key, so the same weights, preprocessing and
+        precision (fp32 features of the torch and OpenVINO engines agree to 1e-5 and share keys, as they
+        share the reference statistics).
+
+    Raises:
+        what the extractor raises; a damaged or vanished cache file is never an error (recomputed).
     """
     if not use_cache or len(images) == 0:
         return extract_features(extractor, images, device=device, desc=desc, progress=progress), False
@@ -99,7 +105,10 @@ def cached_features(extractor: nn.Module, images: torch.Tensor, *, device: torch
     if path.is_file():
         stored = read_cache(path, lambda p: load_file(str(p))["features"], redo="extracting the features again")
         if stored is not None and tuple(stored.shape) == (len(images), extractor.num_features):
-            os.utime(path)
+            try:
+                os.utime(path)  # most recently used
+            except FileNotFoundError:  # another process pruned it meanwhile; the features are read
+                pass
             return stored.double(), True
     features = extract_features(extractor, images, device=device, desc=desc, progress=progress)
     with atomic_path(path) as tmp:
@@ -110,9 +119,18 @@ def cached_features(extractor: nn.Module, images: torch.Tensor, *, device: torch
 
 def _prune(folder, max_bytes: int) -> None:
     """Remove the least recently used files of ``folder`` until the rest fit in ``max_bytes``."""
-    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    def mtime(p) -> float:
+        try:
+            return p.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    files = sorted(folder.glob("*.safetensors"), key=mtime, reverse=True)
     total = 0
     for p in files:
-        total += p.stat().st_size
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
         if total > max_bytes:
             p.unlink(missing_ok=True)
