@@ -74,6 +74,10 @@ def test_resume_continues_from_the_checkpoint(trained_run, tmp_path):
     assert rows[1]["step"] == 2 * rows[0]["step"]
     assert Run(copy).last_checkpoint().name == "epoch-0002"
     assert Run(copy).load_model().config.latent_dim == 8
+    # the new length is the run's now: config.yaml says 2, and a plain resume has nothing left to do
+    assert Run(copy).config.epochs == 2 and (copy / "config.yaml").read_text().startswith("# vaelab run config:")
+    resume(copy)
+    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_active_units_counts_a_planted_dead_dimension():

@@ -75,9 +75,13 @@ class Run:
         if checkpoint_dirs(path):
             raise VaelabError(f"{path} already holds a run; use --resume {path} or another --out")
         path.mkdir(parents=True, exist_ok=True)
-        values = config.to_dict()
-        write_text(path / CONFIG, f"# {CONFIG_HEADER} {len(values)} fields\n" + yaml.safe_dump(values, sort_keys=False))
+        _write_config(path, config)
         return cls(path)
+
+    def write_config(self, config: TrainConfig) -> None:
+        """Replace ``config.yaml`` (e.g. a resumed run's new ``epochs``)."""
+        _write_config(self.path, config)
+        self.__dict__.pop("config", None)  # the cached property reads the new file
 
     # ------------------------------------------------------------------ reading
 
@@ -249,6 +253,12 @@ class Run:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def _write_config(folder: Path, config: TrainConfig) -> None:
+    """``config.yaml``, atomically, after a header line with the field count (it catches a cut copy)."""
+    values = config.to_dict()
+    write_text(folder / CONFIG, f"# {CONFIG_HEADER} {len(values)} fields\n" + yaml.safe_dump(values, sort_keys=False))
 
 
 def _read_run_config(path: Path) -> dict:

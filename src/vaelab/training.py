@@ -85,6 +85,9 @@ def prepare(config: TrainConfig, *, resume_from: str | Path | None = None):
 def resume(run_dir: str | Path, *, epochs: int | None = None, device: str | None = None) -> Path:
     """Continue the run in ``run_dir`` from its newest checkpoint, up to ``epochs`` (default: its own).
 
+    A new ``epochs`` is written into the run's ``config.yaml`` (a later resume continues to it). Schedules
+    defined over the whole run (a ``cyclical`` β) follow the new length from the resumed epoch on.
+
     Raises:
         VaelabError: ``run_dir`` has no ``config.yaml`` or no complete checkpoint.
     """
@@ -174,6 +177,8 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> Path
         torch.set_rng_state(state["torch_rng"])
         start_epoch, step, elapsed = state["epoch"] + 1, state["step"], state["elapsed_s"]
         dropped = run.drop_metrics_after(state["epoch"]) if dist.main else 0
+        if dist.main and run.config.epochs != config.epochs:  # --resume --epochs N: config.yaml says what the run is now
+            run.write_config(with_overrides(run.config, {"epochs": config.epochs}))
         say(dist, f"resuming {run.path} from {ckpt.name}" + (f" ({dropped} metrics row(s) of unsaved epochs dropped)" if dropped else ""))
     else:
         run = Run.create(config) if dist.main else None
