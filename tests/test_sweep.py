@@ -186,6 +186,8 @@ def test_latent_metric_draws_every_points_kl_per_dimension(finished_sweep, tmp_p
         stale.unlink()
     with pytest.raises(ConfigError, match="sweep metrics.*'likelihood'"):
         run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=out, metrics=["latent", "likelihood"])
+    with pytest.raises(ConfigError, match="incepshun"):
+        run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=out, metrics=["fid"], fid_features="incepshun")
     assert not list(out.glob("runs/*/eval.json"))  # refused before any evaluation
     run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=out, metrics=["latent"])
     sweep = json.loads((out / "sweep.json").read_text())

@@ -56,6 +56,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (complete or absent)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
@@ -91,6 +92,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_yaml(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as YAML (keys in insertion order), atomically (``write_text``)."""
     write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 

@@ -156,6 +156,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
+        """Whether training finished (``summary.json`` written)."""
         return (self.path / SUMMARY).is_file()
 
     def read_json(self, name: str) -> dict | None:
@@ -214,6 +215,7 @@ class Run:
         return path
 
     def append_metrics(self, row: dict) -> None:
+        """Append one epoch's row to ``metrics.jsonl``."""
         append_jsonl(self.path / METRICS, row)
 
     def drop_metrics_after(self, epoch: int) -> int:
@@ -226,6 +228,7 @@ class Run:
         return len(rows) - len(keep)
 
     def write_summary(self, summary: dict) -> None:
+        """Write ``summary.json`` (atomically): the test numbers of a finished training."""
         write_json(self.path / SUMMARY, summary)
 
     def save_checkpoint(self, epoch: int, model, state: dict) -> Path:

@@ -256,6 +256,7 @@ def _check_claim(path: Path, claim: dict, stages: dict[str, dict]) -> dict:
 
 
 def default_out(study: Study) -> Path:
+    """``runs/studies/<name>`` for the full budget, ``runs/studies/<name>-<budget>`` for another."""
     return Path("runs") / "studies" / (study.name if study.budget == FULL else f"{study.name}-{study.budget}")
 
 

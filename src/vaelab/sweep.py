@@ -158,7 +158,8 @@ def plan_sweep(base: TrainConfig, axes: dict[str, list[Any]], out: str | Path) -
 
 
 def is_trained(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
+    """Whether a point's run folder holds a finished training (``Run.finished``)."""
+    return (run_dir / "config.yaml").is_file() and Run(run_dir).finished
 
 
 def run_sweep(
@@ -195,12 +196,20 @@ def run_sweep(
         The sweep folder.
 
     Raises:
-        ConfigError: bad axes/values, unknown metrics or ``jobs`` < 1, before anything is written.
+        ConfigError: bad axes/values, unknown metrics, feature spaces or missing Inception weights, a
+            non-positive ``num_samples`` or ``jobs`` < 1, before anything is written.
         VaelabError: ``out`` holds a different sweep, or points failed (their logs named).
     """
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs must be a positive integer, got {jobs!r}")
     metrics = _check_metrics(metrics)
+    if evaluate:  # the evaluation's settings are checked now, not after hours of training
+        from vaelab.evaluation import DISTANCES, feature_spaces
+
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ConfigError(f"--num-samples must be a positive integer, got {num_samples!r}")
+        if set(DISTANCES) & set(metrics):
+            feature_spaces(fid_features, inception_weights)
     out = Path(out)
     points = plan_sweep(base, axes, out)
     _check_plan(out, base, axes)

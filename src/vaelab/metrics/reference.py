@@ -81,6 +81,7 @@ def reference_key(extractor: nn.Module, split: ImageSplit, *, split_name: str, s
 
 
 def reference_path(extractor: nn.Module, split: ImageSplit, *, split_name: str, selection: str):
+    """``(cache file, key fields, key)`` of a reference set (see ``reference_key``); the file may not exist yet."""
     fields, key = reference_key(extractor, split, split_name=split_name, selection=selection)
     space = extractor.cache_id.split("|")[0]
     name = f"{split.name or 'data'}-{split_name}-{len(split)}-{space}-{key}.safetensors"
