@@ -36,8 +36,9 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 8, pixel_ra
 
 def sample_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path) -> None:
     """One labelled row of images per model, in one PNG: ``rows`` is ``[(label, uint8 (n, C, H, W))]``
-    (images of one size across rows; grayscale shown as gray)."""
-    grids = [make_grid(images.float() / 255.0, nrow=len(images), padding=2, pad_value=1.0) for _, images in rows]
+    (images of one size across rows; grayscale shown as gray). More than 16 images of a model wrap onto
+    further lines of its row."""
+    grids = [make_grid(images.float() / 255.0, nrow=min(len(images), 16), padding=2, pad_value=1.0) for _, images in rows]
     height, width = grids[0].shape[1:]
     row_inches = max(0.9, 12.0 * height / width)
     fig, axes = plt.subplots(len(rows), 1, figsize=(12.0 + 2.4, row_inches * len(rows)), squeeze=False)
