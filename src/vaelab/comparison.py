@@ -114,7 +114,7 @@ def compare_runs(
             ``out``. VaelabError: a folder is not a run with a checkpoint.
             All raised before any work.
     """
-    from vaelab.evaluation import DISTANCES, METRICS, evaluate_run, feature_spaces
+    from vaelab.evaluation import DISTANCES, METRICS, evaluate_run, feature_spaces, parse_metrics
     from vaelab.metrics.inception import ENGINES, PRECISIONS
 
     # 1. validate everything before any work
@@ -127,13 +127,7 @@ def compare_runs(
     for name, value in (("ddpm_num_samples", ddpm_num_samples), ("nll_subset", nll_subset),
                         ("timing_max_steps", timing_max_steps)):
         _check_positive(name, value, allow_none=True)
-    if metrics is None:
-        metrics = [m for m in METRICS if m != "speed"]
-    elif isinstance(metrics, str):
-        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
-    unknown = sorted(set(metrics) - set(METRICS))
-    if unknown or not metrics:
-        raise ConfigError(f"unknown metric(s) {', '.join(unknown) or repr(metrics)}; valid: {', '.join(METRICS)}")
+    metrics = [m for m in METRICS if m != "speed"] if metrics is None else parse_metrics(metrics)
     if set(DISTANCES) & set(metrics):
         feature_spaces(fid_features, inception_weights)  # raises for unknown spaces or missing weights
     if feature_precision not in PRECISIONS or inception_engine not in ENGINES:
@@ -218,8 +212,6 @@ def compare_runs(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
 
 
 def _fmt(value, spec: str = ".4g") -> str:

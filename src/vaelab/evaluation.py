@@ -64,13 +64,18 @@ DISTANCES = ("fid", "kid", "prdc")  # computed in every feature space
 FEATURE_SPACES = ("inception", "classifier")
 
 
-def _parse_metrics(metrics: str | Iterable[str] | None) -> list[str]:
+def parse_metrics(metrics: str | Iterable[str] | None) -> list[str]:
+    """Metric names (a list or a comma-separated string; ``None``: all of ``METRICS``), deduplicated.
+
+    Raises:
+        ConfigError: an unknown name, or none at all.
+    """
     if metrics is None:
         return list(METRICS)
-    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    names = [str(m).strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if str(m).strip()]
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
-        raise ConfigError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(METRICS)}")
+        raise ConfigError(f"unknown metric(s) {', '.join(map(repr, unknown)) or '(none given)'}; valid: {', '.join(METRICS)}")
     return list(dict.fromkeys(names))
 
 
@@ -173,7 +178,7 @@ def evaluate_run(
     from vaelab.evaluator import build_evaluator
 
     # 1. validate everything before any work
-    wanted = _parse_metrics(metrics)
+    wanted = parse_metrics(metrics)
     _positive("num_samples", num_samples)
     _positive("iwae_k", iwae_k)
     _positive("nll_subset", nll_subset, allow_none=True)

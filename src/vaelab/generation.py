@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vaelab.data import to_uint8
+from vaelab.data import to_pixels, to_uint8
 from vaelab.errors import ConfigError
 from vaelab.families import Sampler, family_of
 from vaelab.plots import sample_rows, save_grid
@@ -22,20 +22,22 @@ from vaelab.runtime import Distributed, derive_seed, select_device
 
 @torch.no_grad()
 def generate(model, sampler: Sampler, n: int, *, batch_size: int = 500, seed: int = 0,
-             desc: str = "generating", dist: Distributed | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             desc: str = "generating", dist: Distributed | None = None,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` samples as ``uint8`` ``(n, C, H, W)`` on CPU (quantised like real 8-bit images) and, for a
     conditional model, their class labels ``(n,)`` int64 (balanced: ``i % num_classes``), else ``None``.
 
     One ``torch.Generator`` on the model's device seeded with ``seed`` drives every batch, so a
     seed gives the same samples for any ``batch_size`` only when ``batch_size >= n``. Under ``torchrun``
     (``dist`` active) each rank draws its block of the ``n`` with its own seed
-    (``derive_seed(seed, "rank", rank)``) and every rank returns the gathered whole.
+    (``derive_seed(seed, "rank", rank)``) and every rank returns the gathered whole. ``labels`` (int64
+    ``(n,)``, conditional models) replaces the balanced labels, e.g. one class for all.
     """
     dist = dist or Distributed()
     device = next(model.parameters()).device
     start, stop = dist.block(n)
     gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "rank", dist.rank) if dist.active else seed)
-    labels = family_of(model).sample_labels(model, n)
+    labels = family_of(model).sample_labels(model, n) if labels is None else labels
     out = []
     for first in tqdm(range(start, stop, batch_size), desc=desc, unit="batch", leave=False, disable=not dist.main):
         m = min(batch_size, stop - first)
@@ -82,11 +84,9 @@ def sample_run(
     if class_label is not None:
         index = class_index(run, class_label)
         y = family.class_labels(model, index, n).to(dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    with torch.no_grad():  # batches of 500 (one batch, and so the same images as before, up to n = 500)
-        images = torch.cat([draw.draw(min(500, n - i), gen, None if y is None else y[i : i + 500]).float().cpu()
-                            for i in range(0, n, 500)])
-    save_grid(images, out, nrow=nrow or max(1, round(n**0.5)), pixel_range=model.config.pixel_range)
+    images, _ = generate(model, draw, n, seed=seed, labels=y)
+    save_grid(to_pixels(images, model.config.pixel_range), out, nrow=nrow or max(1, round(n**0.5)),
+              pixel_range=model.config.pixel_range)
     return Path(out)
 
 

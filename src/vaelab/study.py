@@ -189,12 +189,12 @@ def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict)
 
 
 def _check_metrics(metrics, where: str) -> None:
-    from vaelab.evaluation import METRICS
+    from vaelab.evaluation import parse_metrics
 
-    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else metrics
-    unknown = [m for m in names if m not in METRICS] if isinstance(names, list) else [names]
-    if unknown or not names:
-        raise ConfigError(f"{where}: metrics {unknown or names!r}: expected a list of {', '.join(METRICS)}")
+    try:
+        parse_metrics(metrics if isinstance(metrics, (str, list)) else str(metrics))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _check_data_stage(spec: dict, where: str) -> None:

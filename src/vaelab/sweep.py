@@ -229,13 +229,12 @@ def run_sweep(
 
 
 def _check_metrics(metrics: Sequence[str] | str) -> list[str]:
-    from vaelab.evaluation import METRICS
+    from vaelab.evaluation import parse_metrics
 
-    metrics = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise ConfigError(f"sweep metrics {unknown or metrics}: expected some of {', '.join(METRICS)}")
-    return metrics
+    try:
+        return parse_metrics(metrics)
+    except ConfigError as exc:
+        raise ConfigError(f"sweep metrics: {exc}") from None
 
 
 def _check_plan(out: Path, base: TrainConfig, axes: dict[str, list[Any]]) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.losses import LossOutput, log_normal, log_standard_normal
+from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 
 LOGVAR_BOUND = 8.0
 
@@ -39,7 +40,6 @@ LOGVAR_BOUND = 8.0
 def bounded_logvar(logvar: torch.Tensor) -> torch.Tensor:
     """``LOGVAR_BOUND * tanh(logvar / LOGVAR_BOUND)``: smooth, ~identity near 0, within +-LOGVAR_BOUND."""
     return LOGVAR_BOUND * torch.tanh(logvar / LOGVAR_BOUND)
-from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 
 
 @dataclass
