@@ -159,8 +159,10 @@ def read_cache(path: str | os.PathLike, read: Callable[[Path], T], *, redo: str)
 
 
 def warn(text: str) -> None:
-    """One ``WARNING:`` line on stderr."""
-    print(f"WARNING: {text}", file=sys.stderr, flush=True)
+    """One ``WARNING:`` line on stderr (on a line of its own also while a progress bar is drawn)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"WARNING: {text}", file=sys.stderr)
 
 
 def read_json(path: str | os.PathLike, *, remedy: str) -> Any:
