@@ -99,6 +99,44 @@ def test_compare_without_sample_metrics_writes_no_sample_picture(two_runs, tmp_p
     assert not (out / "compare_samples.png").exists() and "compare_samples.png" not in (out / "comparison.md").read_text()
 
 
+def test_interrupted_compare_resumes_at_the_first_unfinished_entry(two_runs, tmp_path, monkeypatch, capsys):
+    """An interruption keeps the finished entries; the same call again evaluates only the rest, and other
+    settings discard them (a resumed comparison never mixes settings)."""
+    import vaelab.evaluation
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    real, calls = vaelab.evaluation.evaluate_run, []
+
+    def counted(*args, **kw):
+        calls.append(kw.get("sampler"))
+        if len(calls) == 2 and interrupt:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(vaelab.evaluation, "evaluate_run", counted)
+    args = dict(metrics=["recon", "nll"], iwae_k=2, nll_subset=5, ddim_steps=5, timing_repeats=1, timing_max_steps=2,
+                device="cpu")
+    out, partial = tmp_path / "cmp", tmp_path / ".cmp.partial"
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        compare_runs(list(two_runs), out=out, **args)
+    assert not out.exists() and len(list(partial.glob("entry_*.json"))) == 1
+    interrupt, calls[:] = False, []
+    compare_runs(list(two_runs), out=out, **args)
+    report = json.loads((out / "comparison.json").read_text())
+    assert len(calls) == len(report["entries"]) - 1 >= 3  # the first entry was not evaluated again
+    assert not partial.exists() and not list(out.glob("entry_*.json")) and not (out / "key.json").exists()
+
+    interrupt, calls[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        compare_runs(list(two_runs), out=tmp_path / "cmp2", **args)
+    interrupt, calls[:] = False, []
+    capsys.readouterr()
+    compare_runs(list(two_runs), out=tmp_path / "cmp2", **{**args, "iwae_k": 3})
+    assert len(calls) == len(report["entries"])  # other settings: the kept entry was discarded, and said so
+    assert "other settings or other weights; discarding them" in capsys.readouterr().err
+
+
 def test_time_generation_counts_one_batch_per_call():
     model = build_model(build_config("ddpm", data_shape=(1, 8, 8), widths=(8, 16), layers_per_block=1,
                                      norm_num_groups=4, num_train_timesteps=12)).eval()

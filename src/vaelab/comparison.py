@@ -11,10 +11,16 @@ Output folder (must be new; written to a temporary folder, then renamed into pla
 
     comparison.md  comparison.json  compare_samples.png  confidence_hist.png
     samples_<entry>.png  confidence_<entry>.png   (the per-entry pictures of evaluate_run)
+
+An interrupted comparison resumes: every finished entry is kept in ``.<out>.partial/`` beside ``out``
+(``entry_<entry>.json`` and its pictures, under a ``key.json`` of the settings and the SHA-256 of every
+run's weights); the same command again skips those entries. A partial folder whose key differs (other
+settings, retrained runs) is discarded with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,7 +30,7 @@ from pathlib import Path
 from vaelab import plots
 from vaelab.errors import ConfigError
 from vaelab.families import family_of
-from vaelab.io import write_json, write_text
+from vaelab.io import DamagedFileError, dumps, read_json, warn, write_json, write_text
 from vaelab.metrics.likelihood import DEFAULT_SUBSET
 from vaelab.metrics.speed import SIZES as TIMING_SIZES
 from vaelab.metrics.speed import time_generation
@@ -60,6 +66,31 @@ def _training_stats(run: Run) -> dict:
         "device": summary.get("device"),
         "definition": "mean over the epochs in metrics.jsonl of the wall time of the training passes (validation excluded)",
     }
+
+
+PARTIAL_KEY = "key.json"
+
+
+def _partial_folder(out: Path, key: dict) -> Path:
+    """``.<out>.partial`` beside ``out``: kept from an interrupted comparison with the same ``key``, else new.
+
+    A folder with another key (or an unreadable one) is discarded with a warning, so a resumed comparison
+    never mixes entries measured under different settings or of other weights.
+    """
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.is_dir():
+        try:
+            kept = read_json(tmp / PARTIAL_KEY, remedy="starting the comparison afresh")
+        except DamagedFileError:
+            kept = None
+        if kept == json.loads(dumps(key)):
+            return tmp
+        warn(f"{tmp} holds entries of an interrupted comparison with other settings or other weights; "
+             "discarding them and starting afresh")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_json(tmp / PARTIAL_KEY, key)
+    return tmp
 
 
 def compare_runs(
@@ -152,65 +183,73 @@ def compare_runs(
     entries = [(run, model, sampler) for run, model in zip(runs, models)
                for sampler in family_of(model).comparison_samplers(model, run, ddim_steps=ddim_steps)]
 
-    # 2. per entry: timing, then the evaluation suite
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        results = []
-        for run, model, sampler in entries:
-            family = family_of(model)
-            label = f"{run.path.name} ({family.NAME.upper()}, {sampler.label})"
-            print(f"comparing {label}: timing generation ({', '.join(map(str, TIMING_SIZES))} samples)")
-            timing = {str(n): time_generation(model, sampler, n, repeats=timing_repeats, max_steps=timing_max_steps,
-                                              seed=seed) for n in TIMING_SIZES}
-            n_eval = ddpm_num_samples if sampler.name == "ddpm" and ddpm_num_samples else num_samples
-            print(f"comparing {label}: evaluate_run with {n_eval:,} samples")
-            scratch = tmp / ".evaluation"  # this entry's eval.json and pictures (the run folder is left alone)
-            shutil.rmtree(scratch, ignore_errors=True)
-            evaluation = evaluate_run(run.path, metrics=metrics, fid_features=fid_features, num_samples=n_eval,
-                                      iwae_k=iwae_k, nll_subset=nll_subset, device=str(dev), seed=seed,
-                                      sampler=sampler.options.get("sampler"), steps=sampler.options.get("steps"),
-                                      inception_weights=inception_weights, feature_precision=feature_precision,
-                                      inception_engine=inception_engine, out=scratch)
-            slug = _slug(label)
-            pictures = {}
-            for key, src in {"samples": "eval_samples.png", "confidence": "confidence_hist.png"}.items():
-                if (scratch / src).is_file():
-                    pictures[key] = f"{key}_{slug}.png"
-                    shutil.copyfile(scratch / src, tmp / pictures[key])
-            shutil.rmtree(scratch)
-            results.append({
-                "label": label, "run": str(run.path), "dataset": run.config.dataset, "model": run.config.model,
-                "family": family.NAME, "sampler": sampler.options, "parameters": count_parameters(model),
-                "latent_space": sampler.latent_space, "network_evaluations": sampler.network_evaluations,
-                "training": _training_stats(run), "generation_time": timing, "evaluation": evaluation,
-                "pictures": pictures,
-            })
+    settings = {"num_samples": num_samples, "ddpm_num_samples": ddpm_num_samples or num_samples,
+                "ddim_steps": ddim_steps, "metrics": metrics, "fid_features": fid_features, "iwae_k": iwae_k,
+                "nll_subset": nll_subset, "timing_repeats": timing_repeats, "timing_max_steps": timing_max_steps,
+                "timing_sizes": list(TIMING_SIZES), "seed": seed, "allow_mixed": allow_mixed}
+    key = {"settings": settings, "device": str(dev), "feature_precision": feature_precision,
+           "inception_engine": inception_engine, "inception_weights": str(inception_weights),
+           "runs": [{"run": str(run.path.resolve()), "weights_sha256": run.weights_sha256()} for run in runs]}
 
-        # 3. outputs
-        report = {
-            "entries": results,
-            **provenance(dev, seed),
-            "settings": {"num_samples": num_samples, "ddpm_num_samples": ddpm_num_samples or num_samples,
-                         "ddim_steps": ddim_steps, "metrics": metrics, "fid_features": fid_features, "iwae_k": iwae_k,
-                         "nll_subset": nll_subset, "timing_repeats": timing_repeats, "timing_max_steps": timing_max_steps,
-                         "timing_sizes": list(TIMING_SIZES), "seed": seed, "allow_mixed": allow_mixed},
+    # 2. per entry: timing, then the evaluation suite; each finished entry is kept in the partial folder
+    tmp = _partial_folder(out, key)
+    results = []
+    for run, model, sampler in entries:
+        family = family_of(model)
+        label = f"{run.path.name} ({family.NAME.upper()}, {sampler.label})"
+        slug = _slug(label)
+        done = tmp / f"entry_{slug}.json"
+        if done.is_file():
+            try:
+                results.append(read_json(done, remedy="evaluating the entry again"))
+                print(f"comparing {label}: finished in an earlier, interrupted run ({done})")
+                continue
+            except DamagedFileError as exc:
+                warn(str(exc))
+        print(f"comparing {label}: timing generation ({', '.join(map(str, TIMING_SIZES))} samples)")
+        timing = {str(n): time_generation(model, sampler, n, repeats=timing_repeats, max_steps=timing_max_steps,
+                                          seed=seed) for n in TIMING_SIZES}
+        n_eval = ddpm_num_samples if sampler.name == "ddpm" and ddpm_num_samples else num_samples
+        print(f"comparing {label}: evaluate_run with {n_eval:,} samples")
+        scratch = tmp / ".evaluation"  # this entry's eval.json and pictures (the run folder is left alone)
+        shutil.rmtree(scratch, ignore_errors=True)
+        evaluation = evaluate_run(run.path, metrics=metrics, fid_features=fid_features, num_samples=n_eval,
+                                  iwae_k=iwae_k, nll_subset=nll_subset, device=str(dev), seed=seed,
+                                  sampler=sampler.options.get("sampler"), steps=sampler.options.get("steps"),
+                                  inception_weights=inception_weights, feature_precision=feature_precision,
+                                  inception_engine=inception_engine, out=scratch)
+        pictures = {}
+        for name, src in {"samples": "eval_samples.png", "confidence": "confidence_hist.png"}.items():
+            if (scratch / src).is_file():
+                pictures[name] = f"{name}_{slug}.png"
+                shutil.copyfile(scratch / src, tmp / pictures[name])
+        shutil.rmtree(scratch)
+        result = {
+            "label": label, "run": str(run.path), "dataset": run.config.dataset, "model": run.config.model,
+            "family": family.NAME, "sampler": sampler.options, "parameters": count_parameters(model),
+            "latent_space": sampler.latent_space, "network_evaluations": sampler.network_evaluations,
+            "training": _training_stats(run), "generation_time": timing, "evaluation": evaluation,
+            "pictures": pictures,
         }
-        write_json(tmp / "comparison.json", report)
-        write_text(tmp / "comparison.md", comparison_markdown(report))
-        with_grids = [r for r in results if "samples" in r["pictures"]]
-        if with_grids:  # none when no metric drew samples (e.g. --metrics recon,nll)
-            plots.compare_samples([tmp / r["pictures"]["samples"] for r in with_grids],
-                                  [r["label"] for r in with_grids], tmp / "compare_samples.png")
-        hists = [(r["label"], r["evaluation"]["confidence"]) for r in results if "confidence" in r["evaluation"]]
-        if hists:
-            plots.confidence_hist(hists, tmp / "confidence_hist.png")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(done, result)
+        results.append(result)
+
+    # 3. outputs, written into the partial folder, which then becomes ``out``
+    report = {"entries": results, **provenance(dev, seed), "settings": settings}
+    for path in [tmp / PARTIAL_KEY, *tmp.glob("entry_*.json")]:
+        path.unlink()
+    write_json(tmp / "comparison.json", report)
+    write_text(tmp / "comparison.md", comparison_markdown(report))
+    with_grids = [r for r in results if "samples" in r["pictures"]]
+    if with_grids:  # none when no metric drew samples (e.g. --metrics recon,nll)
+        plots.compare_samples([tmp / r["pictures"]["samples"] for r in with_grids],
+                              [r["label"] for r in with_grids], tmp / "compare_samples.png")
+    hists = [(r["label"], r["evaluation"]["confidence"]) for r in results if "confidence" in r["evaluation"]]
+    if hists:
+        plots.confidence_hist(hists, tmp / "confidence_hist.png")
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(tmp, out)
     return out
 
 
