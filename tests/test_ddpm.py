@@ -133,7 +133,8 @@ def test_a_few_training_steps_on_real_mnist_lower_the_loss(mnist_slice):
     assert not torch.equal(p_ema, p) and not torch.equal(p_ema, p0)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddim", 1), ("ddim", 7), ("ddim", 50), ("dpmsolver++", 7), ("dpmsolver++", 20)])
+@pytest.mark.parametrize("sampler, steps", [("ddim", 1), ("ddim", 7), ("ddim", 50), ("dpmsolver++", 7), ("dpmsolver++", 20),
+                                            ("sde-dpmsolver++", 7)])
 def test_short_samplers_call_the_unet_exactly_s_times(sampler, steps):
     model = tiny().eval()
     calls = count_calls(model.ema_unet)
@@ -151,10 +152,12 @@ def test_ddpm_sampler_runs_all_t_steps_and_chunks_batches():
     assert [t for t, _, _ in states][0] == 19 and states[-1][0] == 0 and len(states) == 11
 
 
-@pytest.mark.parametrize("sampler, stochastic", [("ddpm", True), ("ddim", False), ("dpmsolver++", False)])
-def test_only_the_ddpm_step_draws_fresh_noise(sampler, stochastic):
+@pytest.mark.parametrize("sampler, stochastic", [("ddpm", True), ("ddim", False), ("dpmsolver++", False),
+                                                  ("sde-dpmsolver++", True)])
+def test_only_the_stochastic_steps_draw_fresh_noise(sampler, stochastic):
     """The same state x_t and noise estimate stepped with two different generators: the ancestral DDPM step
-    adds fresh noise (sigma_t > 0, Ho et al. 2020 alg. 2), DDIM with eta = 0 is deterministic (Song et al. 2021)."""
+    adds fresh noise (sigma_t > 0, Ho et al. 2020 alg. 2) and so does the SDE solver, DDIM with eta = 0 and
+    DPM-Solver++ (the ODE) are deterministic."""
     model = tiny(num_train_timesteps=50).eval()
     g = torch.Generator().manual_seed(0)
     x_t, eps = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
@@ -166,7 +169,7 @@ def test_only_the_ddpm_step_draws_fresh_noise(sampler, stochastic):
     assert torch.equal(outs[0], outs[1]) != stochastic
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"])
 def test_every_pixel_sampler_clips_the_predicted_x0(sampler):
     """Pixel samplers clip the predicted x_0 to [-1, 1] at every step; latent samplers do not. DDPM's posterior
     mean and DPM-Solver++'s update (diffusers' thresholding with sample_max_value 1) depend on the noise
@@ -216,7 +219,7 @@ def test_deterministic_samplers_recover_a_point_mass_with_the_exact_noise_predic
 
 def test_sampling_is_reproducible_from_the_seed():
     model = tiny(num_train_timesteps=20).eval()
-    for sampler in ("ddpm", "ddim", "dpmsolver++"):
+    for sampler in ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"):
         a, b, c = (model.sample(2, sampler=sampler, steps=10, generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4))
         torch.testing.assert_close(a, b)
         assert not torch.equal(a, c)
@@ -228,7 +231,7 @@ def test_sampling_is_reproducible_from_the_seed():
         (dict(sampler="ddim", steps=0), r"ddim steps must be an integer in \[1, 1000\]"),
         (dict(sampler="ddim", steps=1001), r"in \[1, 1000\]"),
         (dict(sampler="ddpm", steps=-3), r"ddpm steps"),
-        (dict(sampler="euler"), r"unknown sampler 'euler'; valid: ddpm, ddim, dpmsolver\+\+"),
+        (dict(sampler="euler"), r"unknown sampler 'euler'; valid: ddpm, ddim, dpmsolver\+\+, sde-dpmsolver\+\+"),
     ],
 )
 def test_bad_sampling_input_is_a_clear_error(kwargs, match):

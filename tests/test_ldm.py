@@ -91,7 +91,7 @@ def test_mlp_ldm_trains_scales_samples_with_each_sampler_and_resumes(first_stage
     assert model.first_stage_means(to_pixels(train_images, "[0,1]")).std().item() != pytest.approx(1.0, abs=0.05)
 
     family = family_of(model)
-    for name in ("ddpm", "ddim", "dpmsolver++"):
+    for name in ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"):
         sampler = family.sampler(model, run, sampler=name, steps=3)
         images = sampler.draw(5, torch.Generator().manual_seed(0), None)
         assert images.shape == (5, 1, 28, 28) and 0 <= images.min() and images.max() <= 1, name

@@ -58,9 +58,11 @@ def _sampler_options(p: argparse.ArgumentParser) -> None:
                                      "(Gaussian mixture on the train codes; gmm:components=K, default 10) | two-stage "
                                      "(second-stage VAE on the train codes; two-stage:epochs=E,hidden=H); both fitted "
                                      "once and cached in RUN_DIR/samplers/. DDPM ddpm (T-step ancestral, default) | ddim | "
-                                     "dpmsolver++ (DPM-Solver++ 2M). LDM dpmsolver++ (default) | ddim | ddpm, "
+                                     "dpmsolver++ (DPM-Solver++ 2M) | sde-dpmsolver++ (its SDE form). LDM dpmsolver++ "
+                                     "(default) | sde-dpmsolver++ | ddim | ddpm, "
                                      "class-conditional with classifier-free guidance NAME:guidance=W (default 1)")
-    p.add_argument("--steps", type=int, help="diffusion samplers: denoising steps (ddpm: T, ddim: 50, dpmsolver++: 20 "
+    p.add_argument("--steps", type=int, help="diffusion samplers: denoising steps (ddpm: T, ddim: 50, dpmsolver++: 20, "
+                                             "sde-dpmsolver++: 50 "
                                              "by default)")
 
 

@@ -16,7 +16,7 @@ from vaelab import plots
 from vaelab.data import ImageSplit
 from vaelab.errors import ConfigError
 from vaelab.families.base import Sampler, constant_labels, cycle_labels, eval_blocks
-from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLER_NAMES, SAMPLERS, default_steps
+from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLER_HOW, SAMPLER_NAMES, SAMPLERS, default_steps
 from vaelab.runtime import Distributed
 
 NAME = "ddpm"
@@ -143,8 +143,8 @@ def sweep_metrics(summary: dict) -> dict:
 
 
 def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = None) -> Sampler:
-    """``ddpm`` (ancestral, ``T`` steps by default), ``ddim`` (eta 0, 50 steps by default) or ``dpmsolver++``
-    (DPM-Solver++ 2M, 20 steps by default), EMA weights.
+    """``ddpm`` (ancestral, ``T`` steps by default), ``ddim`` (eta 0, 50 steps by default), ``dpmsolver++``
+    (DPM-Solver++ 2M, 20 steps by default) or ``sde-dpmsolver++`` (its SDE form, 50 steps), EMA weights.
 
     Raises:
         ConfigError: unknown sampler or steps outside ``[1, T]`` (checked now, before any sampling).
@@ -157,8 +157,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
     model.make_scheduler(name, steps)  # raises for steps outside [1, T]
     c, s = model.config.in_channels, model.config.image_size
     noise = f"no compact latent: x_T is {c}x{s}x{s} Gaussian noise, the size of the image"
-    how = {"ddpm": "fresh noise at every step (stochastic)", "ddim": "DDIM (eta 0) maps x_T to x_0 deterministically",
-           "dpmsolver++": "DPM-Solver++ (2nd-order multistep ODE solver) maps x_T to x_0 deterministically"}[name]
+    how = SAMPLER_HOW[name]
 
     def draw(n: int, generator: torch.Generator | None, y: torch.Tensor | None) -> torch.Tensor:
         return model.sample(n, y=y, generator=generator, sampler=name, steps=steps, batch_size=n)

@@ -19,7 +19,7 @@ from vaelab.errors import ConfigError
 from vaelab.families import ddpm
 from vaelab.families.base import Sampler, constant_labels, cycle_labels
 from vaelab.families.ddpm import VAE_ONLY
-from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLER_NAMES, SAMPLERS, default_steps
+from vaelab.models.diffusion import DEFAULT_STEPS, SAMPLER_HOW, SAMPLER_NAMES, SAMPLERS, default_steps
 from vaelab.models.ldm import first_stage_path
 
 NAME = "ldm"
@@ -168,7 +168,8 @@ def parse_sampler(spec: str | None) -> tuple[str, dict]:
 
 
 def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = None) -> Sampler:
-    """``dpmsolver++`` (default, 20 steps), ``ddim`` (eta 0, 50 steps) or ``ddpm`` (ancestral, ``T`` steps) in
+    """``dpmsolver++`` (default, 20 steps), ``sde-dpmsolver++`` (its SDE form, 50 steps), ``ddim`` (eta 0, 50
+    steps) or ``ddpm`` (ancestral, ``T`` steps) in
     latent space from the EMA weights, then the first stage's decoder; option ``guidance=W`` (classifier-free
     guidance, class-conditional models: two network evaluations per step unless ``W = 1``).
 
@@ -182,8 +183,7 @@ def sampler(model, run=None, *, sampler: str | None = None, steps: int | None = 
     steps = steps if steps is not None else default_steps(name, T)
     model.make_scheduler(name, steps)  # raises for steps outside [1, T]
     shape = "x".join(map(str, model.latent_shape))
-    how = {"ddpm": "fresh noise at every step (stochastic)", "ddim": "DDIM (eta 0): deterministic",
-           "dpmsolver++": "DPM-Solver++ (2nd order multistep): deterministic"}[name]
+    how = SAMPLER_HOW[name]
     guided = model.conditional and guidance != 1.0
     spec = f"{name}:guidance={guidance:g}" if guided else name
     label = SAMPLER_NAMES[name] + f", {steps} steps"

@@ -266,7 +266,7 @@ class DDPM(nn.Module):
             y: ``(n,)`` int64 labels for a conditional model (``None``: ``arange(n) % num_classes``).
             generator: for the initial noise and the DDPM sampler's noise.
             sampler: ``"ddpm"`` (ancestral, ``steps`` default ``T``), ``"ddim"`` (eta 0, default 50) or
-                ``"dpmsolver++"`` (DPM-Solver++ 2M, default 20).
+                ``"dpmsolver++"`` (DPM-Solver++ 2M, default 20) or ``"sde-dpmsolver++"`` (its SDE form, default 50).
             steps: network evaluations, in ``[1, T]``.
             ema: use the EMA weights (default) or the trained ones.
             snapshots: keep about this many intermediate states, evenly spaced over the steps.

@@ -7,7 +7,10 @@ at ``t = T - 1`` from pure noise):
 - ``ddpm``: ``DDPMScheduler``, ancestral sampling (Ho et al. 2020, algorithm 2; sigma_t^2 = beta~_t), ``T`` steps;
 - ``ddim``: ``DDIMScheduler`` with eta = 0 (Song et al. 2021), deterministic, 50 steps by default;
 - ``dpmsolver++``: ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``
-  (DPM-Solver++(2M), Lu et al. 2022), deterministic, 20 steps by default.
+  (DPM-Solver++(2M), Lu et al. 2022), deterministic, 20 steps by default;
+- ``sde-dpmsolver++``: the same scheduler with ``algorithm_type="sde-dpmsolver++"`` (DPM-Solver++(2M) SDE,
+  Lu et al. 2022 section 5, the second-order solver diffusers recommends for the reverse SDE), stochastic:
+  fresh noise at every step like the ancestral chain, 50 steps by default.
 """
 
 from __future__ import annotations
@@ -22,9 +25,15 @@ from torch import nn
 from vaelab.data.pixels import PIXEL_RANGES
 from vaelab.errors import ConfigError
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
-SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}  # as the papers write them
-DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20}  # ddpm: T
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++",  # as the papers write them
+                 "sde-dpmsolver++": "SDE-DPM-Solver++"}
+DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 50}  # ddpm: T
+# how each sampler goes from noise to a sample (the comparison's "latent space" column)
+SAMPLER_HOW = {"ddpm": "fresh noise at every step (stochastic)",
+               "ddim": "DDIM (eta 0) maps the noise to the sample deterministically",
+               "dpmsolver++": "DPM-Solver++ (2nd-order multistep ODE solver) maps the noise to the sample deterministically",
+               "sde-dpmsolver++": "SDE-DPM-Solver++ (2nd-order multistep SDE solver): fresh noise at every step (stochastic)"}
 
 
 def default_steps(sampler: str, num_train_timesteps: int) -> int:
@@ -50,8 +59,8 @@ def make_scheduler(sampler: str, steps: int | None, *, num_train_timesteps: int,
         scheduler = DDPMScheduler(**schedule, variance_type="fixed_small", clip_sample=clip_sample)
     elif sampler == "ddim":
         scheduler = DDIMScheduler(**schedule, clip_sample=clip_sample, set_alpha_to_one=True)
-    elif sampler == "dpmsolver++":
-        scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2,
+    elif sampler in ("dpmsolver++", "sde-dpmsolver++"):
+        scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type=sampler, solver_order=2,
                                                 thresholding=clip_sample, sample_max_value=1.0)
     else:
         raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
