@@ -332,6 +332,42 @@ def test_evaluate_run_vae(image_folder, tmp_path, monkeypatch):
         assert (run / png).stat().st_size > 0
 
 
+def test_rfid_is_zero_for_a_perfect_autoencoder_and_grows_with_blur(image_folder, tmp_path, monkeypatch):
+    """rFID (Rombach et al. 2022 table 8): reconstructions of the test split against the test split. An identity
+    "autoencoder" scores 0; one that returns the mean image scores far above; evaluate_run reports it by name only
+    (not in the default metrics) and says why a DDPM has none."""
+    from types import SimpleNamespace
+
+    from vaelab.data import load_split
+    from vaelab.metrics.reconstruction import rfid_metrics
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    test = load_split("imagefolder", "test", image_folder)
+
+    class Extractor(torch.nn.Module):  # 8 fixed random projections of the pixels
+        name, cache_id, num_features, batch_size = "proj", "proj|test", 8, 64
+
+        def forward(self, x):
+            return x.flatten(1).double() @ torch.randn(x[0].numel(), 8, generator=torch.Generator().manual_seed(0),
+                                                       dtype=torch.float64)
+
+    def autoencoder(reconstruct):
+        return SimpleNamespace(config=SimpleNamespace(pixel_range="[0,1]"), reconstruct=reconstruct)
+
+    identity = rfid_metrics(autoencoder(lambda x, y=None: x), test, {"proj": Extractor()}, device="cpu")
+    blurred = rfid_metrics(autoencoder(lambda x, y=None: x.mean(0, keepdim=True).expand_as(x)), test,
+                           {"proj": Extractor()}, device="cpu")
+    assert identity["value"] == pytest.approx(0.0, abs=1e-6) and identity["num_images"] == len(test)
+    assert blurred["value"] > 1.0 and blurred["feature_space"] == "proj"
+
+    run = train(_tiny_config(image_folder, tmp_path / "run", recon_likelihood="bernoulli"))
+    result = evaluate_run(run, metrics="rfid", fid_features="classifier", device="cpu")
+    assert result["rfid"]["value"] > 0 and result["rfid"]["feature_space"].startswith("classifier")
+    assert set(result["timing_s"]) == set(result["estimated_s"]) == {"rfid"}
+    assert "rfid" not in evaluate_run(run, fid_features="classifier", num_samples=40, iwae_k=2, nll_subset=5,
+                                      device="cpu", out=tmp_path / "default")
+
+
 def test_evaluate_run_bad_input(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(VaelabError, match="no config.yaml"):

@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--dataset", help="no model: the floors alone (N random real train images vs the test split) of "
                                           "mnist | fashion-mnist | cifar10 | ...; fills the reference-statistics cache")
     p.add_argument("--data-root", "--data_root", dest="data_root", help="with --dataset: folder holding the dataset")
-    p.add_argument("--metrics", help="comma-separated: fid,kid,prdc,confidence,recon,nll,latent,speed,disentanglement "
-                                     "(default: all; disentanglement needs a dataset with factors, see 'vaelab data')")
+    p.add_argument("--metrics", help="comma-separated: fid,kid,prdc,confidence,recon,rfid,nll,latent,speed,disentanglement "
+                                     "(default: all but rfid, the FID of the test split's reconstructions; "
+                                     "disentanglement needs a dataset with factors, see 'vaelab data')")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images for FID/KID/PRDC/confidence")
     _evaluation_options(p)
     p.add_argument("--seed", type=int, default=0)

@@ -145,7 +145,7 @@ def compare_runs(
             ``out``. VaelabError: a folder is not a run with a checkpoint.
             All raised before any work.
     """
-    from vaelab.evaluation import DISTANCES, METRICS, evaluate_run, feature_spaces, parse_metrics
+    from vaelab.evaluation import DEFAULT_METRICS, DISTANCES, evaluate_run, feature_spaces, parse_metrics
     from vaelab.metrics.inception import ENGINES, PRECISIONS
 
     # 1. validate everything before any work
@@ -158,7 +158,7 @@ def compare_runs(
     for name, value in (("ddpm_num_samples", ddpm_num_samples), ("nll_subset", nll_subset),
                         ("timing_max_steps", timing_max_steps)):
         _check_positive(name, value, allow_none=True)
-    metrics = [m for m in METRICS if m != "speed"] if metrics is None else parse_metrics(metrics)
+    metrics = [m for m in DEFAULT_METRICS if m != "speed"] if metrics is None else parse_metrics(metrics)
     if set(DISTANCES) & set(metrics):
         feature_spaces(fid_features, inception_weights)  # raises for unknown spaces or missing weights
     if feature_precision not in PRECISIONS or inception_engine not in ENGINES:

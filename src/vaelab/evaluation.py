@@ -52,26 +52,28 @@ from vaelab.metrics.features import ClassifierFeatures, cached_features
 from vaelab.metrics.inception import find_inception_weights, load_inception
 from vaelab.metrics.latent import latent_metrics
 from vaelab.metrics.likelihood import DEFAULT_SUBSET, importance_weights, nll_metrics
-from vaelab.metrics.reconstruction import recon_metrics
+from vaelab.metrics.reconstruction import recon_metrics, rfid_metrics
 from vaelab.metrics.reference import is_cached, reference_statistics
 from vaelab.metrics.speed import SIZES as SPEED_SIZES
 from vaelab.metrics.speed import speed_metrics, time_generation
 from vaelab.run import Run
 from vaelab.runtime import Distributed, distributed, provenance, select_device
 
-METRICS = ("fid", "kid", "prdc", "confidence", "recon", "nll", "latent", "speed", "disentanglement")
+METRICS = ("fid", "kid", "prdc", "confidence", "recon", "rfid", "nll", "latent", "speed", "disentanglement")
+# rfid costs a second pass of the feature networks over the test split: asked for by name, not by default
+DEFAULT_METRICS = tuple(m for m in METRICS if m != "rfid")
 DISTANCES = ("fid", "kid", "prdc")  # computed in every feature space
 FEATURE_SPACES = ("inception", "classifier")
 
 
 def parse_metrics(metrics: str | Iterable[str] | None) -> list[str]:
-    """Metric names (a list or a comma-separated string; ``None``: all of ``METRICS``), deduplicated.
+    """Metric names (a list or a comma-separated string; ``None``: ``DEFAULT_METRICS``, all but rfid), deduplicated.
 
     Raises:
         ConfigError: an unknown name, or none at all.
     """
     if metrics is None:
-        return list(METRICS)
+        return list(DEFAULT_METRICS)
     names = [str(m).strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if str(m).strip()]
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
@@ -135,7 +137,8 @@ def evaluate_run(
 
     Args:
         run_dir: a run folder written by ``vaelab train`` (``config.yaml`` + ``checkpoints/``).
-        metrics: names from ``METRICS`` (list or comma-separated string); default all.
+        metrics: names from ``METRICS`` (list or comma-separated string); default all but ``rfid``
+            (``DEFAULT_METRICS``).
         fid_features: feature spaces of FID/KID/PRDC, headline first (``"inception,classifier"`` or a
             list); default ``inception`` then ``classifier`` when the Inception weights are installed,
             else ``classifier`` with a warning (see ``feature_spaces``).
@@ -182,7 +185,8 @@ def evaluate_run(
     _positive("num_samples", num_samples)
     _positive("iwae_k", iwae_k)
     _positive("nll_subset", nll_subset, allow_none=True)
-    spaces, space_warning = feature_spaces(fid_features, inception_weights) if set(DISTANCES) & set(wanted) else ([], None)
+    spaces, space_warning = (feature_spaces(fid_features, inception_weights) if {*DISTANCES, "rfid"} & set(wanted)
+                             else ([], None))
     run = Run(run_dir)
     ckpt = run.last_checkpoint()
     config = run.config
@@ -223,7 +227,7 @@ def evaluate_run(
             result["not_applicable"][name] = not_applicable[name]
     todo = [m for m in wanted if m not in result["not_applicable"]]
     distances = [m for m in todo if m in DISTANCES]
-    spaces = spaces if distances else []
+    spaces = spaces if distances or "rfid" in todo else []
 
     # 2. the evaluator, the real reference sets, and the estimated time of every stage
     evaluator = None
@@ -253,7 +257,7 @@ def evaluate_run(
             fake, fake_y = generate(model, draw, num_samples, seed=seed, dist=dist)
             if dist.main:
                 plots.save_grid(to_pixels(fake[: min(64, len(fake))]), dest / "eval_samples.png", nrow=8)
-    for i, space in enumerate(spaces):
+    for i, space in enumerate(spaces if distances else []):
         entries = _distances_in(space, extractors[space], refs, fake, fake_y, distances, stages, device=dev, seed=seed,
                                 notes=notes, use_cache=use_cache, dist=dist,
                                 from_cache=result.setdefault("generated_features_from_cache", []))
@@ -266,6 +270,9 @@ def evaluate_run(
     if "recon" in todo:
         with stages("recon"):
             result["recon"] = recon_metrics(model, test, device=dev)
+    if "rfid" in todo:
+        with stages("rfid"):
+            result["rfid"] = rfid_metrics(model, test, {s: extractors[s] for s in spaces}, device=dev, use_cache=use_cache)
     if "nll" in todo:
         with stages("nll"):
             result["nll"] = nll_metrics(model, test, k=iwae_k, subset=nll_subset, device=dev, seed=seed)
@@ -456,16 +463,19 @@ def estimate_stages(model, draw, test, todo: list[str], extractors: dict, refs: 
         est["sampling"] = per_sample * n / world
     a, b = torch.randn(500, 256, dtype=torch.float64), torch.randn(2000, 256, dtype=torch.float64)
     unit = _timed(lambda: torch.cdist(a, b), 2) / (500 * 2000 * 256)  # seconds per multiply-add
-    for space, extractor in extractors.items():
+    for space, extractor in (extractors if distances else {}).items():
         est.update(_feature_space_estimate(space, extractor, test, refs, distances, n=n, unit=unit, device=dev,
                                            use_cache=use_cache, world=world))
     if "confidence" in todo:
         imgs = test.images[:200].to(dev)
         est["confidence"] = _timed(lambda: evaluator(to_pixels(imgs))) / len(imgs) * (n + n_test)
-    if {"recon", "nll", "latent"} & set(todo):
+    if {"recon", "rfid", "nll", "latent"} & set(todo):
         x, y = to_pixels(test.images[:100].to(dev), model.config.pixel_range), test.labels[:100].to(dev)
     if "recon" in todo:
         est["recon"] = _timed(lambda: model.reconstruct(x, y=y)) * n_test / len(x)
+    if "rfid" in todo:  # the reconstructions' features; sampling-free, so timed like recon plus a feature pass
+        per_image = {s: _timed(lambda e=e: e(test.images[:50].to(dev))) / 50 for s, e in extractors.items()}
+        est["rfid"] = _timed(lambda: model.reconstruct(x, y=y)) * n_test / len(x) + sum(per_image.values()) * n_test
     if "nll" in todo:
         est["nll"] = _timed(lambda: importance_weights(model, x[:1], iwae_k, y=y[:1])) * n_nll
     if "latent" in todo:
@@ -499,6 +509,9 @@ def describe(result: dict) -> str:
     if "recon" in result:
         r = result["recon"]
         lines.append(f"  recon: MSE/pixel {r['mse_per_pixel']:.5f}, PSNR {r['psnr_db']:.2f} dB, SSIM {r['ssim']:.4f}")
+    if "rfid" in result:
+        r = result["rfid"]
+        lines.append(f"  rFID [{r['feature_space']}] {r['value']:.3f}: {r['definition']}")
     if "nll" in result:
         n = result["nll"]
         bpd = f", {n['iwae_nll_bits_per_dim']:.4f} bits/dim" if n["iwae_nll_bits_per_dim"] is not None else ""

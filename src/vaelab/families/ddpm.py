@@ -28,7 +28,7 @@ USES_BETA = False
 HEADLINE = ("test_eps_mse", "parameters", "train_time_s", "train_images_per_s")
 SWEEP_COLUMNS = [("eps_mse", "test eps-MSE", "test epsilon-MSE per pixel")]
 NOT_APPLICABLE = {name: "the model has no encoder (not a VAE): no reconstruction, likelihood bound or latent code"
-                  for name in ("recon", "nll", "latent", "disentanglement")}
+                  for name in ("recon", "rfid", "nll", "latent", "disentanglement")}
 # config fields that mean something for VAEs only, with the values that mean "not used"
 VAE_ONLY = {"latent_dim": (None,), "recon_likelihood": (None,), "recon_sigma": (None,), "beta": (1.0,),
             "beta_schedule": (None, "constant"), "kl_anneal_epochs": (None,), "kl_anneal_steps": (None,),

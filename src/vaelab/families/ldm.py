@@ -33,6 +33,7 @@ SWEEP_COLUMNS = [("eps_mse", "test eps-MSE", "test epsilon-MSE per latent entry"
 NOT_APPLICABLE = {
     "recon": "a latent diffusion model reconstructs nothing itself: the reconstructions are its first stage's "
              "(evaluate the first-stage run)",
+    "rfid": "the reconstructions are its first stage's (evaluate the first-stage run with --metrics rfid)",
     "nll": "no likelihood bound is computed for latent diffusion",
     "latent": "the latent code is the first stage's (evaluate the first-stage run)",
     "disentanglement": "the latent code is the first stage's (evaluate the first-stage run)",

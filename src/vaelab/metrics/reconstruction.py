@@ -1,4 +1,4 @@
-"""Reconstruction quality of a VAE on test images: per-pixel MSE, PSNR and SSIM (torchmetrics)."""
+"""Reconstruction quality of a VAE on test images: per-pixel MSE, PSNR and SSIM (torchmetrics), and rFID."""
 
 from __future__ import annotations
 
@@ -29,3 +29,41 @@ def recon_metrics(model, test: ImageSplit, *, device, batch_size: int = 500) -> 
             "split": f"{test.source} test split, {len(test):,} images",
             "mse_per_pixel": sse / n, "psnr_db": float(psnr.compute()), "ssim": float(ssim.compute()),
             "units": "pixels on the [0, 1] scale; PSNR (data range 1) averaged over images; SSIM (Gaussian 11x11) averaged over images"}
+
+
+@torch.no_grad()
+def rfid_metrics(model, test: ImageSplit, extractors: dict, *, device, use_cache: bool = True, batch_size: int = 500) -> dict:
+    """rFID: the FID of the model's reconstructions of the test split against the test split itself, in each
+    feature space of ``extractors`` (``{space: extractor}``, headline first) — the first-stage metric of
+    Rombach et al. 2022 (table 8: reconstructions of the validation images against those images). It bounds
+    what a generator decoding through this autoencoder (latent diffusion, a GMM on its codes) can reach: even
+    perfect latents give the decoder's reconstructions.
+
+    Returns:
+        ``{"value": headline rFID, "feature_space", "num_images", "definition", "source"}`` plus
+        ``value_<space>`` for every other space; FID is unitless, lower is better, 0 for a perfect autoencoder.
+    """
+    from vaelab.metrics.distances import fid_to_reference
+    from vaelab.metrics.features import cached_features
+    from vaelab.metrics.reference import reference_statistics
+
+    pixel_range = model.config.pixel_range
+    recon = []
+    for start in tqdm(range(0, len(test), batch_size), desc="reconstructing (rFID)", unit="batch", leave=False):
+        x = to_pixels(test.images[start : start + batch_size].to(device), pixel_range)
+        y = test.labels[start : start + batch_size].to(device)
+        recon.append(to_uint8(model.reconstruct(x, y=y).float(), pixel_range).cpu())
+    recon = torch.cat(recon)
+    out: dict = {}
+    for i, (space, extractor) in enumerate(extractors.items()):
+        ref = reference_statistics(extractor, test, split_name="test", selection="run test split", device=device,
+                                   use_cache=use_cache)
+        features, _ = cached_features(extractor, recon, device=device, desc=f"features: reconstructions ({space})",
+                                      use_cache=use_cache)
+        out["value" if i == 0 else f"value_{space}"] = fid_to_reference(ref, features)
+        if i == 0:
+            out["feature_space"] = space
+    return {**out, "num_images": len(test),
+            "definition": f"FID of the reconstructions at z = mu (decoder mean, 8 bits) of the {len(test):,} "
+                          f"{test.source} test images against those test images",
+            "source": "Rombach et al. 2022, 'High-Resolution Image Synthesis with Latent Diffusion Models', table 8 (rFID)"}
