@@ -338,6 +338,7 @@ def test_rfid_is_zero_for_a_perfect_autoencoder_and_grows_with_blur(image_folder
     (not in the default metrics) and says why a DDPM has none."""
     from types import SimpleNamespace
 
+    from vaelab.cli import main
     from vaelab.data import load_split
     from vaelab.metrics.reconstruction import rfid_metrics
 
@@ -361,7 +362,11 @@ def test_rfid_is_zero_for_a_perfect_autoencoder_and_grows_with_blur(image_folder
     assert blurred["value"] > 1.0 and blurred["feature_space"] == "proj"
 
     run = train(_tiny_config(image_folder, tmp_path / "run", recon_likelihood="bernoulli"))
-    result = evaluate_run(run, metrics="rfid", fid_features="classifier", device="cpu")
+    # the command line's --out keeps the run folder as it was
+    assert main(["evaluate", "--run", str(run), "--metrics", "rfid", "--fid-features", "classifier", "--device", "cpu",
+                 "--out", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert not (run / "eval.json").exists()
     assert result["rfid"]["value"] > 0 and result["rfid"]["feature_space"].startswith("classifier")
     assert set(result["timing_s"]) == set(result["estimated_s"]) == {"rfid"}
     assert "rfid" not in evaluate_run(run, fid_features="classifier", num_samples=40, iwae_k=2, nll_subset=5,

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--dataset", help="no model: the floors alone (N random real train images vs the test split) of "
                                           "mnist | fashion-mnist | cifar10 | ...; fills the reference-statistics cache")
     p.add_argument("--data-root", "--data_root", dest="data_root", help="with --dataset: folder holding the dataset")
+    p.add_argument("--out", help="with --run: folder for eval.json and the pictures (default the run folder, whose "
+                                 "eval.json is then replaced)")
     p.add_argument("--metrics", help="comma-separated: fid,kid,prdc,confidence,recon,rfid,nll,latent,speed,disentanglement "
                                      "(default: all but rfid, the FID of the test split's reconstructions; "
                                      "disentanglement needs a dataset with factors, see 'vaelab data')")
@@ -340,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_run(args.run, metrics=args.metrics, fid_features=args.fid_features, num_samples=args.num_samples,
                                   iwae_k=args.iwae_k, nll_subset=args.nll_subset, inception_weights=args.inception_weights,
                                   seed=args.seed, device=args.device, sampler=args.sampler, steps=args.steps,
-                                  feature_precision=args.feature_precision, inception_engine=args.inception_engine)
+                                  feature_precision=args.feature_precision, inception_engine=args.inception_engine,
+                                  out=args.out)
             if result is not None:  # rank 0 of a torchrun job, or the only process
                 print(describe(result))
-                print(f"  {Path(args.run) / 'eval.json'}")
+                print(f"  {Path(args.out or args.run) / 'eval.json'}")
         elif args.command == "compare":
             from vaelab.comparison import compare_runs
 
