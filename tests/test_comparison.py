@@ -52,10 +52,10 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
     report = json.loads((out / "comparison.json").read_text())
     md = (out / "comparison.md").read_text()
     entries = report["entries"]
-    # a VAE gives its prior and the two aggregated-posterior samplers (fitted on its train split), a DDPM three chains
+    # a VAE gives its prior and the two aggregated-posterior samplers (fitted on its train split), a DDPM four chains
     assert [(e["family"], e["sampler"]["sampler"], e["network_evaluations"]) for e in entries] == [
         ("vae", "prior", 1), ("vae", "gmm", 1), ("vae", "two-stage", 2), ("ddpm", "ddpm", 20), ("ddpm", "ddim", 5),
-        ("ddpm", "dpmsolver++", 20)]
+        ("ddpm", "dpmsolver++", 20), ("ddpm", "sde-dpmsolver++", 20)]
     assert entries[3]["sampler"] == {"sampler": "ddpm", "steps": 20} and entries[1]["sampler"]["components"] == 10
     assert (vae / "samplers" / "gmm.json").is_file() and (vae / "samplers" / "two-stage.json").is_file()
     ddpm_model = build_model(build_config("ddpm", data_shape=(1, 8, 8), widths=(8, 16), layers_per_block=1,
@@ -82,7 +82,8 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
         train_rows = [json.loads(line) for line in (e["run"] and open(f"{e['run']}/metrics.jsonl"))]
         assert e["training"]["epoch_time_s"] == pytest.approx(train_rows[0]["epoch_time_s"])
     assert "recon" in entries[0]["evaluation"] and "recon" in entries[3]["evaluation"]["not_applicable"]
-    assert "- n/a, recon of ddpm (DDPM, DDPM, 20 steps), ddpm (DDPM, DDIM, 5 steps), ddpm (DDPM, DPM-Solver++, 20 steps): " \
+    assert "- n/a, recon of ddpm (DDPM, DDPM, 20 steps), ddpm (DDPM, DDIM, 5 steps), ddpm (DDPM, DPM-Solver++, 20 steps), " \
+           "ddpm (DDPM, SDE-DPM-Solver++, 20 steps): " \
            "the model has no encoder" in md and "z in R^3" in md and "| network passes per image | 1 | 1 | 2 | 20 | 5 |" in md
     # the DDPM entry's numbers differ from the DDIM entry's: two separate evaluations
     assert entries[1]["evaluation"]["fid"]["value"] != entries[2]["evaluation"]["fid"]["value"]
