@@ -236,8 +236,6 @@ def compare_runs(
 
     # 3. outputs, written into the partial folder, which then becomes ``out``
     report = {"entries": results, **provenance(dev, seed), "settings": settings}
-    for path in [tmp / PARTIAL_KEY, *tmp.glob("entry_*.json")]:
-        path.unlink()
     write_json(tmp / "comparison.json", report)
     write_text(tmp / "comparison.md", comparison_markdown(report))
     with_grids = [r for r in results if "samples" in r["pictures"]]
@@ -247,6 +245,8 @@ def compare_runs(
     hists = [(r["label"], r["evaluation"]["confidence"]) for r in results if "confidence" in r["evaluation"]]
     if hists:
         plots.confidence_hist(hists, tmp / "confidence_hist.png")
+    for path in [tmp / PARTIAL_KEY, *tmp.glob("entry_*.json")]:  # kept until every output is written
+        path.unlink()
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(tmp, out)

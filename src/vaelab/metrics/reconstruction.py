@@ -9,18 +9,25 @@ from vaelab.data import ImageSplit, to_pixels, to_uint8
 
 
 @torch.no_grad()
+def reconstructions(model, test: ImageSplit, *, device, batch_size: int = 500):
+    """Yield ``(images, recon)`` per batch of the test split: both ``uint8`` ``(B, C, H, W)`` on ``device``, the
+    reconstruction being the decoder mean at ``z = mu`` quantised to 8 bits (what recon and rFID score)."""
+    pixel_range = model.config.pixel_range
+    for start in tqdm(range(0, len(test), batch_size), desc="reconstructing", unit="batch", leave=False):
+        images = test.images[start : start + batch_size].to(device)
+        y = test.labels[start : start + batch_size].to(device)
+        yield images, to_uint8(model.reconstruct(to_pixels(images, pixel_range), y=y).float(), pixel_range)
+
+
+@torch.no_grad()
 def recon_metrics(model, test: ImageSplit, *, device, batch_size: int = 500) -> dict:
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-    pixel_range = model.config.pixel_range
     psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)).to(device)
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     sse, n = 0.0, 0
-    for start in tqdm(range(0, len(test), batch_size), desc="reconstructing", unit="batch", leave=False):
-        x = to_pixels(test.images[start : start + batch_size].to(device), pixel_range)
-        y = test.labels[start : start + batch_size].to(device)
-        x01 = to_pixels(to_uint8(x, pixel_range))  # both sides on the [0, 1] scale
-        r01 = to_pixels(to_uint8(model.reconstruct(x, y=y).float(), pixel_range))
+    for images, recon in reconstructions(model, test, device=device, batch_size=batch_size):
+        x01, r01 = to_pixels(images), to_pixels(recon)  # both sides 8-bit, on the [0, 1] scale
         sse += float((r01 - x01).pow(2).sum())
         n += x01.numel()
         psnr.update(r01, x01)
@@ -47,13 +54,7 @@ def rfid_metrics(model, test: ImageSplit, extractors: dict, *, device, use_cache
     from vaelab.metrics.features import cached_features
     from vaelab.metrics.reference import reference_statistics
 
-    pixel_range = model.config.pixel_range
-    recon = []
-    for start in tqdm(range(0, len(test), batch_size), desc="reconstructing (rFID)", unit="batch", leave=False):
-        x = to_pixels(test.images[start : start + batch_size].to(device), pixel_range)
-        y = test.labels[start : start + batch_size].to(device)
-        recon.append(to_uint8(model.reconstruct(x, y=y).float(), pixel_range).cpu())
-    recon = torch.cat(recon)
+    recon = torch.cat([r.cpu() for _, r in reconstructions(model, test, device=device, batch_size=batch_size)])
     out: dict = {}
     for i, (space, extractor) in enumerate(extractors.items()):
         ref = reference_statistics(extractor, test, split_name="test", selection="run test split", device=device,
