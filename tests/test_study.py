@@ -58,6 +58,10 @@ def test_verdict_rules():
     assert verdict(within, 70.5, None, "full")[0] == "reproduced"
     assert verdict(within, 29.7, None, "full")[0] == "not reproduced"
     assert verdict(within, 70.5, None, "quick") == ("not comparable", "run at budget 'quick', not the seed's")
+    report = {"verdict": {"rule": "report"}, "seed": {"text": "not in the seed"}}
+    assert verdict(report, 3.0, None, "quick") == ("reported", "the seed gives no number to compare with; "
+                                                               "measured at budget 'quick'")
+    assert verdict({**report, "seed": {"value": 2.0}}, 3.0, None, "quick")[0] == "not comparable"
     assert verdict(within, None, None, "full")[0] == "not measured"
     order = {"verdict": {"rule": "order", "seed_order": "greater"}, "seed": {}}
     assert verdict(order, 30.0, 68.0, "full")[0] == "not reproduced"
@@ -119,7 +123,11 @@ def test_mnist_study_end_to_end_then_an_interruption_resumes(tmp_path, monkeypat
     assert report["budget"] == "tiny" and len(report["claims"]) == 4
     by_id = {c["id"]: c for c in report["claims"]}
     assert by_id["vae-fid"]["ours"] > 0 and by_id["cvae-fid-class-3"]["ours"] > 0
-    assert {c["verdict"] for c in report["claims"]} == {"not comparable"}  # a tiny budget is not the seed's
+    # a tiny budget is not the seed's; claims with no seed number to compare are reported, with the budget named
+    assert {i: c["verdict"] for i, c in by_id.items()} == {
+        "vae-fid": "not comparable", "vae-fid-gmm": "reported", "cvae-fid-class-3": "not comparable",
+        "cvae-fid": "reported"}
+    assert by_id["vae-fid-gmm"]["why"].endswith("; measured at budget 'tiny'")
     md = (out / "study.md").read_text()
     assert "| A 20-epoch MNIST VAE" in md and "45.93" in md and "budget **tiny**" in md
     assert (out / "report.html").is_file()
@@ -267,3 +275,38 @@ def test_a_samples_stage_sets_runs_side_by_side(tmp_path):
     assert all(e["sampler"]["sampler"] == "prior" and e["seconds"] >= 0 for e in samples["entries"])
     assert (out / "grid" / "samples.png").stat().st_size > 1000
     assert "one row per run" in (out / "report.html").read_text()
+
+
+def test_tables_lay_claims_out_as_rows_and_columns(tmp_path):
+    """``tables``: the cell of row R, column C is claim "R-C" (ours, or "—" where the study has no such
+    claim); study.md and report.html open with them; a row or column meeting no claim is refused."""
+    from vaelab.reports import write_report
+
+    def claim(cid, key):
+        return f"  - {{id: {cid}, claim: {cid}, seed: {{text: none}}, ours: {{stage: {cid.split('-')[0]}, key: {key}}}, verdict: {{rule: report}}}}\n"
+
+    text = ("name: s\nstages: [{name: a, kind: train}, {name: b, kind: train}]\nclaims:\n"
+            + claim("a-fid", "fid") + claim("a-mse", "mse") + claim("b-fid", "fid")
+            + "tables:\n  - {title: Zoo, rows: {Model A: a, Model B: b}, columns: {FID: fid, MSE: mse}}\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    study = load_study(path)
+    out = tmp_path / "out"
+    for name, numbers in {"a": {"fid": 12.5, "mse": 0.25}, "b": {"fid": 7.0}}.items():
+        (out / name).mkdir(parents=True)
+        (out / name / "summary.json").write_text(json.dumps(numbers))
+    report = study_module.summarize(study, out)
+    (table,) = report["tables"]
+    assert table["columns"] == ["FID", "MSE"] and [r["label"] for r in table["rows"]] == ["Model A", "Model B"]
+    assert [[c and c["ours"] for c in r["cells"]] for r in table["rows"]] == [[12.5, 0.25], [7.0, None]]
+    md = (out / "study.md").read_text()
+    assert "| Model A | 12.5 | 0.25 |" in md and "| Model B | 7 | — |" in md
+    assert md.index("**Zoo**") < md.index("| claim | seed |")
+    page = write_report(out).read_text()
+    assert page.index("<h3>Zoo</h3>") < page.index("<th>claim</th>")
+    path.write_text(text.replace("Model B: b}", "Model B: b, Model C: c}"))
+    with pytest.raises(ConfigError, match="row 'Model C' \\('c'\\) meets no claim"):
+        load_study(path)
+    path.write_text(text.replace("MSE: mse}", "MSE: mse, KL: kl}"))
+    with pytest.raises(ConfigError, match="column 'KL' \\('kl'\\) meets no claim"):
+        load_study(path)

@@ -397,13 +397,17 @@ def _study_report(folder: Path) -> tuple[Section | None, list[Section]]:
                    f"<td>{html.escape(_ours_text(c))}</td><td><b>{html.escape(c['verdict'])}</b>"
                    f"<div class=\"why\">{html.escape(c['why'])}</div></td></tr>" for c in claims)
     intro = _p(study.get("question", "")) + _p(f"Budget: {study['budget']}.")
-    headline = Section("Claims", intro + _beside(_table(head + body, cls="key"), picture))
+    claims_table = _table(head + body, cls="key")
+    tables = "".join(_study_table(t) for t in study.get("tables", []))
+    # a study with tables opens with them (the claims, one per row, can run to a hundred rows)
+    headline = Section("Results" if tables else "Claims", intro + _beside(tables or claims_table, picture))
     full_head = "".join(f"<th>{h}</th>" for h in ("claim", "seed", "ours", "seed's protocol", "our protocol"))
     full = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
         c["claim"], _seed_text(c), _ours_text(c), (c.get("seed") or {}).get("protocol", ""), c.get("protocol", "")))
         + "</tr>" for c in claims)
-    sections = [Section("Protocols", _p("How the seed measured each number, and how this study measured ours.")
-                        + _table(f"<tr>{full_head}</tr>\n{full}"))]
+    sections = [Section("Claims", claims_table)] if tables else []
+    sections.append(Section("Protocols", _p("How the seed measured each number, and how this study measured ours.")
+                            + _table(f"<tr>{full_head}</tr>\n{full}")))
     stages = "".join(f"<li><code>{html.escape(s['name'])}</code> ({html.escape(s['kind'])})"
                      + (f", {s['seconds']:.0f} s" if "seconds" in s else "") + "</li>" for s in study["stages"])
     sections.append(Section("Stages", f"<ul>{stages}</ul>"))
@@ -416,6 +420,15 @@ def _study_report(folder: Path) -> tuple[Section | None, list[Section]]:
     for note in study.get("notes", []):
         sections.append(Section("Notes", _p(note)))
     return headline, sections
+
+
+def _study_table(table: dict) -> str:
+    """One of a study's ``tables`` (rows x columns of claims) as an HTML table under its title."""
+    head = "<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in table["columns"]) + "</tr>"
+    body = "".join("<tr><td>" + html.escape(row["label"]) + "</td>" + "".join(
+        "<td>—</td>" if c is None else f"<td>{html.escape(_ours_text({**c, 'unit': '', 'than': None}))}</td>" for c in row["cells"])
+        + "</tr>" for row in table["rows"])
+    return f"<h3>{html.escape(table['title'])}</h3>" + _table(head + body)
 
 
 def _seed_text(claim: dict) -> str:

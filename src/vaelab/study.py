@@ -19,6 +19,11 @@ A study file (YAML, see ``studies/``) names the stages and the claims::
         verdict: {rule: within, tolerance: 3.0}
     budgets:                     # --budget NAME: overrides by stage kind (full = none)
       quick: {train: {epochs: 1}, synth: {per_class: 100}}
+    tables:                      # optional: claims laid out as rows x columns, shown before the claims table
+      - title: "MNIST"
+        rows: {VAE: mnist-vae, beta-VAE: mnist-beta-vae}           # label: claim id prefix
+        columns: {"FID, prior": fid-prior, "FID, GMM": fid-gmm}      # label: claim id suffix
+                                 # the cell of row R, column C is claim "R-C"; "—" where no such claim exists
 
 A claim's ``key`` is a dotted path into its stage's output JSON: list items by index, and a comparison's
 entries by ``RUN:SAMPLER`` (run stage name and sampler name, e.g. ``entries.ddpm:dpmsolver++.evaluation.fid.value``).
@@ -107,6 +112,7 @@ class Study:
     budget: str = FULL
     budgets: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)
 
     def stage(self, name: str) -> dict:
         return next(s for s in self.stages if s["name"] == name)
@@ -140,9 +146,11 @@ def load_study(path: str | Path, *, budget: str = FULL) -> Study:
         stages.append(_check_stage(path, raw, i, seen, overrides))
         seen.add(stages[-1]["name"])
     claims = [_check_claim(path, c, {st["name"]: st for st in stages}) for c in doc["claims"]]
+    ids = {c["id"] for c in claims}
+    tables = [_check_table(path, t, i, ids) for i, t in enumerate(doc.get("tables") or [])]
     return Study(path=path, name=str(doc["name"]), title=str(doc.get("title", doc["name"])),
                  question=str(doc.get("question", "")), dataset=str(doc.get("dataset", "")), stages=stages,
-                 claims=claims, budget=budget, budgets=budgets, notes=list(doc.get("notes", [])))
+                 claims=claims, budget=budget, budgets=budgets, notes=list(doc.get("notes", [])), tables=tables)
 
 
 def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict) -> dict:
@@ -250,6 +258,41 @@ def _check_claim(path: Path, claim: dict, stages: dict[str, dict]) -> dict:
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
             raise ConfigError(f"{where}: rule {rule!r} needs verdict.tolerance, a number >= 0; got {tolerance!r}")
     return claim
+
+
+def _check_table(path: Path, table: Any, i: int, ids: set[str]) -> dict:
+    """A ``tables`` entry: ``title``, ``rows`` and ``columns`` (label -> claim id prefix / suffix); every row and
+    every column must meet at least one claim (a label that meets none is a typo, not an empty row)."""
+    where = f"{path}: table {i + 1}"
+    if not isinstance(table, dict) or not {"title", "rows", "columns"} <= set(table):
+        raise ConfigError(f"{where}: expected a mapping with 'title', 'rows' and 'columns'")
+    for key in ("rows", "columns"):
+        if not isinstance(table[key], dict) or not table[key]:
+            raise ConfigError(f"{where}: '{key}' must map labels to claim id {'prefixes' if key == 'rows' else 'suffixes'}")
+    for key, other in (("rows", "columns"), ("columns", "rows")):
+        for label, part in table[key].items():
+            pairs = ((part, o) if key == "rows" else (o, part) for o in table[other].values())
+            if not any(f"{r}-{c}" in ids for r, c in pairs):
+                raise ConfigError(f"{where}: {key[:-1]} {label!r} ({part!r}) meets no claim: no claim id "
+                                  f"{'starts' if key == 'rows' else 'ends'} with {part!r} and "
+                                  f"{'ends' if key == 'rows' else 'starts'} with one of the {other}")
+    return {"title": str(table["title"]), "rows": {str(k): str(v) for k, v in table["rows"].items()},
+            "columns": {str(k): str(v) for k, v in table["columns"].items()}}
+
+
+def tables_of(study: Study, rows: list[dict]) -> list[dict]:
+    """The study's ``tables`` filled from the summarised claim rows: per cell the claim's id, ``ours`` and unit,
+    or ``None`` where the study has no such claim."""
+    by_id = {r["id"]: r for r in rows}
+    out = []
+    for t in study.tables:
+        cells = [[by_id.get(f"{prefix}-{suffix}") for suffix in t["columns"].values()] for prefix in t["rows"].values()]
+        out.append({"title": t["title"], "columns": list(t["columns"]),
+                    "rows": [{"label": label, "cells": [None if c is None else
+                                                        {"id": c["id"], "ours": c["ours"], "unit": c["unit"]}
+                                                        for c in row]}
+                             for label, row in zip(t["rows"], cells)]})
+    return out
 
 
 # ---------------------------------------------------------------------------- running
@@ -614,12 +657,13 @@ def verdict(claim: dict, ours: float | None, than: float | None, budget: str) ->
     unit = claim.get("unit", "")
     if ours is None or (rule == "order" and than is None):
         return "not measured", "the stage that measures it has not produced this number"
+    if rule == "report" and seed is None and not claim.get("not_comparable"):  # nothing to compare with, at any budget
+        why = str(v.get("why", "the seed gives no number to compare with"))
+        return "reported", why + ("" if budget == FULL else f"; measured at budget '{budget}'")
     if budget != FULL:
         return "not comparable", f"run at budget '{budget}', not the seed's"
     if claim.get("not_comparable"):
         return "not comparable", str(claim["not_comparable"])
-    if rule == "report":
-        return "reported", str(v.get("why", "the seed gives no number to compare with"))
     if rule == "within":
         tol = float(v["tolerance"])
         ok = abs(ours - seed) <= tol
@@ -656,7 +700,7 @@ def summarize(study: Study, out: Path) -> dict:
         "study": study.name, "title": study.title, "question": study.question, "dataset": study.dataset,
         "study_file": str(study.path), "budget": study.budget,
         "budget_overrides": study.budgets.get(study.budget, {}) if study.budget != FULL else {},
-        "claims": rows, "stages": [{"name": s["name"], "kind": s["kind"], **state.get(s["name"], {}),
+        "tables": tables_of(study, rows), "claims": rows, "stages": [{"name": s["name"], "kind": s["kind"], **state.get(s["name"], {}),
                     "done": (out / s["name"] / KINDS[s["kind"]]["done"]).is_file()} for s in study.stages],
         "notes": study.notes, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -672,12 +716,21 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def study_markdown(report: dict) -> str:
-    """The claims table: seed's number, ours, both protocols, verdict."""
+    """The study's tables (its claims laid out as rows x columns, if the file has ``tables``), then the claims
+    table: seed's number, ours, both protocols, verdict."""
     lines = [f"# {report['title']}", "", report["question"], "",
              f"Study `{report['study']}` ({report['study_file']}), budget **{report['budget']}**"
              + (f" (overrides: {json.dumps(report['budget_overrides'])}; the protocol texts below describe the full "
                 "budget, these overrides change them)" if report["budget_overrides"] else "") + ".", "",
-             "| claim | seed | ours | seed's protocol | our protocol | verdict |", "|---|---|---|---|---|---|"]
+             ]
+    for t in report.get("tables", []):
+        lines += [f"**{t['title']}**", "", "| | " + " | ".join(t["columns"]) + " |",
+                  "|---|" + "---:|" * len(t["columns"])]
+        for row in t["rows"]:
+            lines.append(f"| {row['label']} | " + " | ".join("—" if c is None else _fmt(c["ours"], "")
+                                                            for c in row["cells"]) + " |")
+        lines.append("")
+    lines += ["| claim | seed | ours | seed's protocol | our protocol | verdict |", "|---|---|---|---|---|---|"]
     for r in report["claims"]:
         seed = r["seed"] or {}
         seed_text = _fmt(seed.get("value"), r["unit"]) if seed.get("value") is not None else seed.get("text", "no number")
