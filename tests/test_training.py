@@ -47,6 +47,8 @@ def test_one_epoch_on_real_mnist_writes_every_output(trained_run):
     assert summary["train_cpu_time_s"] == pytest.approx(sum(r["epoch_cpu_time_s"] for r in rows))
     assert 0 < summary["train_cpu_time_s"] <= torch.get_num_threads() * summary["train_time_s"] * 1.1 + 0.5
     assert set(summary["captions"]) == {n for n in RUN_FILES if n.endswith(".png")}
+    # what the timings were measured on: the processor's model name beside the device and threads
+    assert summary["device"] == "cpu" and summary["device_name"] not in ("", None) and summary["threads"] >= 1
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"] == "mnist-small"
     assert not list(run_dir.rglob("*.tmp*"))  # no temporary leftovers
 

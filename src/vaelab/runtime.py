@@ -3,8 +3,10 @@ recorded with results."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import platform
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +57,35 @@ def synchronize(device: torch.device) -> None:
 
 
 def provenance(device: torch.device | str, seed: int | None = None) -> dict:
-    """What produced a result: device (and CPU threads), seed, vaelab/torch versions and git commit."""
+    """What produced a result: device (its model name, and CPU threads), seed, vaelab/torch versions and git
+    commit. Timings are only comparable between results with the same ``device_name`` and ``threads``."""
     device = torch.device(device)
     return {
         "device": str(device),
+        "device_name": device_name(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "seed": seed,
         "vaelab_version": vaelab.__version__,
         "torch_version": torch.__version__,
         "git_sha": git_sha(),
     }
+
+
+@functools.lru_cache(maxsize=4)
+def device_name(device: torch.device | str) -> str:
+    """The processor behind ``device``: the GPU's name for CUDA, else the CPU's model name (``model name`` of
+    /proc/cpuinfo on Linux, ``platform.processor()`` elsewhere), e.g. ``"AMD EPYC"``; ``"unknown"`` if
+    neither says."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def derive_seed(*parts) -> int:
