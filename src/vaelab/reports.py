@@ -426,9 +426,13 @@ def _study_table(table: dict) -> str:
     """One of a study's ``tables`` (rows x columns of claims) as an HTML table under its title."""
     head = "<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in table["columns"]) + "</tr>"
     body = "".join("<tr><td>" + html.escape(row["label"]) + "</td>" + "".join(
-        "<td>—</td>" if c is None else f"<td>{html.escape(_ours_text({**c, 'unit': '', 'than': None}))}</td>" for c in row["cells"])
+        "<td>—</td>" if c is None else f"<td>{_number(c['ours'])}</td>" for c in row["cells"])
         + "</tr>" for row in table["rows"])
     return f"<h3>{html.escape(table['title'])}</h3>" + _table(head + body)
+
+
+def _number(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4g}"
 
 
 def _seed_text(claim: dict) -> str:

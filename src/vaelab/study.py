@@ -281,18 +281,17 @@ def _check_table(path: Path, table: Any, i: int, ids: set[str]) -> dict:
 
 
 def tables_of(study: Study, rows: list[dict]) -> list[dict]:
-    """The study's ``tables`` filled from the summarised claim rows: per cell the claim's id, ``ours`` and unit,
+    """The study's ``tables`` filled from the summarised claim rows: per cell the claim's ``id`` and ``ours``,
     or ``None`` where the study has no such claim."""
     by_id = {r["id"]: r for r in rows}
-    out = []
-    for t in study.tables:
-        cells = [[by_id.get(f"{prefix}-{suffix}") for suffix in t["columns"].values()] for prefix in t["rows"].values()]
-        out.append({"title": t["title"], "columns": list(t["columns"]),
-                    "rows": [{"label": label, "cells": [None if c is None else
-                                                        {"id": c["id"], "ours": c["ours"], "unit": c["unit"]}
-                                                        for c in row]}
-                             for label, row in zip(t["rows"], cells)]})
-    return out
+
+    def cell(claim_id: str) -> dict | None:
+        return {"id": claim_id, "ours": by_id[claim_id]["ours"]} if claim_id in by_id else None
+
+    return [{"title": t["title"], "columns": list(t["columns"]),
+             "rows": [{"label": label, "cells": [cell(f"{prefix}-{suffix}") for suffix in t["columns"].values()]}
+                      for label, prefix in t["rows"].items()]}
+            for t in study.tables]
 
 
 # ---------------------------------------------------------------------------- running
