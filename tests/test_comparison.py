@@ -81,6 +81,7 @@ def test_compare_writes_all_outputs_with_consistent_numbers(two_runs, tmp_path, 
             assert t["method"].startswith("extrapolated") == long
         train_rows = [json.loads(line) for line in (e["run"] and open(f"{e['run']}/metrics.jsonl"))]
         assert e["training"]["epoch_time_s"] == pytest.approx(train_rows[0]["epoch_time_s"])
+        assert e["training"]["train_cpu_time_s"] == pytest.approx(sum(r["epoch_cpu_time_s"] for r in train_rows))
     assert "recon" in entries[0]["evaluation"] and "recon" in entries[3]["evaluation"]["not_applicable"]
     assert "- n/a, recon of ddpm (DDPM, DDPM, 20 steps), ddpm (DDPM, DDIM, 5 steps), ddpm (DDPM, DPM-Solver++, 20 steps), " \
            "ddpm (DDPM, SDE-DPM-Solver++, 20 steps): " \
