@@ -64,7 +64,7 @@ def _training_stats(run: Run) -> dict:
         "images_per_s": images / seconds,
         "train_time_s": seconds,
         # CPU time (all threads) says what the training cost on a machine shared with other jobs, where
-        # wall time also counts the waiting; absent when a row predates it
+        # wall time also counts the waiting; None when a row predates it
         "train_cpu_time_s": (sum(r["epoch_cpu_time_s"] for r in rows)
                              if all("epoch_cpu_time_s" in r for r in rows) else None),
         "device": summary.get("device"),
