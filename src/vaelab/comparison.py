@@ -64,9 +64,8 @@ def _training_stats(run: Run) -> dict:
         "images_per_s": images / seconds,
         "train_time_s": seconds,
         # CPU time (all threads) says what the training cost on a machine shared with other jobs, where
-        # wall time also counts the waiting; None when a row predates it
-        "train_cpu_time_s": (sum(r["epoch_cpu_time_s"] for r in rows)
-                             if all("epoch_cpu_time_s" in r for r in rows) else None),
+        # wall time also counts the waiting; the run's summary has it (None where a row predates it)
+        "train_cpu_time_s": summary.get("train_cpu_time_s"),
         "device": summary.get("device"),
         "definition": "epoch_time_s: mean over the epochs in metrics.jsonl of the wall time of the training passes "
                       "(validation excluded); train_time_s: their sum; train_cpu_time_s: the process CPU time of "
