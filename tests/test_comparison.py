@@ -117,7 +117,7 @@ def test_interrupted_compare_resumes_at_the_first_unfinished_entry(two_runs, tmp
 
     monkeypatch.setattr(vaelab.evaluation, "evaluate_run", counted)
     args = dict(metrics=["recon", "nll"], iwae_k=2, nll_subset=5, ddim_steps=5, timing_repeats=1, timing_max_steps=2,
-                device="cpu")
+                device="cpu", use_cache=False)  # the entry cache is tested below
     out, partial = tmp_path / "cmp", tmp_path / ".cmp.partial"
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
@@ -137,6 +137,59 @@ def test_interrupted_compare_resumes_at_the_first_unfinished_entry(two_runs, tmp
     compare_runs(list(two_runs), out=tmp_path / "cmp2", **{**args, "iwae_k": 3})
     assert len(calls) == len(report["entries"])  # other settings: the kept entry was discarded, and said so
     assert "other settings or other weights; discarding them" in capsys.readouterr().err
+
+
+def test_compare_takes_entries_of_the_same_weights_from_an_earlier_comparison(two_runs, tmp_path, monkeypatch, capsys):
+    """A second comparison of the same weights (here a copied run folder) with the same settings takes the
+    entries an earlier one measured, keeps only the metrics it asked for and says where they came from; a
+    metric not measured before, other weights, a damaged cache file or use_cache=False measure again."""
+    import shutil
+
+    import vaelab.evaluation
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    real, calls = vaelab.evaluation.evaluate_run, []
+    monkeypatch.setattr(vaelab.evaluation, "evaluate_run", lambda *a, **kw: calls.append(kw["sampler"]) or real(*a, **kw))
+    vae, ddpm = two_runs
+    args = dict(iwae_k=2, nll_subset=5, ddim_steps=5, timing_repeats=1, timing_max_steps=2, device="cpu")
+    first = json.loads((compare_runs([vae, ddpm], out=tmp_path / "a", metrics=["recon", "nll"], **args)
+                        / "comparison.json").read_text())
+    assert len(calls) == len(first["entries"]) == 7 and all(len(e["weights_sha256"]) == 64 for e in first["entries"])
+
+    copy = tmp_path / "copied" / "vae"  # the same weights in another folder (another study)
+    shutil.copytree(vae, copy)
+    calls[:] = []
+    out = compare_runs([copy, ddpm], out=tmp_path / "b", metrics=["recon"], **args)
+    second = json.loads((out / "comparison.json").read_text())
+    assert calls == []
+    for old, new in zip(first["entries"], second["entries"]):
+        assert new["reused_from"]["comparison"] == str(tmp_path / "a")
+        assert new["generation_time"] == old["generation_time"]
+        assert new["evaluation"]["settings"]["metrics"] == ["recon"] and "nll" not in new["evaluation"]
+        assert new["evaluation"].get("recon") == old["evaluation"].get("recon")
+    assert second["entries"][0]["label"].startswith("vae (VAE") and second["entries"][0]["run"] == str(copy)
+    assert "taken from the entry cache" in (out / "comparison.md").read_text()
+
+    calls[:] = []  # a metric the cached entries lack: measured again
+    compare_runs([vae, ddpm], out=tmp_path / "c", metrics=["recon", "latent"], **args)
+    assert len(calls) == 7
+    calls[:] = []
+    compare_runs([vae, ddpm], out=tmp_path / "d", metrics=["recon"], use_cache=False, **args)
+    assert len(calls) == 7
+
+    damaged = next((tmp_path / "cache" / "comparison-entries").glob("*/entry.json"))
+    damaged.write_text(damaged.read_text()[:50])
+    calls[:] = []
+    capsys.readouterr()
+    compare_runs([vae, ddpm], out=tmp_path / "e", metrics=["recon"], **args)
+    assert len(calls) == 1 and str(damaged) in capsys.readouterr().err
+
+    from safetensors.torch import load_file, save_file
+    weights = copy / "checkpoints" / "epoch-0001" / "model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(str(weights)).items()}, str(weights))
+    calls[:] = []
+    compare_runs([copy, ddpm], out=tmp_path / "f", metrics=["recon"], **args)
+    assert calls == ["prior", "gmm", "two-stage"]  # other weights: the VAE's entries measured, the DDPM's taken
 
 
 def test_time_generation_counts_one_batch_per_call():

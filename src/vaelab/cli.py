@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-mixed", action="store_true", help="accept runs trained on different datasets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-cache", action="store_true",
+                   help="measure every entry (default: take entries of the same weights and settings that an earlier "
+                        "comparison measured from the entry cache)")
 
     p = sub.add_parser("data", help="generate a dataset with known factors (for the disentanglement metrics)")
     gen = p.add_subparsers(dest="action", required=True)
@@ -355,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                                inception_weights=args.inception_weights, iwae_k=args.iwae_k, nll_subset=args.nll_subset,
                                timing_repeats=args.timing_repeats, timing_max_steps=args.timing_max_steps,
                                allow_mixed=args.allow_mixed, seed=args.seed, device=args.device,
-                               feature_precision=args.feature_precision, inception_engine=args.inception_engine)
+                               feature_precision=args.feature_precision, inception_engine=args.inception_engine,
+                               use_cache=not args.no_cache)
             print((out / "comparison.md").read_text())
             print(f"comparison folder: {out}")
         elif args.command == "data":

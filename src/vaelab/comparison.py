@@ -16,10 +16,18 @@ An interrupted comparison resumes: every finished entry is kept in ``.<out>.part
 (``entry_<entry>.json`` and its pictures, under a ``key.json`` of the settings and the SHA-256 of every
 run's weights); the same command again skips those entries. A partial folder whose key differs (other
 settings, retrained runs) is discarded with a warning.
+
+Finished entries are also cached across comparisons (``vaelab.data.cache_dir()/comparison-entries/``), keyed
+by the SHA-256 of the run's weights, the sampler, the number of samples, the seed, the device, the data and
+every evaluation and timing setting: a study that compares runs another comparison already measured (the
+same weights, e.g. copied into a second study) takes those entries instead of sampling again, as long as
+the cached entry measured every metric wanted (extra ones are dropped). A reused entry says so
+(``reused_from``: where and when it was measured); ``use_cache=False`` measures everything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,9 +36,10 @@ from datetime import datetime
 from pathlib import Path
 
 from vaelab import plots
+from vaelab.data import cache_dir
 from vaelab.errors import ConfigError
 from vaelab.families import family_of
-from vaelab.io import DamagedFileError, dumps, read_json, warn, write_json, write_text
+from vaelab.io import DamagedFileError, dumps, read_cache, read_json, warn, write_json, write_text
 from vaelab.metrics.likelihood import DEFAULT_SUBSET
 from vaelab.metrics.speed import SIZES as TIMING_SIZES
 from vaelab.metrics.speed import time_generation
@@ -74,6 +83,53 @@ def _training_stats(run: Run) -> dict:
 
 
 PARTIAL_KEY = "key.json"
+ENTRY_CACHE_VERSION = 1
+
+
+def _entry_cache_folder(key: dict) -> Path:
+    digest = hashlib.sha1(dumps({"version": ENTRY_CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()
+    return cache_dir() / "comparison-entries" / digest[:24]
+
+
+def _cached_entry(key: dict, metrics: list[str]) -> tuple[dict, Path] | None:
+    """The cached ``{generation_time, evaluation, pictures, measured}`` of an entry with ``key`` whose
+    evaluation covers ``metrics`` (the others' results removed), and its folder; ``None`` when there is none
+    (a damaged cache file is a warning, then a miss)."""
+    folder = _entry_cache_folder(key)
+    if not (folder / "entry.json").is_file():
+        return None
+    stored = read_cache(folder / "entry.json", lambda p: json.loads(p.read_text()), redo="measuring the entry again")
+    if not stored or stored.get("key") != json.loads(dumps(key)):
+        return None
+    evaluation = stored["evaluation"]
+    measured = evaluation.get("settings", {}).get("metrics", [])
+    if not set(metrics) <= set(measured):
+        return None
+    spaces = evaluation["settings"].get("fid_features") or []
+    for extra in set(measured) - set(metrics):
+        for name in [extra, *(f"{extra}_{space}" for space in spaces)]:
+            evaluation.pop(name, None)
+        evaluation.get("not_applicable", {}).pop(extra, None)
+    evaluation["settings"]["metrics"] = [m for m in measured if m in metrics]
+    if any(not (folder / f).is_file() for f in stored["pictures"].values()):
+        return None
+    return stored, folder
+
+
+def _cache_entry(key: dict, result: dict, pictures_from: Path, measured: dict) -> None:
+    """Store a finished entry's measurements and pictures for later comparisons of the same weights;
+    ``measured``: ``{"comparison": its folder, "at": ISO time}``."""
+    folder = _entry_cache_folder(key)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in result["pictures"].values():
+        shutil.copyfile(pictures_from / name, tmp / name)
+    write_json(tmp / "entry.json", {"key": key, "generation_time": result["generation_time"],
+                                    "evaluation": result["evaluation"], "pictures": result["pictures"],
+                                    "measured": measured})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def _partial_folder(out: Path, key: dict) -> Path:
@@ -117,6 +173,7 @@ def compare_runs(
     inception_weights: str | Path | None = None,
     feature_precision: str = "fp32",
     inception_engine: str = "auto",
+    use_cache: bool = True,
 ) -> Path:
     """Compare trained runs; write ``comparison.md``, ``comparison.json`` and pictures into ``out``.
 
@@ -140,6 +197,9 @@ def compare_runs(
         allow_mixed: accept runs trained on different datasets.
         device: ``auto``, ``cpu``, ``cuda``...; the same for every entry.
         seed: seeds sampling (the same for every entry).
+        use_cache: take entries measured by an earlier comparison with the same weights and settings from
+            the entry cache (and store this one's); also passed to ``evaluate_run`` (cached reference
+            statistics and features). ``False`` measures everything and stores nothing.
 
     Returns:
         The comparison folder.
@@ -198,45 +258,72 @@ def compare_runs(
 
     # 2. per entry: timing, then the evaluation suite; each finished entry is kept in the partial folder
     tmp = _partial_folder(out, key)
+    shas = {r["run"]: r["weights_sha256"] for r in key["runs"]}
     results = []
     for run, model, sampler in entries:
         family = family_of(model)
         label = f"{run.path.name} ({family.NAME.upper()}, {sampler.label})"
         slug = _slug(label)
         done = tmp / f"entry_{slug}.json"
+        n_eval = ddpm_num_samples if sampler.name == "ddpm" and ddpm_num_samples else num_samples
+        sha = shas[str(run.path.resolve())]
+        cache_key = {"weights_sha256": sha, "sampler": sampler.options, "num_samples": n_eval, "device": str(dev),
+                     "dataset": run.config.dataset, "data_root": str(run.config.data_root),
+                     "feature_precision": feature_precision, "inception_engine": inception_engine,
+                     "inception_weights": str(inception_weights),
+                     **{k: settings[k] for k in ("fid_features", "iwae_k", "nll_subset", "timing_repeats",
+                                                 "timing_max_steps", "timing_sizes", "seed")}}
         if done.is_file():
             try:
-                results.append(read_json(done, remedy="evaluating the entry again"))
+                kept = read_json(done, remedy="evaluating the entry again")
+                kept["weights_sha256"] = sha  # the partial folder's key holds these weights' SHA-256
+                results.append(kept)
                 print(f"comparing {label}: finished in an earlier, interrupted run ({done})")
+                if use_cache and "reused_from" not in kept and not _entry_cache_folder(cache_key).is_dir():
+                    at = datetime.fromtimestamp(done.stat().st_mtime).isoformat(timespec="seconds")
+                    _cache_entry(cache_key, kept, tmp, {"comparison": str(out), "at": at})
                 continue
             except DamagedFileError as exc:
                 warn(str(exc))
-        print(f"comparing {label}: timing generation ({', '.join(map(str, TIMING_SIZES))} samples)")
-        timing = {str(n): time_generation(model, sampler, n, repeats=timing_repeats, max_steps=timing_max_steps,
-                                          seed=seed) for n in TIMING_SIZES}
-        n_eval = ddpm_num_samples if sampler.name == "ddpm" and ddpm_num_samples else num_samples
-        print(f"comparing {label}: evaluate_run with {n_eval:,} samples")
-        scratch = tmp / ".evaluation"  # this entry's eval.json and pictures (the run folder is left alone)
-        shutil.rmtree(scratch, ignore_errors=True)
-        evaluation = evaluate_run(run.path, metrics=metrics, fid_features=fid_features, num_samples=n_eval,
-                                  iwae_k=iwae_k, nll_subset=nll_subset, device=str(dev), seed=seed,
-                                  sampler=sampler.options.get("sampler"), steps=sampler.options.get("steps"),
-                                  inception_weights=inception_weights, feature_precision=feature_precision,
-                                  inception_engine=inception_engine, out=scratch)
-        pictures = {}
-        for name, src in {"samples": "eval_samples.png", "confidence": "confidence_hist.png"}.items():
-            if (scratch / src).is_file():
-                pictures[name] = f"{name}_{slug}.png"
-                shutil.copyfile(scratch / src, tmp / pictures[name])
-        shutil.rmtree(scratch)
         result = {
-            "label": label, "run": str(run.path), "dataset": run.config.dataset, "model": run.config.model,
-            "family": family.NAME, "sampler": sampler.options, "parameters": count_parameters(model),
-            "latent_space": sampler.latent_space, "network_evaluations": sampler.network_evaluations,
-            "training": _training_stats(run), "generation_time": timing, "evaluation": evaluation,
-            "pictures": pictures,
+            "label": label, "run": str(run.path), "weights_sha256": sha, "dataset": run.config.dataset,
+            "model": run.config.model, "family": family.NAME, "sampler": sampler.options,
+            "parameters": count_parameters(model), "latent_space": sampler.latent_space,
+            "network_evaluations": sampler.network_evaluations, "training": _training_stats(run),
         }
+        hit = _cached_entry(cache_key, metrics) if use_cache else None
+        if hit:
+            stored, folder = hit
+            print(f"comparing {label}: measured by an earlier comparison ({stored['measured']['comparison']}, "
+                  f"{stored['measured']['at']}), taken from the entry cache")
+            pictures = {}
+            for name, src in stored["pictures"].items():
+                pictures[name] = f"{name}_{slug}.png"
+                shutil.copyfile(folder / src, tmp / pictures[name])
+            result.update(generation_time=stored["generation_time"], evaluation=stored["evaluation"],
+                          pictures=pictures, reused_from=stored["measured"])
+        else:
+            print(f"comparing {label}: timing generation ({', '.join(map(str, TIMING_SIZES))} samples)")
+            timing = {str(n): time_generation(model, sampler, n, repeats=timing_repeats, max_steps=timing_max_steps,
+                                              seed=seed) for n in TIMING_SIZES}
+            print(f"comparing {label}: evaluate_run with {n_eval:,} samples")
+            scratch = tmp / ".evaluation"  # this entry's eval.json and pictures (the run folder is left alone)
+            shutil.rmtree(scratch, ignore_errors=True)
+            evaluation = evaluate_run(run.path, metrics=metrics, fid_features=fid_features, num_samples=n_eval,
+                                      iwae_k=iwae_k, nll_subset=nll_subset, device=str(dev), seed=seed,
+                                      sampler=sampler.options.get("sampler"), steps=sampler.options.get("steps"),
+                                      inception_weights=inception_weights, feature_precision=feature_precision,
+                                      inception_engine=inception_engine, out=scratch, use_cache=use_cache)
+            pictures = {}
+            for name, src in {"samples": "eval_samples.png", "confidence": "confidence_hist.png"}.items():
+                if (scratch / src).is_file():
+                    pictures[name] = f"{name}_{slug}.png"
+                    shutil.copyfile(scratch / src, tmp / pictures[name])
+            shutil.rmtree(scratch)
+            result.update(generation_time=timing, evaluation=evaluation, pictures=pictures)
         write_json(done, result)
+        if use_cache and not hit:
+            _cache_entry(cache_key, result, tmp, {"comparison": str(out), "at": datetime.now().isoformat(timespec="seconds")})
         results.append(result)
 
     # 3. outputs, written into the partial folder, which then becomes ``out``
@@ -360,6 +447,10 @@ def comparison_markdown(report: dict) -> str:
             reasons.setdefault((metric, why), []).append(r["label"])
     for (metric, why), labels in reasons.items():
         lines.append(f"- n/a, {metric} of {', '.join(dict.fromkeys(labels))}: {why.rstrip('.')}.")
+    for r in entries:
+        if "reused_from" in r:
+            lines.append(f"- {r['label']}: measured by the comparison {r['reused_from']['comparison']} at "
+                         f"{r['reused_from']['at']} (the same weights, sampler and settings), taken from the entry cache.")
     warnings = sorted({w for r in entries for w in r["evaluation"].get("warnings", [])})
     if warnings:
         lines += ["", "## Warnings", *[f"- {w}" for w in warnings]]
