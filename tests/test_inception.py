@@ -168,3 +168,33 @@ def test_openvino_engine_gives_the_torch_features(net, ov_net, mnist_test, share
         load_inception(engine="onnx")
     with pytest.raises(ConfigError, match="unknown feature precision"):
         load_inception(precision="fp16")
+
+
+def test_openvino_leaves_the_process_cpu_affinity_alone(mnist_test):
+    """A one-thread feature pass must not pin the calling thread to core 0 while it runs (OpenVINO's
+    default): two one-thread jobs on one machine would then share a core while the other idles."""
+    import os
+    import threading
+
+    status = f"/proc/self/task/{threading.get_native_id()}/status"
+    allowed = lambda: open(status).read().split("Cpus_allowed_list:")[1].split()[0]  # noqa: E731
+    before, threads, seen, done = allowed(), torch.get_num_threads(), set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.add(allowed())
+            done.wait(0.05)
+
+    torch.set_num_threads(1)
+    try:
+        net = load_inception(engine="openvino")
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            net(mnist_test.images[:100])
+        finally:
+            done.set()
+            watcher.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {before}, f"the feature pass changed the main thread's CPUs {before} to {seen} (of {os.cpu_count()})"

@@ -179,7 +179,8 @@ def _openvino_ir(net: nn.Module, weights: dict) -> Path:
 
 def openvino_net(net: nn.Module, weights: dict, precision: str = "fp32") -> OpenVINONet:
     """``net`` compiled by OpenVINO for the CPU, with the inference precision pinned (f32 or bf16) and as
-    many threads as torch uses (``torch.get_num_threads()``, i.e. ``OMP_NUM_THREADS`` where set)."""
+    many threads as torch uses (``torch.get_num_threads()``, i.e. ``OMP_NUM_THREADS`` where set), left
+    unpinned: the process keeps the CPU affinity it had (the scheduler places concurrent jobs)."""
     import openvino as ov
 
     from vaelab.io import read_cache
@@ -192,7 +193,10 @@ def openvino_net(net: nn.Module, weights: dict, precision: str = "fp32") -> Open
         model = core.read_model(_openvino_ir(net, weights))
     compiled = core.compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"})
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+        # OpenVINO pins its threads (and the calling thread) to the first cores by default: two one-thread jobs
+        # on one machine then share core 0 while core 1 idles, and the pin outlives the feature pass
+        "ENABLE_CPU_PINNING": False})
     return OpenVINONet(compiled)
 
 
