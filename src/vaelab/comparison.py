@@ -83,7 +83,7 @@ def _training_stats(run: Run) -> dict:
 
 
 PARTIAL_KEY = "key.json"
-ENTRY_CACHE_VERSION = 1
+ENTRY_CACHE_VERSION = 1  # raise when what an entry measures changes (a metric's protocol, the timing method)
 
 
 def _entry_cache_folder(key: dict) -> Path:
