@@ -225,7 +225,8 @@ def test_claims_name_comparison_entries_by_run_and_sampler(tmp_path):
 
 
 def test_a_sweep_stage_with_the_latent_metric_draws_the_kl_per_dimension(tmp_path):
-    """The latent-size study's shape: a sweep stage evaluated with ``latent`` (no FID), a claim on a point."""
+    """The latent-size study's shape: a sweep stage evaluated with ``latent`` (no FID), a claim on a point;
+    ``jobs`` trains its points as processes of their own."""
     path = tmp_path / "s.yaml"
     path.write_text(
         "name: s\nstages:\n"
@@ -234,7 +235,10 @@ def test_a_sweep_stage_with_the_latent_metric_draws_the_kl_per_dimension(tmp_pat
         " tensorboard: false}}\n"
         "claims:\n"
         "  - {id: au, claim: AU, ours: {stage: sweep, key: points.1.metrics.active_units}, verdict: {rule: report}}\n")
-    out = run_study(path, out=tmp_path / "out", device="cpu")
+    with pytest.raises(ConfigError, match="jobs must be a positive integer"):
+        run_study(path, out=tmp_path / "out", device="cpu", jobs=0)
+    out = run_study(path, out=tmp_path / "out", device="cpu", jobs=2)  # the two points as two train processes
+    assert sorted(f.name for f in (out / "sweep" / "logs").iterdir()) == ["latent_dim=2.log", "latent_dim=3.log"]
     sweep = json.loads((out / "sweep" / "sweep.json").read_text())
     assert [len(p["kl_per_dim_nats"]) for p in sweep["points"]] == [2, 3]
     assert (out / "sweep" / "sweep_kl_per_dim.png").is_file()

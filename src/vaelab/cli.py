@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for every stage (default: each stage's)")
     p.add_argument("--stages", help="comma-separated stage names: run only these (their inputs must be finished "
                                     "or listed); two processes may share a study folder with disjoint --stages")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="sweep stages train this many points at once, each a process of its own (default 1)")
     p = st.add_parser("report", help="check the claims against the stages finished so far (the others: not measured); "
                                      "writes study.md, study.json, report.html without running anything")
     p.add_argument("file", help="study file (studies/*.yaml)")
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.action == "run":
                 run_study(args.file, budget=args.budget, out=args.out, device=args.device,
-                          stages=args.stages.split(",") if args.stages else None)
+                          stages=args.stages.split(",") if args.stages else None, jobs=args.jobs)
             else:
                 report_study(args.file, budget=args.budget, out=args.out)
         elif args.command == "report":

@@ -302,8 +302,17 @@ def default_out(study: Study) -> Path:
     return Path("runs") / "studies" / (study.name if study.budget == FULL else f"{study.name}-{study.budget}")
 
 
+@dataclass(frozen=True)
+class Machine:
+    """What a study's stages may use: ``device`` for every stage (``None``: each stage's default) and
+    ``jobs``, the points a sweep stage trains at once (above 1, each a ``vaelab train`` process)."""
+
+    device: str | None = None
+    jobs: int = 1
+
+
 def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = None, device: str | None = None,
-              stages: list[str] | None = None) -> Path:
+              stages: list[str] | None = None, jobs: int = 1) -> Path:
     """Run every unfinished stage of a study, then write ``study.json``, ``study.md`` and ``report.html``.
 
     Args:
@@ -314,14 +323,20 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
         stages: run only these stages (``None``: all). Two processes may work on one study folder with
             disjoint ``stages`` (e.g. the long DDPM training beside the others): each writes only its
             own stage folders, and ``stages.json`` is merged on every write.
+        jobs: sweep stages train this many points at once (``vaelab.sweep.run_sweep``'s ``jobs``); the
+            numbers do not depend on it.
 
     Returns:
         The study folder.
 
     Raises:
         ConfigError: an invalid study file (before any work), a folder holding another plan, an unknown
-            name in ``stages``, or a chosen stage that needs a stage which is neither finished nor chosen.
+            name in ``stages``, a chosen stage that needs a stage which is neither finished nor chosen, or
+            ``jobs`` < 1.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs must be a positive integer (sweep points trained at once), got {jobs!r}")
+    machine = Machine(device, jobs)
     study = load_study(path, budget=budget)
     out = Path(out) if out else default_out(study)
     chosen = _chosen_stages(study, out, stages)
@@ -340,7 +355,7 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
                 continue
             print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']})")
             t0 = time.perf_counter()
-            STAGES[stage["kind"]](study, stage, out, device)
+            STAGES[stage["kind"]](study, stage, out, machine)
         state = _read_state(out, study)  # read again: another process may have finished other stages meanwhile
         state[stage["name"]] = {"kind": stage["kind"], "seconds": time.perf_counter() - t0,
                                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -464,7 +479,7 @@ def _read_state(out: Path, study: Study) -> dict:
                                   "(those times are lost, no stage is redone)")
 
 
-def _train(study: Study, stage: dict, out: Path, device: str | None) -> None:
+def _train(study: Study, stage: dict, out: Path, machine: Machine) -> None:
     from vaelab.run import checkpoint_dirs
     from vaelab.training import resume, train
 
@@ -472,10 +487,10 @@ def _train(study: Study, stage: dict, out: Path, device: str | None) -> None:
     config = _train_config(study.path, stage, stage["name"], out)
     if checkpoint_dirs(folder):
         _check_same_run(folder, config)
-        resume(folder, device=device)
+        resume(folder, device=machine.device)
         return
     shutil.rmtree(folder, ignore_errors=True)  # a start that died before its first checkpoint
-    train(with_overrides(config, {"out": str(folder), "device": device}))
+    train(with_overrides(config, {"out": str(folder), "device": machine.device}))
 
 
 RUNTIME_FIELDS = ("out", "device", "precision", "channels_last", "compile", "log_every", "tensorboard")
@@ -499,7 +514,7 @@ def _check_same_run(folder: Path, config: TrainConfig) -> None:
                           "remove it or use another --out")
 
 
-def _data(study: Study, stage: dict, out: Path, device: str | None) -> None:
+def _data(study: Study, stage: dict, out: Path, machine: Machine) -> None:
     from vaelab.data.shapes import ShapesSpec, write_shapes
 
     folder = out / stage["name"]
@@ -507,14 +522,14 @@ def _data(study: Study, stage: dict, out: Path, device: str | None) -> None:
     write_shapes(folder, ShapesSpec(**{k: v for k, v in stage.items() if k not in ("name", "kind", "generator")}))
 
 
-def _synth(study: Study, stage: dict, out: Path, device: str | None) -> None:
+def _synth(study: Study, stage: dict, out: Path, machine: Machine) -> None:
     from vaelab.synthesis import synthesize
 
     args = {k: stage[k] for k in ("per_class", "method", "noise_scale", "sampler", "seed") if k in stage}
-    synthesize(out / stage["run"], out / stage["name"], device=device or "auto", **args)
+    synthesize(out / stage["run"], out / stage["name"], device=machine.device or "auto", **args)
 
 
-def _cas(study: Study, stage: dict, out: Path, device: str | None) -> None:
+def _cas(study: Study, stage: dict, out: Path, machine: Machine) -> None:
     from vaelab.cas import cas
 
     synthetic = out / stage["synthetic"]
@@ -528,10 +543,10 @@ def _cas(study: Study, stage: dict, out: Path, device: str | None) -> None:
     # the real data: the source run's dataset and root, unless the stage names another dataset (then its default root)
     run_config = Run(manifest["source_run"]).config
     cas(synthetic, stage.get("dataset", manifest["dataset"]), data_root=None if "dataset" in stage else run_config.data_root,
-        out=out / stage["name"], device=device or "auto", **args)
+        out=out / stage["name"], device=machine.device or "auto", **args)
 
 
-def _evaluate(study: Study, stage: dict, out: Path, device: str | None) -> None:
+def _evaluate(study: Study, stage: dict, out: Path, machine: Machine) -> None:
     from vaelab.evaluation import evaluate_run
 
     run_dir = out / stage["run"]
@@ -540,37 +555,37 @@ def _evaluate(study: Study, stage: dict, out: Path, device: str | None) -> None:
     folder = out / stage["name"]
     tmp = out / f".{stage['name']}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    evaluate_run(run_dir, device=device or "auto", out=tmp, **args)
+    evaluate_run(run_dir, device=machine.device or "auto", out=tmp, **args)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
-def _compare(study: Study, stage: dict, out: Path, device: str | None) -> None:
+def _compare(study: Study, stage: dict, out: Path, machine: Machine) -> None:
     from vaelab.comparison import compare_runs
 
     args = {k: stage[k] for k in KINDS["compare"]["keys"] - {"runs"} if k in stage}
     folder = out / stage["name"]
     shutil.rmtree(folder, ignore_errors=True)  # never finished (no comparison.json): vaelab compare wants a new folder
-    compare_runs([out / r for r in stage["runs"]], out=folder, device=device or "auto", **args)
+    compare_runs([out / r for r in stage["runs"]], out=folder, device=machine.device or "auto", **args)
 
 
-def _sweep(study: Study, stage: dict, out: Path, device: str | None) -> None:
+def _sweep(study: Study, stage: dict, out: Path, machine: Machine) -> None:
     from vaelab.sweep import run_sweep
 
     base = _train_config(study.path, stage, stage["name"])
-    if device:
-        base = with_overrides(base, {"device": device})
+    if machine.device:
+        base = with_overrides(base, {"device": machine.device})
     args = {k: stage[k] for k in ("num_samples", "fid_features", "sampler", "steps", "metrics") if k in stage}
-    run_sweep(base, {k: list(v) for k, v in stage["axes"].items()}, out=out / stage["name"], **args)
+    run_sweep(base, {k: list(v) for k, v in stage["axes"].items()}, out=out / stage["name"], jobs=machine.jobs, **args)
 
 
-def _samples(study: Study, stage: dict, out: Path, device: str | None) -> None:
+def _samples(study: Study, stage: dict, out: Path, machine: Machine) -> None:
     from vaelab.generation import sample_runs
 
     folder = out / stage["name"]
     folder.mkdir(parents=True, exist_ok=True)
     entries = sample_runs([out / r for r in stage["runs"]], stage.get("num_samples", 8), folder / "samples.png",
-                          seed=stage.get("seed", 0), device=device or "auto", sampler=stage.get("sampler"),
+                          seed=stage.get("seed", 0), device=machine.device or "auto", sampler=stage.get("sampler"),
                           steps=stage.get("steps"))
     caption = (f"{stage.get('num_samples', 8)} samples of each of {len(entries)} runs, one row per run (its sampler "
                f"named beside it), all drawn with seed {stage.get('seed', 0)}.")
