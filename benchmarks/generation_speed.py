@@ -1,14 +1,18 @@
-"""Generation time of a VAE decoder vs a DDPM (full T-step chain and DDIM), same device, same batch.
+"""Generation time of every sampler of VAE, DDPM and LDM models: one process, back to back, same device.
 
-The cost of sampling does not depend on what the weights learned, so freshly initialised models
-of the presets are timed (``vaelab.comparison.time_generation``: one batch of n, one warm-up call,
-median of the repeats). Chains longer than ``--max-steps`` are timed on that many steps and scaled
-linearly, and the table says so.
+Without ``--run`` it times freshly initialised models of two presets (the cost of sampling does not
+depend on what the weights learned): the ``mnist-small`` VAE's prior sampler and the ``ddpm-28`` UNet's
+comparison samplers (T-step chain, DDIM, DPM-Solver++, SDE-DPM-Solver++). With ``--run RUN_DIR``
+(repeatable) it times each trained run's comparison samplers instead, exactly the entries ``vaelab
+compare`` would time — useful when a comparison's timings were taken at different moments of a busy
+machine and need one set measured under the same conditions. Each time is
+``vaelab.metrics.speed.time_generation``: one batch of n, one warm-up call, the median of the repeats;
+chains longer than ``--max-steps`` are timed on that many steps and scaled, and the table says so.
 
 Usage::
 
-    python benchmarks/generation_speed.py [--device cpu] [--n 150 1000] [--ddim-steps 50] \
-        [--max-steps 10] [--repeats 3] [--ddpm-widths 16 32 64] [--ddpm-layers 1]
+    python benchmarks/generation_speed.py [--run RUN_DIR ...] [--device cpu] [--n 150 1000] \
+        [--ddim-steps 50] [--max-steps 20] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -17,41 +21,49 @@ import argparse
 
 import torch
 
-from vaelab.comparison import time_generation
-from vaelab.models import build_config, build_model
-from vaelab.training import select_device
+from vaelab.families import family_of
+from vaelab.metrics.speed import time_generation
+from vaelab.models import build_config, build_model, count_parameters
+from vaelab.run import Run
+from vaelab.runtime import select_device
 
 
-def main() -> None:
+def entries(runs: list[str], device: torch.device, ddim_steps: int):
+    """``(name, model, samplers)`` for each run folder, or for the two fresh presets without runs."""
+    if runs:
+        for path in runs:
+            run = Run(path)
+            model = run.load_model(device)
+            yield run.path.name, model, family_of(model).comparison_samplers(model, run, ddim_steps=ddim_steps)
+        return
+    torch.manual_seed(0)
+    for preset, fields in (("mnist-small", {"latent_dim": 10}), ("ddpm-28", {})):
+        model = build_model(build_config(preset, **fields)).to(device).eval()
+        yield f"{preset} (untrained)", model, family_of(model).comparison_samplers(model, ddim_steps=ddim_steps)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", action="append", default=[], metavar="RUN_DIR", help="a trained run folder (repeatable)")
     p.add_argument("--device", default="auto")
     p.add_argument("--n", type=int, nargs="+", default=[150, 1000])
     p.add_argument("--ddim-steps", type=int, default=50)
-    p.add_argument("--max-steps", type=int, default=10, help="time longer chains on this many steps (0: full chains)")
+    p.add_argument("--max-steps", type=int, default=20, help="time longer chains on this many steps (0: full chains)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--ddpm-widths", type=int, nargs="+", help="UNet widths (default: the ddpm-28 preset's)")
-    p.add_argument("--ddpm-layers", type=int, help="ResNet blocks per level (default: the preset's)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = select_device(args.device)
-    torch.manual_seed(0)
-    vae = build_model(build_config("mnist-small", latent_dim=10)).to(device).eval()
-    ddpm_fields = {"widths": args.ddpm_widths, "layers_per_block": args.ddpm_layers}
-    ddpm = build_model(build_config("ddpm-28", **ddpm_fields)).to(device).eval()
-    T = ddpm.config.num_train_timesteps
-    rows = [
-        (f"VAE mnist-small ({sum(p.numel() for p in vae.parameters()):,} params)", vae, {}),
-        (f"DDPM ddpm-28 widths {list(ddpm.config.widths)}, {T} steps ({ddpm.num_parameters:,} params)", ddpm,
-         {"sampler": "ddpm", "steps": T}),
-        (f"DDIM {args.ddim_steps} steps (same UNet)", ddpm, {"sampler": "ddim", "steps": args.ddim_steps}),
-    ]
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"generation time on {device}{threads}, 1x28x28 images, one batch of n, median of {args.repeats} after a warm-up")
-    print("| generator | " + " | ".join(f"n={n} (s)" for n in args.n) + " | method |")
-    print("|---" * (len(args.n) + 2) + "|")
-    for name, model, kwargs in rows:
-        times = [time_generation(model, n, sample_kwargs=kwargs, repeats=args.repeats, max_steps=args.max_steps or None)
-                 for n in args.n]
-        print(f"| {name} | " + " | ".join(f"{t['seconds']:.4g}" for t in times) + f" | {times[-1]['method']} |")
+    print(f"generation time on {device}{threads}, one batch of n, median of {args.repeats} after a warm-up")
+    print("| model | parameters | sampler | network evaluations | " + " | ".join(f"n={n} (s)" for n in args.n)
+          + " | method |")
+    print("|---" * (len(args.n) + 5) + "|")
+    with torch.inference_mode():
+        for name, model, samplers in entries(args.run, device, args.ddim_steps):
+            for sampler in samplers:
+                times = [time_generation(model, sampler, n, repeats=args.repeats, max_steps=args.max_steps or None)
+                         for n in args.n]
+                print(f"| {name} | {count_parameters(model):,} | {sampler.label} | {sampler.network_evaluations} | "
+                      + " | ".join(f"{t['seconds']:.4g}" for t in times) + f" | {times[-1]['method']} |", flush=True)
 
 
 if __name__ == "__main__":

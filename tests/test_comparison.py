@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 from fixtures import fake_run, write_image_folder
@@ -200,6 +202,24 @@ def test_time_generation_counts_one_batch_per_call():
     t = time_generation(model, family_of(model).sampler(model, sampler="ddpm"), 7, repeats=3, max_steps=4)
     assert calls == [7] * 4 * 4  # warm-up + 3 runs, 4 of the 12 steps each, one batch of 7
     assert t["method"].startswith("extrapolated") and t["batch_size"] == 7
+
+
+def test_generation_speed_benchmark_times_each_comparison_sampler_of_the_runs(two_runs, capsys):
+    spec = importlib.util.spec_from_file_location("generation_speed",
+                                                  Path(__file__).parents[1] / "benchmarks" / "generation_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    vae, ddpm = two_runs
+    bench.main(["--run", str(vae), "--run", str(ddpm), "--device", "cpu", "--n", "3", "--ddim-steps", "5",
+                "--max-steps", "5", "--repeats", "1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith(("| vae ", "| ddpm "))]
+    # the same entries as a comparison of the two runs, in its order, each with a time and how it was taken
+    assert [(r[0], r[2], r[3]) for r in rows] == [
+        ("| vae", "prior", "1"), ("| vae", "gmm", "1"), ("| vae", "two-stage", "2"), ("| ddpm", "DDPM, 20 steps", "20"),
+        ("| ddpm", "DDIM, 5 steps", "5"), ("| ddpm", "DPM-Solver++, 20 steps", "20"),
+        ("| ddpm", "SDE-DPM-Solver++, 20 steps", "20")]
+    assert all(float(r[4]) > 0 for r in rows)
+    assert rows[3][5].startswith("extrapolated") and rows[4][5].startswith("median")
 
 
 def test_compare_bad_input_is_refused_before_any_work(tmp_path):
