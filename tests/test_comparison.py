@@ -222,6 +222,23 @@ def test_generation_speed_benchmark_times_each_comparison_sampler_of_the_runs(tw
     assert rows[3][5].startswith("extrapolated") and rows[4][5].startswith("median")
 
 
+def test_compare_samples_wraps_many_entries_into_rows(tmp_path):
+    from PIL import Image
+
+    from vaelab.plots import compare_samples
+
+    grids = []
+    for i in range(7):
+        grids.append(tmp_path / f"g{i}.png")
+        Image.new("L", (40, 40), 30 * i).save(grids[-1])
+    compare_samples(grids, [f"entry {i}" for i in range(7)], tmp_path / "few.png")
+    width, height = Image.open(tmp_path / "few.png").size
+    assert 1.8 < width / height < 2.8  # two rows of at most five panels, not one row of seven (ratio ~6.5)
+    compare_samples(grids[:2], ["a", "b"], tmp_path / "two.png")
+    width, height = Image.open(tmp_path / "two.png").size
+    assert 1.6 < width / height < 2.0  # one row of two
+
+
 def test_compare_bad_input_is_refused_before_any_work(tmp_path):
     tiny_ddpm = {"widths": (8, 16), "norm_num_groups": 4}
     a = fake_run(tmp_path / "a", "mnist", "mnist-small")

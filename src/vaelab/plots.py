@@ -207,13 +207,17 @@ def denoising_figure(states: list[tuple[int, torch.Tensor, torch.Tensor]], path:
 # ---------------------------------------------------------------------------- comparisons
 
 
-def compare_samples(grids: list[Path], labels: list[str], path: str | Path) -> None:
-    """The sample grids of several generators side by side, one titled panel each."""
-    fig, axes = plt.subplots(1, len(grids), figsize=(5.0 * len(grids), 5.4), squeeze=False)
-    for ax, grid, label in zip(axes[0], grids, labels):
-        ax.imshow(plt.imread(str(grid)), interpolation="nearest")
-        ax.set_title(label, fontsize=8)
+def compare_samples(grids: list[Path], labels: list[str], path: str | Path, *, columns: int = 5) -> None:
+    """The sample grids of several generators side by side, one titled panel each, at most ``columns``
+    panels a row (a fifteen-entry comparison in one row would make every panel too small to judge)."""
+    cols = min(columns, len(grids))
+    rows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 4.3 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat:
         ax.axis("off")
+    for ax, grid, label in zip(axes.flat, grids, labels):
+        ax.imshow(plt.imread(str(grid)), interpolation="nearest")
+        ax.set_title(label, fontsize=10)
     fig.suptitle("samples (same seed for every generator)", fontsize=10)
     save_figure(fig, path)
 
