@@ -51,16 +51,35 @@ def ldm_config(first_stages, out, *, model="ldm-mlp", stage="vector", **model_ar
                        out=str(out), model_args=args)
 
 
+@pytest.mark.parametrize("preset, fields", [("kl-f4", {}), ("kl-f4-diffusers", {"norm_num_groups": 4})])
 @pytest.mark.parametrize("shape, latent", [((1, 28, 28), (4, 7, 7)), ((3, 32, 32), (4, 8, 8))])
-def test_kl_f4_has_a_spatial_latent_a_quarter_of_the_image_side(shape, latent):
-    model = build_model(build_config("kl-f4", data_shape=shape, channels=(8, 16))).eval()
+def test_kl_f4_has_a_spatial_latent_a_quarter_of_the_image_side(shape, latent, preset, fields):
+    model = build_model(build_config(preset, data_shape=shape, channels=(8, 16), **fields)).eval()
     assert model.latent_shape == latent and model.config.latent_dim == latent[0] * latent[1] * latent[2]
     x = torch.rand(2, *shape)
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (2, model.config.latent_dim)  # the family's flattened code
     assert model.decode(mu).shape == (2, *shape)
     with pytest.raises(ConfigError, match="latent_dim 16 does not fit"):
-        build_config("kl-f4", data_shape=shape, latent_dim=16)
+        build_config(preset, data_shape=shape, latent_dim=16)
+
+
+def test_kl_f4_diffusers_refuses_what_autoencoder_kl_cannot_build():
+    with pytest.raises(ConfigError, match="divisible by 4"):  # nearest upsampling cannot give back 30 from 8
+        build_config("kl-f4-diffusers", data_shape=(1, 30, 30), channels=(32, 64))
+    with pytest.raises(ConfigError, match=r"norm_num_groups 32 must divide every width.*\[8, 16\]"):
+        build_config("kl-f4-diffusers", data_shape=(1, 28, 28), channels=(8, 16))
+
+
+def test_an_ldm_trains_on_a_kl_f4_diffusers_first_stage(first_stages, tmp_path):
+    fs = train(TrainConfig(**COMMON, data_root=first_stages["root"], model="kl-f4-diffusers", beta=0.01,
+                           out=str(tmp_path / "fs"), model_args={"channels": [8, 16], "norm_num_groups": 4}))
+    assert Run(fs).summary()["latent_dim"] == 196
+    ldm = train(ldm_config({**first_stages, "diffusers": fs}, tmp_path / "ldm", model="ldm-unet", stage="diffusers"))
+    model = Run(ldm).load_model()
+    assert model.latent_shape == (4, 7, 7)
+    images = family_of(model).sampler(model, sampler="ddim", steps=2).draw(2, torch.Generator().manual_seed(0), None)
+    assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
 
 
 def test_kl_f4_run_works_with_the_vae_family_latent_tools(first_stages):

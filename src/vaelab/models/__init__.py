@@ -29,6 +29,7 @@ from vaelab.models.conv_vae import ConvVAE, ConvVAEConfig
 from vaelab.models.ddpm import DDPM, DDPMConfig
 from vaelab.models.cvae import CVAE, CVAEConfig
 from vaelab.models.kl_vae import KLVAE, KLVAEConfig
+from vaelab.models.kl_vae_diffusers import DiffusersKLVAE, DiffusersKLVAEConfig
 from vaelab.models.ldm import LDM, LDMConfig
 from vaelab.models.resnet_vae import ResNetVAE, ResNetVAEConfig
 from vaelab.models.iwae import IWAE, IWAEConfig
@@ -56,6 +57,7 @@ MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "ladder": (LadderConfig, LadderVAE),
     "vqvae": (VQVAEConfig, VQVAE),
     "kl_vae": (KLVAEConfig, KLVAE),
+    "kl_vae_diffusers": (DiffusersKLVAEConfig, DiffusersKLVAE),
     "ldm": (LDMConfig, LDM),
 }
 
@@ -83,6 +85,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # first stage of latent diffusion: a VAE with a 4-channel latent map at 1/4 of the image side
     # (28x28 -> 4x7x7, 32x32 -> 4x8x8; Rombach et al. 2022, "KL-f4"); input shape from the dataset
     "kl-f4": ("kl_vae", dict(channels=(64, 128), latent_channels=4)),
+    # the same latent from diffusers' AutoencoderKL (ResNet blocks, GroupNorm, mid-block attention)
+    "kl-f4-diffusers": ("kl_vae_diffusers", dict(channels=(32, 64), latent_channels=4)),
     # latent diffusion on a first stage's latents (--first-stage RUN_DIR): a residual MLP for vector latents
     # (any VAE run; a spatial latent is flattened), diffusers' UNet2DModel for spatial ones (kl-f4)
     "ldm-mlp": ("ldm", dict(denoiser="mlp")),
