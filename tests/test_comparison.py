@@ -171,6 +171,22 @@ def test_compare_takes_entries_of_the_same_weights_from_an_earlier_comparison(tw
         assert new["evaluation"].get("recon") == old["evaluation"].get("recon")
     assert second["entries"][0]["label"].startswith("vae (VAE") and second["entries"][0]["run"] == str(copy)
     assert "taken from the entry cache" in (out / "comparison.md").read_text()
+    assert not second["settings"]["retime"] and "--retime times them all" in (out / "comparison.md").read_text()
+
+    # --retime: the evaluations still come from the cache, the times are measured again, all in this process
+    import vaelab.comparison
+    timed = []
+    real_timing = vaelab.comparison.time_generation
+    monkeypatch.setattr(vaelab.comparison, "time_generation",
+                        lambda model, sampler, n, **kw: timed.append((sampler.label, n)) or real_timing(model, sampler, n, **kw))
+    out = compare_runs([vae, ddpm], out=tmp_path / "retimed", metrics=["recon"], retime=True, **args)
+    retimed = json.loads((out / "comparison.json").read_text())
+    assert calls == [] and retimed["settings"]["retime"]
+    assert [n for _, n in timed] == [150, 1000] * 7  # every entry, both sizes, once
+    for old, new in zip(first["entries"], retimed["entries"]):
+        assert new["reused_from"] and new["generation_time"]["150"]["runs_s"] != old["generation_time"]["150"]["runs_s"]
+    assert "timed again after all were evaluated" in (out / "comparison.md").read_text()
+    monkeypatch.setattr(vaelab.comparison, "time_generation", real_timing)
 
     calls[:] = []  # a metric the cached entries lack: measured again
     compare_runs([vae, ddpm], out=tmp_path / "c", metrics=["recon", "latent"], **args)

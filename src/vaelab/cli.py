@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="measure every entry (default: take entries of the same weights and settings that an earlier "
                         "comparison measured from the entry cache)")
+    p.add_argument("--retime", action="store_true",
+                   help="time every entry's generation again, back to back, once all are evaluated (one set of "
+                        "machine conditions for the whole table)")
 
     p = sub.add_parser("data", help="generate a dataset with known factors (for the disentanglement metrics)")
     gen = p.add_subparsers(dest="action", required=True)
@@ -361,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                                timing_repeats=args.timing_repeats, timing_max_steps=args.timing_max_steps,
                                allow_mixed=args.allow_mixed, seed=args.seed, device=args.device,
                                feature_precision=args.feature_precision, inception_engine=args.inception_engine,
-                               use_cache=not args.no_cache)
+                               use_cache=not args.no_cache, retime=args.retime)
             print((out / "comparison.md").read_text())
             print(f"comparison folder: {out}")
         elif args.command == "data":

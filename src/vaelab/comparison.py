@@ -23,6 +23,11 @@ every evaluation and timing setting: a study that compares runs another comparis
 same weights, e.g. copied into a second study) takes those entries instead of sampling again, as long as
 the cached entry measured every metric wanted (extra ones are dropped). A reused entry says so
 (``reused_from``: where and when it was measured); ``use_cache=False`` measures everything.
+
+Entries are timed one after another, between evaluations that can take hours, and a reused entry keeps
+the time of the comparison that measured it: on a machine whose load changes, one comparison's times can
+then come from different conditions. ``retime=True`` (``--retime``) times every entry again, back to back,
+once all are evaluated, so the times in the table share one set of conditions.
 """
 
 from __future__ import annotations
@@ -174,6 +179,7 @@ def compare_runs(
     feature_precision: str = "fp32",
     inception_engine: str = "auto",
     use_cache: bool = True,
+    retime: bool = False,
 ) -> Path:
     """Compare trained runs; write ``comparison.md``, ``comparison.json`` and pictures into ``out``.
 
@@ -200,6 +206,8 @@ def compare_runs(
         use_cache: take entries measured by an earlier comparison with the same weights and settings from
             the entry cache (and store this one's); also passed to ``evaluate_run`` (cached reference
             statistics and features). ``False`` measures everything and stores nothing.
+        retime: time every entry's generation again, back to back, after all are evaluated (replacing the
+            times taken entry by entry or from the cache; the cache keeps its own).
 
     Returns:
         The comparison folder.
@@ -326,8 +334,15 @@ def compare_runs(
             _cache_entry(cache_key, result, tmp, {"comparison": str(out), "at": datetime.now().isoformat(timespec="seconds")})
         results.append(result)
 
+    if retime:  # one set of times under one set of conditions (see the module docstring)
+        for (run, model, sampler), result in zip(entries, results):
+            print(f"comparing {result['label']}: timing generation again, back to back with the other entries")
+            result["generation_time"] = {str(n): time_generation(model, sampler, n, repeats=timing_repeats,
+                                                                 max_steps=timing_max_steps, seed=seed)
+                                         for n in TIMING_SIZES}
+
     # 3. outputs, written into the partial folder, which then becomes ``out``
-    report = {"entries": results, **provenance(dev, seed), "settings": settings}
+    report = {"entries": results, **provenance(dev, seed), "settings": {**settings, "retime": retime}}
     write_json(tmp / "comparison.json", report)
     write_text(tmp / "comparison.md", comparison_markdown(report))
     with_grids = [r for r in results if "samples" in r["pictures"]]
@@ -429,7 +444,11 @@ def comparison_markdown(report: dict) -> str:
         "after a warm-up; DDPM/DDIM use the EMA weights."
         + (f" Chains longer than {s['timing_max_steps']} steps are timed on {s['timing_max_steps']} steps and scaled "
            "linearly (every step is one UNet evaluation plus a scheduler update), marked 'extrapolated'."
-           if s["timing_max_steps"] else ""),
+           if s["timing_max_steps"] else "")
+        + (" Every entry was timed again after all were evaluated, one after another in this process (--retime), so "
+           "the times share one set of machine conditions." if s.get("retime") else
+           " Entries are timed one by one before their evaluation, and an entry from the entry cache keeps the time "
+           "measured with it: on a machine whose load changes, --retime times them all back to back."),
     ]
     for i, space in enumerate(first.get("settings", {}).get("fid_features") or []):
         entry = first.get("fid" if i == 0 else f"fid_{space}") or first.get("prdc" if i == 0 else f"prdc_{space}")

@@ -84,7 +84,7 @@ KINDS: dict[str, dict[str, Any]] = {
                                                "iwae_k", "nll_subset", "seed", "feature_precision"}, "refs": {"run"}},
     "compare": {"done": "comparison.json", "keys": {"runs", "num_samples", "ddpm_num_samples", "ddim_steps", "metrics",
                                                     "fid_features", "iwae_k", "nll_subset", "timing_repeats",
-                                                    "timing_max_steps", "seed", "feature_precision"},
+                                                    "timing_max_steps", "seed", "feature_precision", "retime"},
                 "refs": {"runs"}},
     "samples": {"done": "samples.json", "keys": {"runs", "num_samples", "seed", "sampler", "steps"}, "refs": {"runs"}},
     "sweep": {"done": "sweep.json", "keys": {"config", "set", "axes", "num_samples", "fid_features", "sampler", "steps",
