@@ -69,6 +69,9 @@ def test_kl_f4_diffusers_refuses_what_autoencoder_kl_cannot_build():
         build_config("kl-f4-diffusers", data_shape=(1, 30, 30), channels=(32, 64))
     with pytest.raises(ConfigError, match=r"norm_num_groups 32 must divide every width.*\[8, 16\]"):
         build_config("kl-f4-diffusers", data_shape=(1, 28, 28), channels=(8, 16))
+    with pytest.raises(ConfigError, match="has no BatchNorm.*batch_norm must be false"):
+        build_config("kl-f4-diffusers", data_shape=(1, 28, 28), batch_norm=True)
+    assert build_config("kl-f4-diffusers", data_shape=(1, 28, 28)).batch_norm is False
 
 
 def test_an_ldm_trains_on_a_kl_f4_diffusers_first_stage(first_stages, tmp_path):

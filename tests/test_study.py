@@ -31,6 +31,8 @@ def test_bad_study_files_are_refused_before_any_work(tmp_path):
         "stages: [{name: a, kind: synth, run: b}]": "'run: b' names no earlier stage",
         "stages: [{name: a, kind: train, set: {epochs: 0}}]": "epochs must be a positive integer",
         "stages: [{name: a, kind: train, colour: red}]": "unknown key\\(s\\) colour",
+        "stages: [{name: a, kind: train}, {name: b, kind: compare, runs: [a], retime: 'false'}]":
+            "'retime' must be true or false, got 'false'",
     }
     for stages, message in bad.items():
         path = tmp_path / "s.yaml"

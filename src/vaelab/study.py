@@ -92,6 +92,7 @@ KINDS: dict[str, dict[str, Any]] = {
               "refs": set()},
 }
 OPTIONAL_REFS = {"first_stage", "data"}
+BOOLEAN_KEYS = {"augment", "retime"}  # YAML's yes/no/true/false; a string "false" would silently turn them on
 RULES = ("within", "at_least", "order", "report")
 GENERATORS = ("shapes",)  # data stages: vaelab.data.shapes
 FULL = "full"
@@ -184,6 +185,9 @@ def _check_stage(path: Path, raw: dict, i: int, seen: set[str], overrides: dict)
         spec.update(budgeted)
     if kind == "data":
         _check_data_stage(spec, where)
+    for flag in sorted(BOOLEAN_KEYS & set(spec)):
+        if not isinstance(spec[flag], bool):
+            raise ConfigError(f"{where}: '{flag}' must be true or false, got {spec[flag]!r}")
     if "metrics" in spec and kind in ("evaluate", "compare", "sweep"):
         _check_metrics(spec["metrics"], where)
     for ref_key in KINDS[kind]["refs"]:

@@ -28,11 +28,13 @@ class DiffusersKLVAEConfig(KLVAEConfig):
     more block of the last width follows, without downsampling), ``layers_per_block`` ResNet blocks per
     encoder block (one more per decoder block, as diffusers builds it), ``norm_num_groups`` GroupNorm
     groups (must divide every width). The image side must be divisible by ``2 ** len(channels)``
-    (nearest-neighbour upsampling cannot restore an odd side)."""
+    (nearest-neighbour upsampling cannot restore an odd side). ``batch_norm`` must stay false: the network
+    normalises with GroupNorm only."""
 
     channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     norm_num_groups: int = 32
+    batch_norm: bool = False
     model_type: str = field(default="kl_vae_diffusers", init=False)
 
     def __post_init__(self) -> None:
@@ -44,6 +46,9 @@ class DiffusersKLVAEConfig(KLVAEConfig):
         if bad:
             raise ConfigError(f"norm_num_groups {self.norm_num_groups} must divide every width in channels; "
                               f"it does not divide {bad}")
+        if self.batch_norm:
+            raise ConfigError("kl-f4-diffusers has no BatchNorm (AutoencoderKL normalises with GroupNorm: set "
+                              "norm_num_groups); batch_norm must be false")
         if self.layers_per_block < 1:
             raise ConfigError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
 
