@@ -128,7 +128,8 @@ def kl_per_dim(kl: list[float], variance: list[float], path: str | Path, *, thre
     """Bar chart of the mean KL per latent dimension; active dims (Var_x(mu_i) > threshold) coloured."""
     d = len(kl)
     active = np.asarray(variance) > threshold
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.25 * d), 3.8))
+    # a quarter inch per bar up to 64 dims, then thinner bars: a 256-d latent drawn at 64 inches was unreadable
+    fig, ax = plt.subplots(figsize=(min(max(6.4, 0.25 * d), 16.0), 3.8))
     ax.bar(np.arange(d)[active], np.asarray(kl)[active], color="tab:blue", label=f"active ({active.sum()})")
     ax.bar(np.arange(d)[~active], np.asarray(kl)[~active], color="tab:gray", label=f"inactive ({(~active).sum()})")
     ax.set_xlabel("latent dimension")
