@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,24 @@ def test_resume_skips_finished_points(finished_sweep, monkeypatch):
 def test_a_different_sweep_in_the_same_folder_is_refused(finished_sweep):
     with pytest.raises(VaelabError, match="holds a different sweep"):
         run_sweep(tiny_base(), {"latent_dim": [2, 8]}, out=finished_sweep, evaluate=False)
+
+
+def test_a_run_copied_in_as_a_point_must_have_the_points_settings(finished_sweep, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    shutil.copytree(finished_sweep, out)
+    calls = []
+    monkeypatch.setattr(vaelab.training, "train", lambda config, **kw: calls.append(config.out))
+    # the same settings copied in (as a user reuses a finished training): kept, not trained again
+    shutil.rmtree(out / "runs/latent_dim=6")
+    shutil.copytree(finished_sweep / "runs/latent_dim=6", out / "runs/latent_dim=6")
+    run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=out, evaluate=False)
+    assert calls == []
+    # a latent-2 run where the latent-6 point belongs: refused by name before any training
+    shutil.rmtree(out / "runs/latent_dim=6")
+    shutil.copytree(out / "runs/latent_dim=2", out / "runs/latent_dim=6")
+    with pytest.raises(ConfigError, match=r"latent_dim=6 holds a run with other settings \(latent_dim: 2 vs 6\)"):
+        run_sweep(tiny_base(), {"latent_dim": [2, 6]}, out=out, evaluate=False)
+    assert calls == []
 
 
 def test_jobs_run_points_as_separate_processes(tmp_path, shared_datasets):

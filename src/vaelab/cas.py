@@ -248,7 +248,7 @@ def _augmentation(recipe: dict) -> str:
 def _confusion_figure(report: dict):
     rows = report["rows"]
     classes = report["classes"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 4.9), squeeze=False)
     for ax, (row, res) in zip(axes[0], rows.items()):
         m = np.asarray(res["confusion"], dtype=np.float64)
         m = m / np.maximum(m.sum(1, keepdims=True), 1)
@@ -256,11 +256,11 @@ def _confusion_figure(report: dict):
         ax.set_title(f"trained on {row}\ntop-1 {100 * res['top1']:.1f} % on real test", fontsize=10)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        ticks = range(len(classes))
-        ax.set_xticks(ticks, [str(i) for i in ticks], fontsize=7)
-        ax.set_yticks(ticks, [c[:14] for c in classes], fontsize=7)
+        ticks, names = range(len(classes)), [c[:14] for c in classes]
+        ax.set_xticks(ticks, names, fontsize=7, rotation=90)
+        ax.set_yticks(ticks, names, fontsize=7)
     fig.suptitle(f"CAS confusion matrices (row-normalised), {report['test_source']} test split", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))  # leave the suptitle its own strip
     return fig
 
 

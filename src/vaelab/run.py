@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from vaelab.config import TrainConfig, config_from_dict
 from vaelab.data import RunData, load_run_data
-from vaelab.errors import VaelabError
+from vaelab.errors import ConfigError, VaelabError
 from vaelab.io import (append_jsonl, atomic_path, load_written_yaml, read_cache, read_checked, read_json, read_jsonl,
                        write_json, write_jsonl, write_text)
 from vaelab.models import load_model, save_model
@@ -46,6 +46,8 @@ TRAINER_STATE = "trainer_state.pt"
 CONFIG_HEADER = "vaelab run config:"  # config.yaml's first line: "# vaelab run config: N fields"
 # run files other commands write, and the command that writes each again ({run}: the run folder)
 WRITTEN_BY = {SUMMARY: "vaelab train --resume {run}", "eval.json": "vaelab evaluate --run {run}"}
+# config fields that change how a run trains, not what it learns: two runs differing only here are the same run
+RUNTIME_FIELDS = ("out", "device", "precision", "channels_last", "compile", "log_every", "tensorboard")
 
 
 class Run:
@@ -93,6 +95,27 @@ class Run:
                                                "settings the run was trained with"), source=str(path))
         config.out = str(self.path)
         return config
+
+    def check_same_settings(self, config: TrainConfig) -> None:
+        """Refuse to treat this run as a training of ``config`` (a study stage, a sweep point) when its
+        settings differ: runtime-only fields (``RUNTIME_FIELDS``) aside, and the fields training derived
+        from the images of an image folder or tensor file (``config`` left them unset).
+
+        Raises:
+            ConfigError: naming this folder and each differing field as ``field: saved vs wanted``.
+        """
+        saved_config = self.config
+        skip = {*RUNTIME_FIELDS, "data_defaults", *saved_config.data_defaults}
+
+        def fields(c: TrainConfig) -> dict:
+            return {k: v for k, v in c.resolved().to_dict().items() if k not in skip}
+
+        saved, wanted = fields(saved_config), fields(config)
+        diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        if diff:
+            raise ConfigError(f"{self.path} holds a run with other settings "
+                              f"({', '.join(f'{k}: {saved.get(k)!r} vs {wanted[k]!r}' for k in diff)}); "
+                              "remove it or use another --out")
 
     @property
     def family(self):

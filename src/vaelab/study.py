@@ -351,7 +351,9 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
             continue
         with _naming_the_stage(study, out, stage["name"]):
             if stage["kind"] == "train" and (folder / "config.yaml").is_file():
-                _check_same_run(folder, _train_config(study.path, stage, stage["name"], out))
+                from vaelab.run import Run
+
+                Run(folder).check_same_settings(_train_config(study.path, stage, stage["name"], out))
             done = folder / KINDS[stage["kind"]]["done"]
             if done.is_file():
                 read_json(done, remedy=_stage_remedy(study, out, stage["name"]))  # a damaged output stops here
@@ -484,38 +486,17 @@ def _read_state(out: Path, study: Study) -> dict:
 
 
 def _train(study: Study, stage: dict, out: Path, machine: Machine) -> None:
-    from vaelab.run import checkpoint_dirs
+    from vaelab.run import Run, checkpoint_dirs
     from vaelab.training import resume, train
 
     folder = out / stage["name"]
     config = _train_config(study.path, stage, stage["name"], out)
     if checkpoint_dirs(folder):
-        _check_same_run(folder, config)
+        Run(folder).check_same_settings(config)
         resume(folder, device=machine.device)
         return
     shutil.rmtree(folder, ignore_errors=True)  # a start that died before its first checkpoint
     train(with_overrides(config, {"out": str(folder), "device": machine.device}))
-
-
-RUNTIME_FIELDS = ("out", "device", "precision", "channels_last", "compile", "log_every", "tensorboard")
-
-
-def _check_same_run(folder: Path, config: TrainConfig) -> None:
-    """Refuse to resume a run folder whose config is not the stage's (runtime-only fields aside, and the
-    fields training derived from the images of an image folder or tensor file: the stage left them unset)."""
-    from vaelab.run import Run
-
-    saved_config = Run(folder).config
-    skip = {*RUNTIME_FIELDS, "data_defaults", *saved_config.data_defaults}
-
-    def fields(c: TrainConfig) -> dict:
-        return {k: v for k, v in c.resolved().to_dict().items() if k not in skip}
-
-    saved, wanted = fields(saved_config), fields(config)
-    diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
-    if diff:
-        raise ConfigError(f"{folder} holds a run with other settings ({', '.join(f'{k}: {saved.get(k)!r} vs {wanted[k]!r}' for k in diff)}); "
-                          "remove it or use another --out")
 
 
 def _data(study: Study, stage: dict, out: Path, machine: Machine) -> None:

@@ -17,7 +17,8 @@ evaluates them (``vaelab.evaluation.evaluate_run``: FID in a named feature space
 
 A point is finished when its run folder has ``summary.json`` (and ``eval.json`` when evaluating);
 a point with a checkpoint but no summary is resumed from it; running the same sweep again only does
-what is missing.
+what is missing. A finished run of the same settings may be copied in as a point's folder (it is then
+not trained again); one whose settings differ from the point's is refused by name.
 """
 
 from __future__ import annotations
@@ -198,6 +199,8 @@ def run_sweep(
     Raises:
         ConfigError: bad axes/values, unknown metrics, feature spaces or missing Inception weights, a
             non-positive ``num_samples`` or ``jobs`` < 1, before anything is written.
+        ConfigError: also a point's folder holding a run with other settings than the point's (e.g. a
+            run copied in as a finished point), before any training.
         VaelabError: ``out`` holds a different sweep, or points failed (their logs named).
     """
     if not isinstance(jobs, int) or jobs < 1:
@@ -213,6 +216,9 @@ def run_sweep(
     out = Path(out)
     points = plan_sweep(base, axes, out)
     _check_plan(out, base, axes)
+    for point in points:  # a folder copied in (or left by another sweep) must be this point's training
+        if (point.run_dir / "config.yaml").is_file():
+            Run(point.run_dir).check_same_settings(point.config)
     todo = [p for p in points if not is_trained(p.run_dir)]
     print(f"sweep {out}: {len(points)} points, {len(points) - len(todo)} already trained, {len(todo)} to train")
     if jobs == 1:
