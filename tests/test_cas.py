@@ -58,9 +58,11 @@ def test_epochs_budget_and_no_augment(tmp_path, mnist_train, shared_datasets):
     """The old budget (each row its own passes) gives a small set few steps; --no-augment is recorded."""
     syn = mnist_train.subset(slice(10000, 10160))
     report = cas(_synthetic(tmp_path / "syn", syn), "mnist", data_root=shared_datasets, out=tmp_path / "cas",
-                 rows=("real", "synthetic"), budget="epochs", augment=False, **TINY)
+                 rows=("real", "synthetic"), budget="epochs", augment=False,
+                 **{**TINY, "recipe": {**TINY["recipe"], "flip": True}})
     assert [r["steps"] for r in report["rows"].values()] == [45, 15]
     assert report["recipe"]["augment"] is False and "augmentation off" in report["table"]
+    assert report["recipe"]["flip"] is False  # a recipe's flips are part of its augmentation: none were applied
 
 
 def test_concat_keeps_order_and_classes(mnist_train):

@@ -154,6 +154,8 @@ def cas(
         settings["epochs"] = epochs
     if augment is not None:
         settings["augment"] = augment
+    if not settings["augment"]:
+        settings["flip"] = False  # flips are part of the augmentation: without it no image is flipped
     if out.exists():
         raise VaelabError(f"{out} already exists; choose another --out")
 
