@@ -577,3 +577,14 @@ def test_too_few_images_for_a_full_rank_covariance_is_said():
     assert fid_sample_warning(129, 128) is None
     text = fid_sample_warning(128, 128, "real images")
     assert text.startswith("FID with 128 real images in a 128-d feature space") and "rank-deficient" in text
+
+
+def test_kl_per_dim_picture_legends_only_the_groups_it_draws(tmp_path, monkeypatch):
+    from vaelab import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.append(fig))
+    plots.kl_per_dim([1.0, 2.0], [0.5, 0.5], tmp_path / "a.png", threshold=0.01, source="x")
+    plots.kl_per_dim([1.0, 0.0], [0.5, 0.0], tmp_path / "b.png", threshold=0.01, source="x")
+    legends = [[t.get_text() for t in fig.axes[0].get_legend().get_texts()] for fig in drawn]
+    assert legends == [["active (2)"], ["active (1)", "inactive (1)"]]

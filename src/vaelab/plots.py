@@ -130,8 +130,9 @@ def kl_per_dim(kl: list[float], variance: list[float], path: str | Path, *, thre
     active = np.asarray(variance) > threshold
     # a quarter inch per bar up to 64 dims, then thinner bars: a 256-d latent drawn at 64 inches was unreadable
     fig, ax = plt.subplots(figsize=(min(max(6.4, 0.25 * d), 16.0), 3.8))
-    ax.bar(np.arange(d)[active], np.asarray(kl)[active], color="tab:blue", label=f"active ({active.sum()})")
-    ax.bar(np.arange(d)[~active], np.asarray(kl)[~active], color="tab:gray", label=f"inactive ({(~active).sum()})")
+    for mask, colour, name in ((active, "tab:blue", "active"), (~active, "tab:gray", "inactive")):
+        if mask.any():  # an empty bar group still gets a legend entry, in the wrong colour
+            ax.bar(np.arange(d)[mask], np.asarray(kl)[mask], color=colour, label=f"{name} ({mask.sum()})")
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("mean KL(q(z_i|x) || N(0,1)), nats")
     ax.set_title(f"KL per latent dimension ({source} test), total {sum(kl):.2f} nats", fontsize=10)
