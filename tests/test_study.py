@@ -4,6 +4,7 @@ and an interrupted study resumes, skipping the stages that finished."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,8 @@ def test_mnist_study_end_to_end_then_an_interruption_resumes(tmp_path, monkeypat
     out = tmp_path / "study"
     real_evaluate = study_module.STAGES["evaluate"]
 
-    def dying(*args, **kwargs):
+    def dying(study, stage, out, machine):
+        (out / stage["name"]).mkdir()  # killed part-way: the stage folder exists, its result does not
         raise KeyboardInterrupt("interrupted")
 
     monkeypatch.setitem(study_module.STAGES, "evaluate", dying)
@@ -132,6 +134,12 @@ def test_mnist_study_end_to_end_then_an_interruption_resumes(tmp_path, monkeypat
     assert by_id["vae-fid-gmm"]["why"].endswith("; measured at budget 'tiny'")
     md = (out / "study.md").read_text()
     assert "| A 20-epoch MNIST VAE" in md and "45.93" in md and "budget **tiny**" in md
+    # the interrupted stage's time covers its last run only, and says so; the others ran once
+    stages = json.loads((out / "stages.json").read_text())
+    assert {n: s["resumed"] for n, s in stages.items()} == {
+        "vae": False, "cvae": False, "eval-vae": True, "eval-vae-gmm": False, "eval-cvae": False}
+    assert re.search(r"- `eval-vae` \(evaluate\): \d+ s \(its last run only: it resumed an interrupted one\)", md)
+    assert re.search(r"- `vae` \(train\): \d+ s\n", md)
     assert (out / "report.html").is_file()
     # a third run has nothing left to do; another budget in the same folder is refused
     calls.clear()

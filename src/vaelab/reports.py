@@ -44,6 +44,9 @@ import vaelab
 from vaelab.errors import VaelabError
 from vaelab.io import read_checked, read_json, write_text
 
+# a stage that resumed an interrupted run timed only its last run
+RESUMED_NOTE = " (its last run only: it resumed an interrupted one)"
+
 REPORT_NAME = "report.html"
 SKIP_DIRS = {"checkpoints", "tb", "logs", "configs", "__pycache__"}
 MAX_INLINE_LIST = 12  # longer lists of numbers are summarised, not printed in full
@@ -409,7 +412,7 @@ def _study_report(folder: Path) -> tuple[Section | None, list[Section]]:
     sections.append(Section("Protocols", _p("How the seed measured each number, and how this study measured ours.")
                             + _table(f"<tr>{full_head}</tr>\n{full}")))
     stages = "".join(f"<li><code>{html.escape(s['name'])}</code> ({html.escape(s['kind'])})"
-                     + (f", {s['seconds']:.0f} s" if "seconds" in s else "") + "</li>" for s in study["stages"])
+                     + (f", {s['seconds']:.0f} s" + (RESUMED_NOTE if s.get("resumed") else "") if "seconds" in s else "") + "</li>" for s in study["stages"])
     sections.append(Section("Stages", f"<ul>{stages}</ul>"))
     for s in study["stages"]:
         stage_dir = folder / s["name"]

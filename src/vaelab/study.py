@@ -360,10 +360,11 @@ def run_study(path: str | Path, *, budget: str = FULL, out: str | Path | None = 
                 print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']}): finished earlier, skipped")
                 continue
             print(f"[{i}/{len(study.stages)}] {stage['name']} ({stage['kind']})")
+            resumed = folder.exists()  # an interrupted run left it: the time below covers this run only
             t0 = time.perf_counter()
             STAGES[stage["kind"]](study, stage, out, machine)
         state = _read_state(out, study)  # read again: another process may have finished other stages meanwhile
-        state[stage["name"]] = {"kind": stage["kind"], "seconds": time.perf_counter() - t0,
+        state[stage["name"]] = {"kind": stage["kind"], "seconds": time.perf_counter() - t0, "resumed": resumed,
                                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(out / "stages.json", state)
     return _write_reports(study, out)
@@ -736,10 +737,13 @@ def study_markdown(report: dict) -> str:
         ours = _fmt(r["ours"], r["unit"]) + (f" vs {_fmt(r['than'], r['unit'])}" if r["than"] is not None else "")
         cells = [r["claim"], seed_text, ours, seed.get("protocol", ""), r["protocol"], f"**{r['verdict']}**: {r['why']}"]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    from vaelab.reports import RESUMED_NOTE
+
     lines += ["", "Stages:", ""]
     for s in report["stages"]:
         took = ("not finished" if not s.get("done", True) else
-                f"{s['seconds']:.0f} s" if "seconds" in s else "finished (time not recorded)")
+                f"{s['seconds']:.0f} s" + (RESUMED_NOTE if s.get("resumed") else "") if "seconds" in s
+                else "finished (time not recorded)")
         lines.append(f"- `{s['name']}` ({s['kind']}): {took}")
     for note in report["notes"]:
         lines += ["", note]
